@@ -1,0 +1,24 @@
+"""dpjax: differentially private training for JAX/Flax.
+
+Per-example gradients (:func:`clipped_grad`), clipping and noise as optax
+transforms (:func:`clip_per_example`, :func:`add_gaussian_noise`), Poisson
+sampling, and accounting on dp-accounting, tied together by :func:`make_plan`.
+"""
+
+from dpjax.accounting import calibrate_noise_multiplier
+from dpjax.accounting import PrivacyLedger
+from dpjax.clipping import clip_per_example
+from dpjax.clipping import ClipOutput
+from dpjax.clipping import PerExampleClipping
+from dpjax.noise import add_gaussian_noise
+from dpjax.noise import GaussianNoiseState
+from dpjax.per_example import clipped_grad
+from dpjax.per_example import ClippedGrad
+from dpjax.per_example import per_example_grads
+from dpjax.per_example import PerExampleStats
+from dpjax.plan import DPPlan
+from dpjax.plan import make_plan
+from dpjax.plan import PrivacyConfig
+from dpjax.sampling import PoissonSampler
+
+__version__ = '0.1.0'

@@ -1,0 +1,144 @@
+"""Tests for dpjax/accounting.py and the dpjax-privacy command."""
+
+import math
+
+import dp_accounting
+import pytest
+
+from dpjax import accounting
+from dpjax import privacy_cli
+
+# ../shared/docs/ANCHORS.md, dp_accounting 0.6.0, delta = 1e-5.
+REFERENCE = [
+    # (q, sigma, steps, rdp, pld)
+    (256 / 60000, 1.1, 14062, 2.597, 2.382),
+    (256 / 60000, 1.1, 3515, 1.281, 1.134),
+    (4096 / 50000, 3.0, 2500, 7.10, 6.58),
+]
+
+
+@pytest.mark.parametrize('q,sigma,steps,rdp,pld', REFERENCE)
+def test_reference_epsilons(q, sigma, steps, rdp, pld):
+  event = accounting.dpsgd_event(sigma, q, steps)
+  assert accounting.epsilon(event, 1e-5, 'rdp') == pytest.approx(rdp, rel=5e-3)
+  assert accounting.epsilon(event, 1e-5, 'pld') == pytest.approx(pld, rel=5e-3)
+
+
+@pytest.mark.parametrize('kind,expected,discretization', [
+    ('rdp', 2.730, 1e-4), ('pld', 2.576, 1e-3)])
+def test_reference_calibration(kind, expected, discretization):
+  sigma = accounting.calibrate_noise_multiplier(
+      8.0, 1e-5, 4096 / 50000, 2500, kind, pld_discretization=discretization)
+  assert sigma == pytest.approx(expected, rel=5e-3)
+
+
+@pytest.mark.parametrize('kind', ['rdp', 'pld'])
+def test_calibration_round_trip(kind):
+  q, steps, target = 0.01, 500, 2.0
+  sigma = accounting.calibrate_noise_multiplier(target, 1e-5, q, steps, kind)
+  eps = accounting.epsilon(accounting.dpsgd_event(sigma, q, steps), 1e-5, kind)
+  assert eps <= target
+  assert eps == pytest.approx(target, rel=1e-2)
+  # A slightly smaller sigma must overshoot: the result is (nearly) minimal.
+  worse = accounting.epsilon(
+      accounting.dpsgd_event(0.98 * sigma, q, steps), 1e-5, kind)
+  assert worse > target
+
+
+def test_epsilon_grows_with_steps_and_shrinks_with_noise():
+  eps = lambda s, t: accounting.epsilon(  # pylint: disable=g-long-lambda
+      accounting.dpsgd_event(s, 0.01, t), 1e-5)
+  assert eps(1.0, 100) < eps(1.0, 1000)
+  assert eps(2.0, 1000) < eps(1.0, 1000)
+
+
+def test_zero_noise_is_infinite_epsilon():
+  assert accounting.epsilon(accounting.dpsgd_event(0.0, 0.1, 10), 1e-5) == (
+      math.inf)
+
+
+class TestDelta:
+
+  @pytest.mark.parametrize('delta', [0.0, -1e-5, 1.0, 2.0])
+  def test_out_of_range(self, delta):
+    with pytest.raises(ValueError, match='delta'):
+      accounting.check_delta(delta)
+
+  def test_refuses_delta_at_least_one_over_n(self):
+    with pytest.raises(ValueError, match='1/N'):
+      accounting.check_delta(1e-3, dataset_size=1000)
+    assert accounting.check_delta(1e-5, dataset_size=1000) == 1e-5
+
+
+def test_sampling_rate_refuses_batch_larger_than_dataset():
+  with pytest.raises(ValueError, match='larger than the dataset'):
+    accounting.sampling_rate(2000, 1000)
+
+
+def test_steps_for_epochs_matches_reference_table():
+  assert accounting.steps_for_epochs(60, 256 / 60000) == 14062
+  assert accounting.steps_for_epochs(15, 256 / 60000) == 3515
+
+
+class TestLedger:
+
+  def test_matches_direct_composition(self):
+    ledger = accounting.PrivacyLedger()
+    step = accounting.poisson_gaussian_event(1.1, 256 / 60000)
+    for _ in range(3515):
+      ledger.record(step)
+    assert len(ledger.entries) == 1
+    direct = accounting.epsilon(
+        accounting.dpsgd_event(1.1, 256 / 60000, 3515), 1e-5)
+    assert ledger.epsilon(1e-5) == pytest.approx(direct, rel=1e-9)
+
+  def test_extra_release_increases_epsilon(self):
+    ledger = accounting.PrivacyLedger()
+    ledger.record(accounting.poisson_gaussian_event(1.0, 0.01), count=100)
+    before = ledger.epsilon(1e-5)
+    ledger.record(dp_accounting.GaussianDpEvent(10.0))
+    assert ledger.epsilon(1e-5) > before
+
+  def test_empty_ledger_is_zero(self):
+    assert accounting.PrivacyLedger().epsilon(1e-5) == 0.0
+
+
+class TestCli:
+
+  def test_reproduces_reference_table(self, capsys):
+    for q, sigma, steps, rdp, pld in REFERENCE:
+      n = 60000 if q < 0.01 else 50000
+      privacy_cli.main(['-N', str(n), '-B', str(round(q * n)),
+                        '--noise-multiplier', str(sigma), '--steps',
+                        str(steps), '--accountant', 'both', '--json'])
+      out = capsys.readouterr().out
+      import json  # pylint: disable=g-import-not-at-top
+      result = json.loads(out)
+      assert result['epsilon_rdp'] == pytest.approx(rdp, rel=5e-3)
+      assert result['epsilon_pld'] == pytest.approx(pld, rel=5e-3)
+
+  def test_epochs_and_text_output(self, capsys):
+    privacy_cli.main(['-N', '60000', '-B', '256', '--noise-multiplier', '1.1',
+                      '--epochs', '60'])
+    out = capsys.readouterr().out
+    assert '14062 steps' in out and 'epsilon = 2.59' in out
+
+  def test_target_epsilon(self, capsys):
+    privacy_cli.main(['-N', '50000', '-B', '4096', '--steps', '2500',
+                      '--target-epsilon', '8'])
+    assert 'noise multiplier = 2.73' in capsys.readouterr().out
+
+  @pytest.mark.parametrize('argv,match', [
+      (['--delta', '0.5'], 'delta'),
+      (['-B', '100000'], 'larger than the dataset'),
+      (['--noise-multiplier', '-1'], 'noise_multiplier'),
+  ])
+  def test_bad_input_exits_with_message(self, argv, match, capsys):
+    base = {'-N': '60000', '-B': '256', '--noise-multiplier': '1.1',
+            '--epochs': '1'}
+    for k, v in zip(argv[::2], argv[1::2]):
+      base[k] = v
+    args = [x for kv in base.items() for x in kv]
+    with pytest.raises(SystemExit):
+      privacy_cli.main(args)
+    assert match in capsys.readouterr().err

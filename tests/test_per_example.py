@@ -1,0 +1,173 @@
+"""Tests for dpjax/per_example.py: per-example gradients and the clipped sum."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dpjax
+from dpjax import models
+
+
+class MLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[:-3] + (-1,))
+    return nn.Dense(3)(nn.tanh(nn.Dense(16)(x)))
+
+
+def _setup(model, image_shape, batch_size=6, seed=0):
+  key_x, key_p = jax.random.split(jax.random.key(seed))
+  images = jax.random.normal(key_x, (batch_size,) + image_shape)
+  labels = jnp.arange(batch_size) % 3
+  params = model.init(key_p, images[:1])['params']
+
+  def loss_fn(p, example):
+    logits = model.apply({'params': p}, example['image'][None])[0]
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, example['label'])
+
+  return params, {'image': images, 'label': labels}, loss_fn
+
+
+def _loop_grads(loss_fn, params, batch):
+  """The reference: one jax.grad per example, no vmap."""
+  size = len(batch['label'])
+  grads = [jax.grad(loss_fn)(params, jax.tree.map(lambda x: x[i], batch))
+           for i in range(size)]
+  return jax.tree.map(lambda *g: jnp.stack(g), *grads)
+
+
+MODELS = [
+    ('mlp', MLP(), (4, 4, 1)),
+    ('small_cnn', models.SmallCNN(num_classes=3), (8, 8, 1)),
+    ('tanh_cnn', models.TanhCNN(num_classes=3), (28, 28, 1)),
+]
+
+
+@pytest.mark.parametrize('name,model,shape', MODELS)
+def test_per_example_grads_match_one_example_loop(name, model, shape):
+  del name
+  params, batch, loss_fn = _setup(model, shape)
+  _, grads = jax.jit(dpjax.per_example_grads(loss_fn))(params, batch)
+  expected = _loop_grads(loss_fn, params, batch)
+  for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('name,model,shape', MODELS[:2])
+def test_clipped_sum_matches_loop(name, model, shape):
+  del name
+  params, batch, loss_fn = _setup(model, shape)
+  clip_norm = 0.5
+  fn = jax.jit(dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(clip_norm)))
+  out = fn(params, batch)
+  per_ex = _loop_grads(loss_fn, params, batch)
+  norms = np.sqrt(sum(np.sum(np.reshape(g, (len(batch['label']), -1)) ** 2, 1)
+                      for g in jax.tree.leaves(per_ex)))
+  scale = np.minimum(1.0, clip_norm / norms)
+  expected = jax.tree.map(
+      lambda g: np.tensordot(scale, np.asarray(g), axes=1), per_ex)
+  for g, e in zip(jax.tree.leaves(out.grad_sum), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(out.stats.norms, norms, rtol=1e-4)
+  losses = [loss_fn(params, jax.tree.map(lambda x: x[i], batch))
+            for i in range(len(batch['label']))]
+  np.testing.assert_allclose(out.stats.losses, losses, rtol=1e-5)
+  assert int(out.stats.num_clipped) == int(np.sum(norms > clip_norm))
+
+
+@pytest.mark.parametrize('microbatch_size', [1, 2, 4, 5, 7, 100])
+def test_result_does_not_depend_on_microbatch_size(microbatch_size):
+  params, batch, loss_fn = _setup(MLP(), (4, 4, 1), batch_size=7)
+  clip = dpjax.clip_per_example(0.3)
+  mask = jnp.array([True] * 6 + [False])
+  whole = jax.jit(dpjax.clipped_grad(loss_fn, clip))(params, batch, mask)
+  chunked = jax.jit(dpjax.clipped_grad(
+      loss_fn, clip, microbatch_size=microbatch_size))(params, batch, mask)
+  for a, b in zip(jax.tree.leaves(whole.grad_sum),
+                  jax.tree.leaves(chunked.grad_sum)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(whole.stats.norms, chunked.stats.norms,
+                             rtol=1e-5)
+  np.testing.assert_allclose(whole.stats.losses, chunked.stats.losses,
+                             rtol=1e-5)
+  assert chunked.stats.norms.shape == (7,)
+
+
+@pytest.mark.parametrize('microbatch_size', [None, 2])
+def test_padding_rows_change_nothing(microbatch_size):
+  params, batch, loss_fn = _setup(MLP(), (4, 4, 1), batch_size=4)
+  fn = jax.jit(dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(1.0),
+                                  microbatch_size=microbatch_size))
+  base = fn(params, batch)
+  # Three padding rows holding garbage (NaN, huge values, valid-looking data).
+  junk = jnp.stack([jnp.full((4, 4, 1), jnp.nan), jnp.full((4, 4, 1), 1e30),
+                    batch['image'][0]])
+  padded = {'image': jnp.concatenate([batch['image'], junk]),
+            'label': jnp.concatenate([batch['label'], jnp.array([0, 1, 2])])}
+  mask = jnp.arange(7) < 4
+  out = fn(params, padded, mask)
+  for a, b in zip(jax.tree.leaves(base.grad_sum),
+                  jax.tree.leaves(out.grad_sum)):
+    np.testing.assert_array_equal(a, b) if microbatch_size is None else (
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7))
+  assert int(out.stats.num_nonfinite) == 0
+  np.testing.assert_array_equal(out.stats.losses[4:], 0.0)
+
+
+@pytest.mark.parametrize('microbatch_size', [None, 3])
+def test_nan_example_is_zeroed_and_counted(microbatch_size):
+  params, batch, loss_fn = _setup(MLP(), (4, 4, 1), batch_size=5)
+  fn = jax.jit(dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(1.0),
+                                  microbatch_size=microbatch_size))
+  poisoned = dict(batch, image=batch['image'].at[2].set(jnp.nan))
+  out = fn(params, poisoned)
+  assert int(out.stats.num_nonfinite) == 1
+  assert all(bool(jnp.all(jnp.isfinite(g)))
+             for g in jax.tree.leaves(out.grad_sum))
+  keep = jnp.arange(5) != 2
+  expected = fn(params, batch, keep)
+  for a, b in zip(jax.tree.leaves(out.grad_sum),
+                  jax.tree.leaves(expected.grad_sum)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_has_aux_returns_per_example_aux():
+  params, batch, loss_fn = _setup(MLP(), (4, 4, 1), batch_size=5)
+
+  def loss_with_aux(p, example):
+    loss = loss_fn(p, example)
+    return loss, {'double': 2 * loss}
+
+  out = jax.jit(dpjax.clipped_grad(
+      loss_with_aux, dpjax.clip_per_example(1.0), has_aux=True,
+      microbatch_size=2))(params, batch)
+  np.testing.assert_allclose(out.stats.aux['double'], 2 * out.stats.losses,
+                             rtol=1e-6)
+
+
+def test_loss_args_are_broadcast():
+  def loss_fn(w, example, scale):
+    return scale * jnp.sum(w * example)
+
+  fn = dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(100.0))
+  out = fn(jnp.ones(2), jnp.ones((3, 2)), args=(2.0,))
+  np.testing.assert_allclose(out.grad_sum, [6.0, 6.0])
+
+
+def test_rejects_mismatched_leading_sizes():
+  fn = dpjax.clipped_grad(lambda w, ex: jnp.sum(w * ex['x']) + ex['y'],
+                          dpjax.clip_per_example(1.0))
+  with pytest.raises(ValueError, match='same leading'):
+    fn(jnp.ones(2), {'x': jnp.ones((3, 2)), 'y': jnp.ones(4)})
+
+
+@pytest.mark.parametrize('bad', [0, -2, 1.5, True])
+def test_rejects_bad_microbatch_size(bad):
+  with pytest.raises(ValueError, match='microbatch_size'):
+    dpjax.clipped_grad(lambda w, ex: 0.0, dpjax.clip_per_example(1.0),
+                       microbatch_size=bad)

@@ -1,0 +1,154 @@
+"""End-to-end tests of dpjax/train.py and the dpjax-train command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dpjax
+from configs import default
+from dpjax import models
+from dpjax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def default_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('default'))
+  config = default.get_config()
+  config.progress_bar = False
+  return workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_default_config_meets_targets(default_run):
+  _, summary = default_run
+  assert summary['epsilon'] <= 3.0
+  assert summary['delta'] == 1e-5
+  assert summary['test_accuracy'] >= 0.85
+  assert summary['train_time_s'] < 120
+
+
+def test_default_run_writes_summary_and_plot(default_run):
+  workdir, summary = default_run
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    written = json.load(f)
+  for key in ('epsilon', 'delta', 'noise_multiplier', 'accountant', 'steps',
+              'sampling_rate', 'clip_norm', 'test_accuracy', 'train_time_s'):
+    assert key in written, key
+  assert written['epsilon'] == pytest.approx(summary['epsilon'])
+  assert os.path.getsize(os.path.join(workdir, 'training.png')) > 1000
+  with open(os.path.join(workdir, 'history.json')) as f:
+    history = json.load(f)
+  assert history['epsilon'] == sorted(history['epsilon'])
+  assert history['step'][-1] == summary['steps']
+
+
+def test_ledger_epsilon_equals_plan_epsilon(default_run):
+  _, summary = default_run
+  plan = dpjax.make_plan(train.privacy_config(default.get_config()),
+                         summary['dataset_size'])
+  assert summary['epsilon'] == pytest.approx(plan.epsilon(), rel=1e-9)
+  assert summary['noise_multiplier'] == pytest.approx(plan.noise_multiplier)
+
+
+def test_non_private_baseline(tmp_path):
+  config = default.get_config()
+  config.progress_bar = False
+  config.privacy.enabled = False
+  config.privacy.steps = 20
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['epsilon'] == float('inf')
+  assert not summary['private']
+
+
+def _step_params(padded_size, noise_multiplier=0.0):
+  model = models.SmallCNN()
+  config = dpjax.PrivacyConfig(clip_norm=1.0, noise_multiplier=noise_multiplier,
+                               expected_batch_size=4, steps=1)
+  plan = dpjax.make_plan(config, 100)
+  tx = optax.chain(plan.noise(0), optax.sgd(1.0))
+  state = train.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(100, 8, 8, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 100))
+  indices = np.zeros(padded_size, np.int32)
+  indices[:3] = [5, 17, 42]
+  indices[3:] = 7  # padding rows point at a real example: must not count
+  mask = np.arange(padded_size) < 3
+  step = train.make_train_step(model, plan)
+  state, _ = step(state, images, labels, indices, mask)
+  return state.params
+
+
+@pytest.mark.parametrize('noise_multiplier', [0.0, 1.0])
+def test_update_does_not_depend_on_padding(noise_multiplier):
+  """Same 3 real examples, 3 or 8 or 16 rows: the same update.
+
+  The divisor is the public expected batch size, so neither the realized nor
+  the padded batch size can change the update.
+  """
+  ref = _step_params(3, noise_multiplier)
+  for padded in (8, 16):
+    out = _step_params(padded, noise_multiplier)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_model_with_batch_stats_is_refused():
+  class BNModel(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.BatchNorm(use_running_average=False)(x)
+      return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+  with pytest.raises(ValueError, match='batch_stats'):
+    train.create_train_state(BNModel(), jax.random.key(0), (8, 8, 1),
+                             optax.sgd(0.1))
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('optimizer.name', 'rmsprop', 'optimizer.name'),
+    ('optimizer.schedule', 'linear', 'optimizer.schedule'),
+])
+def test_bad_optimizer_settings(tmp_path, field, value, match):
+  config = default.get_config()
+  config.progress_bar = False
+  section, key = field.split('.')
+  config[section][key] = value
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_dpjax_train_command(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dpjax.main', '--workdir', str(workdir),
+       '--config.privacy.steps=5', '--config.progress_bar=False'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['steps'] == 5
+  assert summary['dataset'] == 'digits'
+  assert 'test accuracy' in proc.stdout
+
+
+def test_mnist_config_loads_from_any_directory(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-c',
+       'import sys; from dpjax import main; '
+       f'sys.argv = ["dpjax-train", "--config", '
+       f'"{REPO}/configs/mnist.py"]; main._config_root_on_path(sys.argv); '
+       'from configs import mnist; c = mnist.get_config(); '
+       'print(c.data.name, c.privacy.expected_batch_size)'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ['mnist', '512']
