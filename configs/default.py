@@ -16,6 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = 'digits'
   config.data.manual_dir = ml_collections.config_dict.placeholder(str)
   config.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+  # Fraction of the training set held out as PUBLIC data (removed from the
+  # private set; used for BatchNorm statistics or clip thresholds).
+  config.data.public_fraction = 0.0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'small_cnn'

@@ -182,7 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
   splits = data_lib.load(config.data.name, manual_dir=config.data.manual_dir,
-                         tfds_data_dir=config.data.tfds_data_dir)
+                         tfds_data_dir=config.data.tfds_data_dir,
+                         public_fraction=config.data.public_fraction)
   data_lib.check_dataset(splits.train, splits.num_classes, 'train split')
   data_lib.check_dataset(splits.test, splits.num_classes, 'test split')
   n = len(splits.train)
@@ -255,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   summary.update({
       'private': private,
       'dataset': splits.name,
+      'public_examples': 0 if splits.public is None else len(splits.public),
       'model': config.model.name,
       'test_accuracy': final['accuracy'],
       'test_loss': final['loss'],

@@ -143,3 +143,22 @@ def test_unknown_dataset():
 def test_check_dataset_refuses_bad_data(images, labels, match):
   with pytest.raises(ValueError, match=match):
     data.check_dataset(data.ArrayDataset(images, labels), 10, 'train split')
+
+
+def test_public_split_is_disjoint_and_leaves_the_private_set():
+  full = digits.load()
+  splits = data.load('digits', public_fraction=0.1, public_seed=3)
+  assert len(splits.public) == round(0.1 * len(full.train))
+  assert len(splits.train) + len(splits.public) == len(full.train)
+  private = _as_set(splits.train.images, splits.train.labels)
+  public = _as_set(splits.public.images, splits.public.labels)
+  assert len(private & public) < 5  # the raw data has a few duplicates
+  again = data.load('digits', public_fraction=0.1, public_seed=3)
+  np.testing.assert_array_equal(again.public.labels, splits.public.labels)
+  assert data.load('digits').public is None
+
+
+@pytest.mark.parametrize('fraction', [-0.1, 1.0, 1e-6])
+def test_public_split_rejects_bad_fraction(fraction):
+  with pytest.raises(ValueError, match='public'):
+    data.load('digits', public_fraction=fraction)

@@ -18,12 +18,44 @@ class ArrayDataset(NamedTuple):
 
 
 class DataSplits(NamedTuple):
-  """A private training split and a held-out test split."""
+  """A private training split, a held-out test split, an optional public one.
+
+  ``public`` holds examples that are NOT private: DP-SGD never trains on them
+  and no accountant charges for them, so they may set data-dependent things
+  (BatchNorm statistics, layerwise clip thresholds). ``train`` never contains
+  them, so N = len(train) is the private dataset size.
+  """
 
   name: str
   train: ArrayDataset
   test: ArrayDataset
   num_classes: int
+  public: ArrayDataset | None = None
+
+
+def split_public(splits: DataSplits, public_fraction: float,
+                 seed: int = 0) -> DataSplits:
+  """Moves a seeded random ``public_fraction`` of ``train`` to ``public``.
+
+  The held-out slice is chosen from the indices alone (never from the data),
+  and removed from the private set, so the private N shrinks accordingly.
+  """
+  if public_fraction == 0:
+    return splits
+  if not 0 < public_fraction < 1:
+    raise ValueError(
+        f'public_fraction must lie in [0, 1), got {public_fraction!r}.')
+  n = len(splits.train)
+  num_public = int(round(public_fraction * n))
+  if not 0 < num_public < n:
+    raise ValueError(
+        f'public_fraction={public_fraction} of {n} examples leaves an empty'
+        ' public or private split.')
+  order = np.random.default_rng(seed).permutation(n)
+  public, private = np.sort(order[:num_public]), np.sort(order[num_public:])
+  take = lambda ds, i: ArrayDataset(ds.images[i], ds.labels[i])
+  return splits._replace(train=take(splits.train, private),
+                         public=take(splits.train, public))
 
 
 def check_dataset(ds: ArrayDataset, num_classes: int, where: str) -> None:
