@@ -1,4 +1,4 @@
-"""CIFAR-10, ResNet-20 with GroupNorm, DP-SGD + ModelMix at the paper's settings.
+"""CIFAR-10, ResNet-20 (GroupNorm), DP-SGD + ModelMix at the paper's settings.
 
 Xiao, Wan, Devadas 2022 ("Differentially Private Deep Learning with ModelMix",
 arXiv 2210.03843): q = 1500 / 50000, c = 20, plain SGD at eta = 0.15, 3500

@@ -10,7 +10,8 @@ least ``tau`` apart), then takes the noisy SGD step:
 
 Three pieces live here:
 
-* :func:`mix_model_states`, the mixing as an optax transform placed after plain SGD;
+* :func:`mix_model_states`, the mixing as an optax transform placed after
+  plain SGD;
 * :func:`clip_l2_then_linf`, the refined clipping of the paper's Algorithm 2
   (L2 clip to c, then clamp every coordinate to c / sqrt(p));
 * :func:`modelmix_epsilon`, the numerical accountant of Theorem 4.1 /
@@ -104,14 +105,16 @@ def enforce_gap(current: jax.Array, previous: jax.Array,
   return current + push, previous - push
 
 
-def mix_model_states(tau: float, key: jax.Array | int) -> optax.GradientTransformation:
+def mix_model_states(tau: float,
+                     key: jax.Array | int) -> optax.GradientTransformation:
   """Mixes the last two model states with a secret alpha, then takes the step.
 
-  Place it LAST, after plain SGD, e.g.
-  ``optax.chain(plan.noise(k1), optax.sgd(eta), dpjax.mix_model_states(tau, k2))``:
-  it receives the SGD step ``u = -eta * noisy_gradient`` and the current
-  parameters w_{k-1}, keeps w_{k-2} in its state, and returns
-  ``w_k - w_{k-1}`` so that ``optax.apply_updates`` yields
+  Place it LAST, after plain SGD, e.g. ``optax.chain(plan.noise(k1),
+  optax.sgd(eta), dpjax.mix_model_states(tau, k2))``: it acts on parameters,
+  so it must see the final step. It receives the SGD step
+  ``u = -eta * noisy_gradient`` and the current parameters w_{k-1}, keeps
+  w_{k-2} in its state, and returns ``w_k - w_{k-1}`` so that
+  ``optax.apply_updates`` yields
 
       w_k = alpha * w'_{k-1} + (1 - alpha) * w'_{k-2} + u,
 
@@ -123,7 +126,8 @@ def mix_model_states(tau: float, key: jax.Array | int) -> optax.GradientTransfor
   Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import dpjax
-    >>> tx = optax.chain(optax.sgd(0.1), dpjax.mix_model_states(tau=0.01, key=0))
+    >>> mix = dpjax.mix_model_states(tau=0.01, key=0)
+    >>> tx = optax.chain(optax.sgd(0.1), mix)
     >>> params = {'w': jnp.zeros(3)}
     >>> state = tx.init(params)
     >>> updates, state = tx.update({'w': jnp.ones(3)}, state, params)
@@ -259,7 +263,7 @@ def _log_p0(x: np.ndarray, sbar: float, w: float) -> np.ndarray:
 @functools.lru_cache(maxsize=128)
 def log_moments(sbar: float, w: float, shift: float, p: float,
                 max_order: int) -> tuple[float, ...]:
-  """log A_k, k = 0..max_order, of Theorem 4.1 (cached: they do not depend on T).
+  """log A_k, k = 0..max_order, of Theorem 4.1; cached (independent of T).
 
   A_k = (E_{z~P0}[(P1(z) / P0(z))^k])^p with P0 = N(0, sbar^2) * U[-w/2, w/2]
   and P1 = P0 shifted by ``shift``, by a Riemann sum of step sbar / 25 on
@@ -473,7 +477,7 @@ def with_refined_clipping(plan: plan_lib.DPPlan, p: float) -> plan_lib.DPPlan:
 
 @dataclasses.dataclass(frozen=True)
 class ModelMixAccountant:
-  """The ModelMix epsilon of a DP-SGD plan whose steps end with :func:`mix_model_states`.
+  """The ModelMix epsilon of a DP-SGD plan whose steps end with the mixing.
 
   Attributes:
     plan: the DP-SGD plan (Poisson rate, noise multiplier, clipping, delta).

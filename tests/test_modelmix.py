@@ -324,7 +324,10 @@ class TestAccountant:
     assert eps == pytest.approx(expected, rel=1e-4)
 
   def test_monotone_in_steps_gap_and_noise(self):
-    eps = lambda **kw: modelmix.modelmix_epsilon(**{**PAPER, **kw})  # pylint: disable=unnecessary-lambda-assignment
+
+    def eps(**change):
+      return modelmix.modelmix_epsilon(**{**PAPER, **change})
+
     assert eps(steps=1000) < eps(steps=2000) < eps()
     assert eps(tau_over_lr=0.3) < eps() < eps(tau_over_lr=0.075)
     assert eps(noise_multiplier=0.5) < eps()
