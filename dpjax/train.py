@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from typing import Any, Callable
 
 from flax.training import train_state as train_state_lib
