@@ -49,6 +49,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.nesterov = False
   config.optimizer.schedule = 'constant'
 
+  # ModelMix (Xiao, Wan, Devadas 2022; dpjax/modelmix.py): each step mixes
+  # the last two model states with a secret per-coordinate alpha, the two
+  # kept >= tau = tau_over_lr * learning_rate apart; clipping becomes L2 to
+  # clip_norm then each coordinate to clip_norm / sqrt(p). Reports the
+  # ModelMix epsilon (`epsilon_modelmix`) beside the standard one.
+  config.modelmix = ml_collections.ConfigDict()
+  config.modelmix.enabled = False
+  config.modelmix.tau_over_lr = 0.15
+  config.modelmix.p = 100.0
+
   # Performance only: never changes the guarantee.
   config.perf = ml_collections.ConfigDict()
   config.perf.microbatch_size = ml_collections.config_dict.placeholder(int)

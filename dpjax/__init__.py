@@ -10,6 +10,10 @@ from dpjax.accounting import PrivacyLedger
 from dpjax.clipping import clip_per_example
 from dpjax.clipping import ClipOutput
 from dpjax.clipping import PerExampleClipping
+from dpjax.modelmix import clip_l2_then_linf
+from dpjax.modelmix import mix_model_states
+from dpjax.modelmix import ModelMixState
+from dpjax.modelmix import modelmix_epsilon
 from dpjax.noise import add_gaussian_noise
 from dpjax.noise import GaussianNoiseState
 from dpjax.per_example import clipped_grad

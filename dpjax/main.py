@@ -42,6 +42,11 @@ def _run(argv):
   print(f"test accuracy {summary['test_accuracy']:.4f}, epsilon"
         f" {summary['epsilon']:.3f} (delta={summary['delta']}),"
         f" {summary['train_time_s']:.0f} s; wrote {workdir}/summary.json")
+  if 'epsilon_modelmix' in summary:
+    eps_mm = summary['epsilon_modelmix']
+    print('ModelMix epsilon ' + ('withheld: the analysis assumes ' + '; '.join(
+        summary['modelmix']['withheld_because']) if eps_mm is None
+                                 else f'{eps_mm:.3f}'))
 
 
 def _config_root_on_path(argv: list[str]) -> None:

@@ -23,6 +23,12 @@ def plot_training(history: dict[str, list[float]], path: str,
   if all(math.isfinite(e) for e in eps):
     ax_eps.plot(steps, eps, marker='o', color='tab:red')
     ax_eps.set_ylabel('epsilon spent')
+    eps_mm = history.get('epsilon_modelmix', [])
+    if any(math.isfinite(e) for e in eps_mm):
+      ax_eps.lines[0].set_label('DP-SGD accountant')
+      ax_eps.plot(steps, eps_mm, marker='s', color='tab:green',
+                  label='ModelMix accountant')
+      ax_eps.legend()
   else:
     ax_eps.text(0.5, 0.5, 'non-private run\n(epsilon = inf)',
                 ha='center', va='center', transform=ax_eps.transAxes)

@@ -26,6 +26,7 @@ import tqdm
 
 from dpjax import accounting
 from dpjax import data as data_lib
+from dpjax import modelmix as modelmix_lib
 from dpjax import models
 from dpjax import per_example
 from dpjax import plan as plan_lib
@@ -189,12 +190,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   n = len(splits.train)
 
   private = config.privacy.enabled
+  mixing = config.get('modelmix') is not None and config.modelmix.enabled
   if private:
     plan = plan_lib.make_plan(
         privacy_config(config), n,
         pad_to_multiple_of=config.perf.pad_to_multiple_of,
         sampler_seed=config.seed)
     sampler, num_steps = plan.sampler, plan.num_steps
+    if mixing:
+      plan = modelmix_lib.with_refined_clipping(plan, config.modelmix.p)
   else:
     plan = None
     sampler = sampling.PoissonSampler(
@@ -208,6 +212,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   init_key, noise_key = jax.random.split(jax.random.key(config.seed))
   optimizer = make_optimizer(config.optimizer, num_steps)
   tx = optax.chain(plan.noise(noise_key), optimizer) if private else optimizer
+  if mixing:
+    # fold_in(k, 2) == split(k, 3)[2]: a sibling of init_key and noise_key,
+    # so alpha is independent of the noise (the analysis needs it secret).
+    mix_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    tau = config.modelmix.tau_over_lr * config.optimizer.learning_rate
+    tx = optax.chain(tx, modelmix_lib.mix_model_states(tau, mix_key))
+    mixing_report = _modelmix_report(config, plan, tau)
   state = create_train_state(model, init_key, splits.train.images.shape[1:],
                              tx)
   train_step = make_train_step(model, plan, config.perf.microbatch_size)
@@ -223,6 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   padded_sizes = set()
   num_nonfinite = jnp.zeros((), jnp.int32)
   eps, final = 0.0, None
+  if mixing:
+    history['epsilon_modelmix'] = []
   bar = tqdm.trange(num_steps, desc='DP-SGD' if private else 'SGD',
                     disable=not config.progress_bar, dynamic_ncols=True)
   for step in bar:
@@ -238,13 +251,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     eval_now = (step + 1) % eval_every == 0 or last
     if private and (log_now or eval_now):
       eps = ledger.epsilon(delta, config.privacy.accountant)
+      if mixing:
+        mixing_report.update(ledger)
     if log_now:
-      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", eps=f'{eps:.3f}')
+      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", eps=f'{eps:.3f}',
+                      **(mixing_report.postfix() if mixing else {}))
     if eval_now:
       final = evaluate(state.params, splits.test)
       history['step'].append(step + 1)
       history['test_accuracy'].append(final['accuracy'])
       history['epsilon'].append(eps if private else float('inf'))
+      if mixing:
+        history['epsilon_modelmix'].append(mixing_report.plot_value())
   bar.close()
 
   summary: dict[str, Any] = plan.summary() if private else {
@@ -253,6 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'sampling_rate': sampler.sampling_rate, 'clip_norm': None}
   if private:
     summary['epsilon'] = eps
+  if mixing:
+    summary.update(mixing_report.summary())
   summary.update({
       'private': private,
       'dataset': splits.name,
@@ -272,3 +292,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   plots.plot_training(history, os.path.join(workdir, 'training.png'),
                       title=f'{splits.name} / {config.model.name}')
   return summary
+
+
+def _modelmix_report(config: ml_collections.ConfigDict,
+                     plan: plan_lib.DPPlan | None,
+                     tau: float) -> modelmix_lib.ModelMixReport:
+  """The ModelMix epsilon's tracker, with the assumptions ``config`` breaks."""
+  if plan is None:
+    return modelmix_lib.ModelMixReport(None, tau)
+  failures = modelmix_lib.failed_assumptions(
+      optimizer=config.optimizer.name, momentum=config.optimizer.momentum,
+      constant_learning_rate=config.optimizer.schedule == 'constant',
+      clipping=plan.clipping,
+      poisson_sampling=isinstance(plan.sampler, sampling.PoissonSampler),
+      relation=plan.relation)
+  accountant = modelmix_lib.ModelMixAccountant(plan,
+                                               config.modelmix.tau_over_lr)
+  return modelmix_lib.ModelMixReport(accountant, tau, failures)
