@@ -34,7 +34,13 @@ from dpjax import sampling
 
 
 class TrainState(train_state_lib.TrainState):
-  """Flax TrainState; ``tx`` is ``optax.chain(noise, optimizer)`` under DP."""
+  """Flax TrainState; ``tx`` is ``optax.chain(noise, optimizer)`` under DP.
+
+  ``clip_state`` is the clipping's state (per-layer thresholds, adaptive
+  thresholds and counts), carried across steps and checkpointed with the rest.
+  """
+
+  clip_state: Any = None
 
 
 def example_loss(model: nn.Module) -> Callable[..., Any]:
@@ -104,15 +110,25 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
       loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, mask)
       return state.apply_gradients(grads=grads), {'loss': loss}
   else:
-    grad_fn = per_example.clipped_grad(
-        loss_fn, plan.clipping, microbatch_size=microbatch_size)
+    grad_fn = plan.clipped_grad(loss_fn, microbatch_size=microbatch_size)
 
     def step(state, images, labels, indices, mask):
       batch = {'image': images[indices], 'label': labels[indices]}
-      out = grad_fn(state.params, batch, mask)
-      state = state.apply_gradients(grads=out.grad_sum)
+      out = grad_fn(state.params, batch, mask, clip_state=state.clip_state)
+      # The noise is scaled to the thresholds the sum was clipped with; the
+      # clipping's state then advances once (adaptive: noised counts).
+      updates, opt_state = state.tx.update(
+          out.grad_sum, state.opt_state, state.params,
+          clip_state=out.clip_state)
+      state = state.replace(
+          step=state.step + 1,
+          params=optax.apply_updates(state.params, updates),
+          opt_state=opt_state,
+          clip_state=plan.clipping.end_step(out.clip_state))
       metrics = {
-          'loss': out.stats.losses.sum() / jnp.maximum(mask.sum(), 1),
+          # Per-group losses in 'batch' mode are means over m rows.
+          'loss': out.stats.losses.sum() * plan.group_size
+                  / jnp.maximum(mask.sum(), 1),
           'num_nonfinite': out.stats.num_nonfinite,
           'num_clipped': out.stats.num_clipped,
       }
@@ -160,12 +176,14 @@ def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
   p = config.privacy
   steps_given = p.steps is not None
   sigma_given = p.noise_multiplier is not None
+  clipping = plan_lib.ClippingConfig(**p.clipping.to_dict()) if (
+      'clipping' in p) else plan_lib.ClippingConfig()
   return plan_lib.PrivacyConfig(
       clip_norm=p.clip_norm, noise_multiplier=p.noise_multiplier,
       target_epsilon=None if sigma_given else p.target_epsilon,
       delta=p.delta, expected_batch_size=p.expected_batch_size,
       epochs=None if steps_given else p.epochs, steps=p.steps,
-      accountant=p.accountant)
+      accountant=p.accountant, clipping=clipping)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -188,12 +206,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   data_lib.check_dataset(splits.test, splits.num_classes, 'test split')
   n = len(splits.train)
 
+  model = models.get_model(config.model.name, splits.num_classes,
+                           config.model.activation)
   private = config.privacy.enabled
   if private:
+    params_shape = jax.eval_shape(
+        model.init, jax.random.key(0),
+        jnp.zeros((1,) + splits.train.images.shape[1:]))['params']
     plan = plan_lib.make_plan(
         privacy_config(config), n,
         pad_to_multiple_of=config.perf.pad_to_multiple_of,
-        sampler_seed=config.seed)
+        sampler_seed=config.seed, params=params_shape,
+        clip_key=jax.random.fold_in(jax.random.key(config.seed), 2))
     sampler, num_steps = plan.sampler, plan.num_steps
   else:
     plan = None
@@ -203,13 +227,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     num_steps = privacy_config(config).steps or accounting.steps_for_epochs(
         config.privacy.epochs, sampler.sampling_rate)
 
-  model = models.get_model(config.model.name, splits.num_classes,
-                           config.model.activation)
   init_key, noise_key = jax.random.split(jax.random.key(config.seed))
   optimizer = make_optimizer(config.optimizer, num_steps)
   tx = optax.chain(plan.noise(noise_key), optimizer) if private else optimizer
   state = create_train_state(model, init_key, splits.train.images.shape[1:],
                              tx)
+  alc = None
+  if private:
+    state = state.replace(clip_state=plan.clipping.init(state.params))
+    public = None if splits.public is None else {
+        'image': jnp.asarray(splits.public.images),
+        'label': jnp.asarray(splits.public.labels)}
+    alc = plan.layerwise_thresholds(example_loss(model), public)
   train_step = make_train_step(model, plan, config.perf.microbatch_size)
   evaluate = make_eval_fn(model)
 
@@ -226,12 +255,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   bar = tqdm.trange(num_steps, desc='DP-SGD' if private else 'SGD',
                     disable=not config.progress_bar, dynamic_ncols=True)
   for step in bar:
+    if alc is not None and alc.due(step):
+      state = state.replace(clip_state=state.clip_state._replace(
+          clip_norms=alc(state.params, step)))
     batch = sampler.sample(step)
     padded_sizes.add(len(batch.indices))
     state, metrics = train_step(state, images, labels, batch.indices,
                                 batch.mask)
     if private:
-      ledger.record(plan.step_event())
+      plan.record_step(ledger, step)
       num_nonfinite += metrics['num_nonfinite']
     last = step + 1 == num_steps
     log_now = (step + 1) % config.log_every_steps == 0 or last
@@ -247,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       history['epsilon'].append(eps if private else float('inf'))
   bar.close()
 
-  summary: dict[str, Any] = plan.summary() if private else {
+  summary: dict[str, Any] = plan.summary(state.clip_state) if private else {
       'epsilon': float('inf'), 'delta': None, 'noise_multiplier': 0.0,
       'accountant': None, 'steps': num_steps,
       'sampling_rate': sampler.sampling_rate, 'clip_norm': None}
