@@ -167,6 +167,18 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000):
   return evaluate
 
 
+def layerwise_thresholds(plan: plan_lib.DPPlan, model: nn.Module,
+                         splits: data_lib.DataSplits):
+  """The run's ALC schedule (None unless clipping.layers = 'alc').
+
+  It sees ``splits.public`` only: the private split never sets a threshold.
+  """
+  public = None if splits.public is None else {
+      'image': jnp.asarray(splits.public.images),
+      'label': jnp.asarray(splits.public.labels)}
+  return plan.layerwise_thresholds(example_loss(model), public)
+
+
 def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
   """The privacy settings of ``config.privacy`` as a :class:`PrivacyConfig`.
 
@@ -235,10 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   alc = None
   if private:
     state = state.replace(clip_state=plan.clipping.init(state.params))
-    public = None if splits.public is None else {
-        'image': jnp.asarray(splits.public.images),
-        'label': jnp.asarray(splits.public.labels)}
-    alc = plan.layerwise_thresholds(example_loss(model), public)
+    alc = layerwise_thresholds(plan, model, splits)
   train_step = make_train_step(model, plan, config.perf.microbatch_size)
   evaluate = make_eval_fn(model)
 
