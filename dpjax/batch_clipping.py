@@ -259,7 +259,9 @@ class LayerwiseThresholds:
   the thresholds are recomputed from the gradient of the mean loss over a
   fixed public batch at the current parameters, with C decayed as
   C x decay^epoch. The parameters are themselves a DP output, and nothing
-  else private enters, so the thresholds cost no privacy.
+  else private enters, so the thresholds cost no privacy. (The authors'
+  code first trains a copy of the model briefly on the public data; here the
+  norms are measured at the training parameters themselves.)
 
   Args:
     loss_fn: the one-example loss ``loss_fn(params, example)``.

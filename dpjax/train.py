@@ -27,7 +27,6 @@ import tqdm
 from dpjax import accounting
 from dpjax import data as data_lib
 from dpjax import models
-from dpjax import per_example
 from dpjax import plan as plan_lib
 from dpjax import plots
 from dpjax import sampling

@@ -16,7 +16,6 @@ from dpjax import accounting
 from dpjax import adaptive_clipping
 from dpjax import train
 
-Relation = dp_accounting.NeighboringRelation
 
 
 def _clip(initial=1.0, **kw):
