@@ -17,7 +17,6 @@ from dpjax import adaptive_clipping
 from dpjax import train
 
 
-
 def _clip(initial=1.0, **kw):
   kw = {'count_noise_std': 1.0, 'expected_batch_size': 256, 'key': 0,
         'target_quantile': 0.5, 'learning_rate': 0.2, **kw}
