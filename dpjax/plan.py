@@ -83,7 +83,9 @@ class ClippingConfig:
     adaptive_accounting: ``'sigma_eff'`` (the accounted noise multiplier is
       ``noise_multiplier`` and the gradient noise is raised to cover the
       counts) or ``'compose'`` (the gradient noise is ``noise_multiplier``
-      and the counts' release is composed into each step's event).
+      and the counts' release is composed into each step's event, so epsilon
+      grows). With ``target_epsilon`` both calibrate the accounted
+      multiplier and raise the gradient noise.
     group_size: m, examples per clipped group in 'batch' mode (1 is
       per-example clipping; the batch size is a multiple of m).
   """
