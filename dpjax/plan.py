@@ -337,9 +337,8 @@ class DPPlan:
           'group_size': self.group_size,
           'groups_per_batch': self.public_divisor,
           'epochs_accounted': self.num_events(self.num_steps),
-          'gdp_mu': math.sqrt(self.num_events(self.num_steps))
-                    / self.noise_multiplier if self.noise_multiplier else
-                    math.inf,
+          'gdp_mu': accounting.batch_clipping_mu(
+              self.noise_multiplier, self.num_events(self.num_steps)),
       })
     if c.layers != 'none' and self.mode != 'automatic':
       out.update({'layers': c.layers, 'layer_groups': c.layer_groups,

@@ -190,3 +190,14 @@ class TestGaussianDp:
     eps = accounting.epsilon(accounting.gaussian_composition_event(sigma, 30),
                              1e-5, kind)
     assert eps <= 4.0 and eps == pytest.approx(4.0, rel=1e-2)
+
+  def test_group_privacy_of_batch_clipping(self):
+    # One clipped group per step: the paper's sqrt(g E) / sigma.
+    assert accounting.batch_clipping_mu(2.0, 9, group_privacy=4) == (
+        pytest.approx(math.sqrt(4 * 9) / 2.0))
+    # K groups per step: g <= K examples in one step add up linearly.
+    assert accounting.batch_clipping_mu(2.0, 9, 4, groups_per_step=8) == (
+        pytest.approx(4 * 3 / 2.0))
+    assert accounting.batch_clipping_mu(2.0, 9, 5, groups_per_step=2) == (
+        pytest.approx(math.sqrt(9 * (2 * 4 + 1)) / 2.0))
+    assert accounting.batch_clipping_mu(2.0, 9) == pytest.approx(1.5)
