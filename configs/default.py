@@ -41,6 +41,27 @@ def get_config() -> ml_collections.ConfigDict:
   config.privacy.epochs = 20.0
   config.privacy.steps = ml_collections.config_dict.placeholder(int)
   config.privacy.accountant = 'rdp'
+  # The clipping mode fixes sampler, relation and accountant event
+  # (dpjax/plan.py, ClippingConfig): 'flat' | 'per_layer' | 'automatic' |
+  # 'adaptive' per example with Poisson sampling; 'batch' (batch clipping of
+  # groups of group_size) with shuffling and Gaussian DP (accountant 'gdp').
+  config.privacy.clipping = ml_collections.ConfigDict()
+  config.privacy.clipping.mode = 'flat'
+  # 'none' | 'equal' | 'size' | 'sqrt_size' | 'alc' (public-data thresholds;
+  # needs data.public_fraction > 0).
+  config.privacy.clipping.layers = 'none'
+  config.privacy.clipping.layer_groups = 'tensor'  # or 'module'
+  config.privacy.clipping.layer_noise = 'isotropic'  # or 'per_layer'
+  config.privacy.clipping.alc_every_epoch = False
+  config.privacy.clipping.alc_decay = 1.0
+  config.privacy.clipping.alc_public_examples = 1024
+  config.privacy.clipping.gamma = 0.01  # automatic; 0: normalization
+  config.privacy.clipping.target_quantile = 0.5  # adaptive
+  config.privacy.clipping.quantile_learning_rate = 0.2
+  config.privacy.clipping.count_noise_std = (
+      ml_collections.config_dict.placeholder(float))  # None: batch / 20
+  config.privacy.clipping.adaptive_accounting = 'sigma_eff'  # or 'compose'
+  config.privacy.clipping.group_size = 1  # batch
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'sgd'

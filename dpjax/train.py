@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from flax.training import train_state as train_state_lib
 import flax.linen as nn
@@ -28,14 +28,38 @@ from dpjax import accounting
 from dpjax import data as data_lib
 from dpjax import modelmix as modelmix_lib
 from dpjax import models
-from dpjax import per_example
 from dpjax import plan as plan_lib
 from dpjax import plots
 from dpjax import sampling
 
 
 class TrainState(train_state_lib.TrainState):
-  """Flax TrainState; ``tx`` is ``optax.chain(noise, optimizer)`` under DP."""
+  """Flax TrainState; ``tx`` is ``optax.chain(noise, optimizer)`` under DP.
+
+  ``clip_state`` is the clipping's state (per-layer thresholds, adaptive
+  thresholds and counts), carried across steps and checkpointed with the rest.
+  """
+
+  clip_state: Any = None
+
+
+class RunKeys(NamedTuple):
+  """Independent PRNG streams of one run, all derived from ``config.seed``.
+
+  Each randomness source gets its own stream: a released noise (gradient noise,
+  adaptive clip counts) must never share bits with a secret one (ModelMix's
+  mixing weights) or with another release.
+  """
+
+  init: jax.Array
+  noise: jax.Array
+  clip: jax.Array
+  mix: jax.Array
+
+  @classmethod
+  def from_seed(cls, seed: int) -> 'RunKeys':
+    root = jax.random.key(seed)
+    return cls(*(jax.random.fold_in(root, i) for i in range(4)))
 
 
 def example_loss(model: nn.Module) -> Callable[..., Any]:
@@ -105,15 +129,25 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
       loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, mask)
       return state.apply_gradients(grads=grads), {'loss': loss}
   else:
-    grad_fn = per_example.clipped_grad(
-        loss_fn, plan.clipping, microbatch_size=microbatch_size)
+    grad_fn = plan.clipped_grad(loss_fn, microbatch_size=microbatch_size)
 
     def step(state, images, labels, indices, mask):
       batch = {'image': images[indices], 'label': labels[indices]}
-      out = grad_fn(state.params, batch, mask)
-      state = state.apply_gradients(grads=out.grad_sum)
+      out = grad_fn(state.params, batch, mask, clip_state=state.clip_state)
+      # The noise is scaled to the thresholds the sum was clipped with; the
+      # clipping's state then advances once (adaptive: noised counts).
+      updates, opt_state = state.tx.update(
+          out.grad_sum, state.opt_state, state.params,
+          clip_state=out.clip_state)
+      state = state.replace(
+          step=state.step + 1,
+          params=optax.apply_updates(state.params, updates),
+          opt_state=opt_state,
+          clip_state=plan.clipping.end_step(out.clip_state))
       metrics = {
-          'loss': out.stats.losses.sum() / jnp.maximum(mask.sum(), 1),
+          # Per-group losses in 'batch' mode are means over m rows.
+          'loss': out.stats.losses.sum() * plan.group_size
+                  / jnp.maximum(mask.sum(), 1),
           'num_nonfinite': out.stats.num_nonfinite,
           'num_clipped': out.stats.num_clipped,
       }
@@ -152,6 +186,18 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000):
   return evaluate
 
 
+def layerwise_thresholds(plan: plan_lib.DPPlan, model: nn.Module,
+                         splits: data_lib.DataSplits):
+  """The run's ALC schedule (None unless clipping.layers = 'alc').
+
+  It sees ``splits.public`` only: the private split never sets a threshold.
+  """
+  public = None if splits.public is None else {
+      'image': jnp.asarray(splits.public.images),
+      'label': jnp.asarray(splits.public.labels)}
+  return plan.layerwise_thresholds(example_loss(model), public)
+
+
 def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
   """The privacy settings of ``config.privacy`` as a :class:`PrivacyConfig`.
 
@@ -161,12 +207,14 @@ def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
   p = config.privacy
   steps_given = p.steps is not None
   sigma_given = p.noise_multiplier is not None
+  clipping = plan_lib.ClippingConfig(**p.clipping.to_dict()) if (
+      'clipping' in p) else plan_lib.ClippingConfig()
   return plan_lib.PrivacyConfig(
       clip_norm=p.clip_norm, noise_multiplier=p.noise_multiplier,
       target_epsilon=None if sigma_given else p.target_epsilon,
       delta=p.delta, expected_batch_size=p.expected_batch_size,
       epochs=None if steps_given else p.epochs, steps=p.steps,
-      accountant=p.accountant)
+      accountant=p.accountant, clipping=clipping)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -189,13 +237,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   data_lib.check_dataset(splits.test, splits.num_classes, 'test split')
   n = len(splits.train)
 
+  model = models.get_model(config.model.name, splits.num_classes,
+                           config.model.activation)
+  keys = RunKeys.from_seed(config.seed)
   private = config.privacy.enabled
   mixing = config.get('modelmix') is not None and config.modelmix.enabled
   if private:
+    params_shape = jax.eval_shape(
+        model.init, jax.random.key(0),
+        jnp.zeros((1,) + splits.train.images.shape[1:]))['params']
     plan = plan_lib.make_plan(
         privacy_config(config), n,
         pad_to_multiple_of=config.perf.pad_to_multiple_of,
-        sampler_seed=config.seed)
+        sampler_seed=config.seed, params=params_shape,
+        clip_key=keys.clip)
     sampler, num_steps = plan.sampler, plan.num_steps
     if mixing:
       plan = modelmix_lib.with_refined_clipping(plan, config.modelmix.p)
@@ -207,20 +262,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     num_steps = privacy_config(config).steps or accounting.steps_for_epochs(
         config.privacy.epochs, sampler.sampling_rate)
 
-  model = models.get_model(config.model.name, splits.num_classes,
-                           config.model.activation)
-  init_key, noise_key = jax.random.split(jax.random.key(config.seed))
   optimizer = make_optimizer(config.optimizer, num_steps)
-  tx = optax.chain(plan.noise(noise_key), optimizer) if private else optimizer
+  tx = optax.chain(plan.noise(keys.noise), optimizer) if private else optimizer
   if mixing:
-    # fold_in(k, 2) == split(k, 3)[2]: a sibling of init_key and noise_key,
-    # so alpha is independent of the noise (the analysis needs it secret).
-    mix_key = jax.random.fold_in(jax.random.key(config.seed), 2)
     tau = config.modelmix.tau_over_lr * config.optimizer.learning_rate
-    tx = optax.chain(tx, modelmix_lib.mix_model_states(tau, mix_key))
+    tx = optax.chain(tx, modelmix_lib.mix_model_states(tau, keys.mix))
     mixing_report = _modelmix_report(config, plan, tau)
-  state = create_train_state(model, init_key, splits.train.images.shape[1:],
+  state = create_train_state(model, keys.init, splits.train.images.shape[1:],
                              tx)
+  alc = None
+  if private:
+    state = state.replace(clip_state=plan.clipping.init(state.params))
+    alc = layerwise_thresholds(plan, model, splits)
   train_step = make_train_step(model, plan, config.perf.microbatch_size)
   evaluate = make_eval_fn(model)
 
@@ -239,12 +292,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   bar = tqdm.trange(num_steps, desc='DP-SGD' if private else 'SGD',
                     disable=not config.progress_bar, dynamic_ncols=True)
   for step in bar:
+    if alc is not None and alc.due(step):
+      state = state.replace(clip_state=state.clip_state._replace(
+          clip_norms=alc(state.params, step)))
     batch = sampler.sample(step)
     padded_sizes.add(len(batch.indices))
     state, metrics = train_step(state, images, labels, batch.indices,
                                 batch.mask)
     if private:
-      ledger.record(plan.step_event())
+      plan.record_step(ledger, step)
       num_nonfinite += metrics['num_nonfinite']
     last = step + 1 == num_steps
     log_now = (step + 1) % config.log_every_steps == 0 or last
@@ -265,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         history['epsilon_modelmix'].append(mixing_report.plot_value())
   bar.close()
 
-  summary: dict[str, Any] = plan.summary() if private else {
+  summary: dict[str, Any] = plan.summary(state.clip_state) if private else {
       'epsilon': float('inf'), 'delta': None, 'noise_multiplier': 0.0,
       'accountant': None, 'steps': num_steps,
       'sampling_rate': sampler.sampling_rate, 'clip_norm': None}

@@ -152,3 +152,68 @@ def test_mnist_config_loads_from_any_directory(tmp_path):
       cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ['mnist', '512']
+
+
+# Every clipping mode through config fields; summary.json names the guarantee.
+CLIPPING_RUNS = {
+    'per_layer': dict(mode='per_layer', layers='alc', layer_noise='per_layer'),
+    'automatic': dict(mode='automatic', gamma=0.0),
+    'adaptive': dict(mode='adaptive', layers='equal',
+                     adaptive_accounting='compose'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CLIPPING_RUNS))
+def test_clipping_modes_run_from_config(tmp_path, name):
+  config = default.get_config()
+  config.progress_bar = False
+  config.privacy.steps = 3
+  config.privacy.noise_multiplier = 1.0
+  config.privacy.expected_batch_size = 64
+  config.data.public_fraction = 0.1
+  for key, value in CLIPPING_RUNS[name].items():
+    config.privacy.clipping[key] = value
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['clipping_mode'] == name
+  assert summary['sampler'] == 'poisson'
+  assert summary['neighbouring_relation'] == 'add_or_remove_one'
+  assert summary['accountant'] == 'rdp'
+  assert np.isfinite(summary['sensitivity'])
+  assert summary['epsilon'] > 0
+  if name == 'per_layer':
+    assert summary['sensitivity'] == pytest.approx(
+        np.sqrt(np.sum(np.square(summary['layer_clip_norms']))), rel=1e-5)
+    assert max(summary['layer_clip_norms']) == pytest.approx(1.0)
+    assert summary['per_layer_noise_multiplier'] == pytest.approx(
+        np.sqrt(summary['num_clip_groups']))
+  if name == 'adaptive':
+    assert summary['noise_multiplier'] < summary['gradient_noise_multiplier']
+    assert summary['num_counts'] == summary['num_clip_groups'] == 6
+
+
+def test_batch_clipping_runs_from_the_command_line(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dpjax.main', '--workdir', str(workdir),
+       '--config', os.path.join(REPO, 'configs', 'default.py'),
+       '--config.privacy.steps=6', '--config.progress_bar=False',
+       '--config.privacy.expected_batch_size=64',
+       '--config.privacy.accountant=gdp', '--config.data.public_fraction=0.1',
+       '--config.privacy.clipping.mode=batch',
+       '--config.privacy.clipping.group_size=16',
+       '--config.privacy.clipping.layers=alc',
+       '--config.privacy.clipping.alc_every_epoch=True',
+       '--config.privacy.clipping.alc_decay=0.5'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['clipping_mode'] == 'batch'
+  assert summary['sampler'] == 'shuffle'
+  assert summary['neighbouring_relation'] == 'replace_one'
+  assert summary['accountant'] == 'gdp'
+  assert summary['groups_per_batch'] == 4
+  # 1294 private digits / 64 = 20 steps per epoch: 6 steps are 1 epoch.
+  assert summary['epochs_accounted'] == 1
+  assert summary['gdp_mu'] == pytest.approx(1 / summary['noise_multiplier'])
+  # Rescaled ALC thresholds: sum C_i^2 = C^2, so the replace-one bound is 2C.
+  assert summary['sensitivity'] == pytest.approx(2.0, rel=1e-5)
