@@ -40,7 +40,8 @@ class PolyakParamsState(NamedTuple):
 
 
 def _as_float32(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  # A copy: averages sharing the parameters' buffers could not be donated.
+  return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), tree)
 
 
 def _new_params(params: PyTree, updates: PyTree) -> PyTree:

@@ -77,7 +77,8 @@ def make_optimizer(config: ml_collections.ConfigDict,
 
 def create_train_state(model: nn.Module, key: jax.Array, image_shape,
                        tx: optax.GradientTransformation) -> TrainState:
-  variables = model.init(key, jnp.zeros((1,) + tuple(image_shape)))
+  # One compilation instead of one per initializer op.
+  variables = jax.jit(model.init)(key, jnp.zeros((1,) + tuple(image_shape)))
   extra = set(variables) - {'params'}
   if extra:
     raise ValueError(

@@ -152,3 +152,27 @@ def test_mnist_config_loads_from_any_directory(tmp_path):
       cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ['mnist', '512']
+
+
+def test_scale_features_from_config_fields(tmp_path):
+  """Averages, augmentation multiplicity and physical batches via config."""
+  config = default.get_config()
+  config.progress_bar = False
+  config.privacy.steps = 4
+  config.privacy.noise_multiplier = 1.0
+  config.eval_every_steps = 2
+  config.averaging.ema_decay = 0.9
+  config.averaging.polyak = True
+  config.augmult.num_views = 2
+  config.perf.physical_batch_size = 96
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  for key in ('test_accuracy', 'test_accuracy_ema', 'test_accuracy_polyak'):
+    assert 0 <= summary[key] <= 1, key
+  assert summary['augmult_views'] == 2
+  assert all(size % 96 == 0 for size in summary['compiled_batch_sizes'])
+  plan = dpjax.make_plan(train.privacy_config(config), summary['dataset_size'])
+  assert summary['epsilon'] == pytest.approx(plan.epsilon(), rel=1e-9)
+  history = json.loads((tmp_path / 'history.json').read_text())
+  assert len(history['test_accuracy_ema']) == len(history['step']) == 2
+  assert os.path.getsize(tmp_path / 'training.png') > 1000
+  assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
