@@ -262,8 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   start = time.time()
   config_validation.validate_config(config)
-  if config.perf.distributed:
-    jax.distributed.initialize()
+  if config.perf.distributed and not jax.distributed.is_initialized():
+    jax.distributed.initialize()  # auto-detects SLURM, Open MPI, TPU pods
   splits = data_lib.load(config.data.name, manual_dir=config.data.manual_dir,
                          tfds_data_dir=config.data.tfds_data_dir,
                          public_fraction=config.data.public_fraction)
