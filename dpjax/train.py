@@ -106,6 +106,8 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
   ``mesh``'s data axis when given), the sums accumulated and the update (noise
   first) applied once (:mod:`dpjax.accumulation`). With ``augmult``, each
   example's gradient is averaged over its augmented views before clipping.
+  With a ``mesh``, put the state and the data on it first
+  (:func:`dpjax.distributed.put_replicated`).
   """
   loss_fn = example_loss(model)
   if augmult is not None:
