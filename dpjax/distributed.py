@@ -194,21 +194,22 @@ def summed_grad(
 ) -> Callable[..., tuple[jax.Array, PyTree]]:
   """``value_and_grad`` of a batch-SUM function, the batch sharded on ``mesh``.
 
-  For the non-private baseline: ``sum_fn(params, batch, mask) -> scalar`` is
-  a sum over rows; the returned ``fn(params, batch, mask)`` gives its value
-  and gradient over the whole batch, each device taking its rows.
+  For the non-private baseline: ``sum_fn(params, batch, mask, *args) ->
+  scalar`` is a sum over rows; the returned ``fn(params, batch, mask, *args)``
+  gives its value and gradient over the whole batch, each device taking its
+  rows (``args`` are replicated).
   """
   grad_fn = jax.value_and_grad(sum_fn)
 
-  def local(params, batch, mask):
-    value, grads = grad_fn(_vary(params, axis_name), batch, mask)
+  def local(params, batch, mask, args):
+    value, grads = grad_fn(_vary(params, axis_name), batch, mask, *args)
     return jax.lax.psum((value, grads), axis_name)
 
-  def fn(params, batch, mask):
+  def fn(params, batch, mask, *args):
     _check_divisible(per_example.batch_size_of(batch), mesh, axis_name)
     rows = P(axis_name)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), rows, rows),
-                         out_specs=P())(params, batch, mask)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), rows, rows, P()),
+                         out_specs=P())(params, batch, mask, args)
 
   return fn
 

@@ -20,6 +20,7 @@ def main():
   import numpy as np
   import optax
   import dpjax
+  from dpjax import augmult
   from dpjax import distributed
   from dpjax import models
   from dpjax import train
@@ -40,28 +41,28 @@ def main():
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
   out = {}
 
-  # Per-example gradients: with no clipping and a one-hot mask, the "sum" is
-  # one example's gradient.
-  no_clip = dpjax.clip_per_example(1e9)
-  single = jax.jit(dpjax.clipped_grad(loss_fn, no_clip))
-  ref_rows = [flat(single(params, batch, np.arange(padded) == i).grad_sum)
+  # Per-example gradients against the unsharded vmap(grad): each device's
+  # clipped row i (a one-hot mask), scaled back by max(1, norm_i / C).
+  clip_norm = 0.5
+  clip = dpjax.clip_per_example(clip_norm)
+  _, ref_grads = jax.jit(dpjax.per_example_grads(loss_fn))(params, batch)
+  ref_rows = [flat(jax.tree.map(lambda g, i=i: g[i], ref_grads))
               for i in range(real)]
+  ref = jax.jit(dpjax.clipped_grad(loss_fn, clip))(params, batch, mask)
   for d, mesh in meshes.items():
-    fn = jax.jit(distributed.clipped_grad(loss_fn, no_clip, mesh))
-    rows = [flat(fn(params, batch, np.arange(padded) == i).grad_sum)
-            for i in range(real)]
+    fn = jax.jit(distributed.clipped_grad(loss_fn, clip, mesh,
+                                          microbatch_size=1))
+    rows = []
+    for i in range(real):
+      one = fn(params, batch, np.arange(padded) == i)
+      scale = max(1.0, float(one.stats.norms[i]) / clip_norm)
+      rows.append(flat(one.grad_sum) * scale)
     out[f'per_example_max_diff_{d}'] = float(max(
         np.max(np.abs(a - b)) for a, b in zip(rows, ref_rows)))
     out[f'per_example_max_abs_{d}'] = float(max(np.max(np.abs(r))
                                                 for r in rows))
-
-  # Clipped sums, norms and counts.
-  clip = dpjax.clip_per_example(0.5)
-  ref = jax.jit(dpjax.clipped_grad(loss_fn, clip))(params, batch, mask)
-  for d, mesh in meshes.items():
-    got = jax.jit(distributed.clipped_grad(loss_fn, clip, mesh,
-                                           microbatch_size=1))(
-                                               params, batch, mask)
+    # Clipped sums, norms and counts of the whole batch.
+    got = fn(params, batch, mask)
     out[f'sum_max_diff_{d}'] = float(np.max(np.abs(
         flat(got.grad_sum) - flat(ref.grad_sum))))
     out[f'norms_max_diff_{d}'] = float(np.max(np.abs(
@@ -86,7 +87,7 @@ def main():
       clip_norm=0.5, noise_multiplier=2.0, expected_batch_size=real,
       steps=1), n)
 
-  def one_step(mesh, physical=None, private=True):
+  def one_step(mesh, physical=None, private=True, augmult=None):
     # A fresh chain each time: the step donates the state, whose first noise
     # key is the transform's own array.
     tx = optax.chain(plan.noise(7), optax.sgd(1.0))
@@ -97,19 +98,26 @@ def main():
     if mesh is not None:
       state, data = distributed.put_replicated((state, data), mesh)
     step = train.make_train_step(model, plan if private else None, mesh=mesh,
-                                 physical_batch_size=physical)
+                                 physical_batch_size=physical, augmult=augmult)
     state, _ = step(state, *data, indices, mask)
     return flat(state.params)
 
   ref_params = one_step(None)
-  clean = one_step(None, private=False)
-  out['noise_norm'] = float(np.linalg.norm(ref_params - clean))
-  for name, mesh, physical in (('2', meshes[2], None), ('8', meshes[8], None),
+  out['update_norm'] = float(np.linalg.norm(ref_params - flat(params)))
+  for name, mesh, physical in (('2', meshes[2], None),
                                ('8_physical', meshes[8], 8)):
     out[f'update_max_diff_{name}'] = float(np.max(np.abs(
         one_step(mesh, physical) - ref_params)))
-  out['nonprivate_max_diff_2'] = float(np.max(np.abs(
-      one_step(meshes[2], private=False) - clean)))
+  # Augmentation multiplicity: each example's views follow its index, not
+  # its device; the non-private baseline shards too.
+  views = augmult.AugMult(augmult.get_augmentation(('flip', 'shift')), 2)
+  for private in (True, False):
+    name = 'dp' if private else 'nonprivate'
+    ref_aug = one_step(None, private=private, augmult=views)
+    out[f'augmult_{name}_update_norm'] = float(np.linalg.norm(
+        ref_aug - flat(params)))
+    out[f'augmult_{name}_max_diff_2'] = float(np.max(np.abs(
+        one_step(meshes[2], private=private, augmult=views) - ref_aug)))
 
   # End to end: dpjax-train's config fields on 2 devices, with physical
   # batches, against 1 device.
@@ -119,11 +127,11 @@ def main():
   for d in (1, 2):
     config = default.get_config()
     config.progress_bar = False
-    config.privacy.steps = 3
+    config.privacy.steps = 2
     config.privacy.noise_multiplier = 1.0
-    config.eval_every_steps = 3
+    config.eval_every_steps = 2
     config.perf.num_devices = d
-    config.perf.physical_batch_size = 128 if d == 2 else None
+    config.perf.physical_batch_size = 128  # one compiled shape
     workdir = os.path.join(sys.argv[1], f'devices{d}')
     summaries[d] = train.train_and_evaluate(config, workdir)
   out['e2e'] = {d: {k: s[k] for k in ('epsilon', 'test_loss', 'num_devices',
