@@ -15,6 +15,7 @@ def main():
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
   # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -26,6 +27,14 @@ def main():
   from dpjax import train
 
   assert jax.device_count() == 8, jax.devices()
+
+  class MLP(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = x.reshape(x.shape[:-3] + (-1,))
+      return nn.Dense(4)(nn.tanh(nn.Dense(32)(x)))
+
   model = models.SmallCNN(num_classes=4)  # convolutions: the risky case
   loss_fn = train.example_loss(model)
   rng = np.random.default_rng(0)
@@ -82,10 +91,14 @@ def main():
   out['shards'] = shards
 
   # One noisy DP step: same key, same update for 1, 2 and 8 devices, also
-  # with physical batches of 8 rows over 8 devices.
+  # with physical batches of 8 rows over 8 devices. (A dense model: the
+  # step's psum, noise and accumulation do not depend on the layers, and it
+  # compiles fast.)
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=0.5, noise_multiplier=2.0, expected_batch_size=real,
       steps=1), n)
+  model = MLP()
+  params = model.init(jax.random.key(0), images[:1])['params']
 
   def one_step(mesh, physical=None, private=True, augmult=None):
     # A fresh chain each time: the step donates the state, whose first noise
