@@ -84,6 +84,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.perf = ml_collections.ConfigDict()
   config.perf.microbatch_size = ml_collections.config_dict.placeholder(int)
   config.perf.pad_to_multiple_of = ml_collections.config_dict.placeholder(int)
+  # Devices of the data-parallel mesh (0: all); rows per device call, the
+  # clipped sums of a logical batch's physical batches are accumulated and
+  # noised once (None: the whole batch in one call); checkpoints every k
+  # steps (None: at every evaluation; 0: never); jax.distributed.initialize()
+  # first (multi-host).
+  config.perf.num_devices = 1
+  config.perf.physical_batch_size = ml_collections.config_dict.placeholder(
+      int)
+  config.perf.checkpoint_every_steps = (
+      ml_collections.config_dict.placeholder(int))
+  config.perf.distributed = False
+
+  # Parameter averages evaluated beside the raw parameters (post-processing:
+  # no privacy cost). ema_decay None: no EMA.
+  config.averaging = ml_collections.ConfigDict()
+  config.averaging.ema_decay = ml_collections.config_dict.placeholder(float)
+  config.averaging.polyak = False
+  config.averaging.polyak_start_step = 0
+
+  # Augmentation multiplicity (De et al. 2022): per-example gradients averaged
+  # over num_views augmented views before clipping (0: no augmentation).
+  config.augmult = ml_collections.ConfigDict()
+  config.augmult.num_views = 0
+  config.augmult.augmentations = ('shift',)
 
   config.eval_every_steps = 0  # 0: ten evaluations per run
   config.log_every_steps = 10

@@ -136,6 +136,30 @@ class PerExampleClipping(optax.GradientTransformationExtraArgs):
     return state if self.end_step_fn is None else self.end_step_fn(state)
 
 
+def _is_number(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.number)
+
+
+def state_increment(old: Any, new: Any) -> Any:
+  """What a clipping call added to the numeric leaves of its state.
+
+  Within a logical step a clip state only accumulates statistics (adaptive
+  clipping's counts); thresholds and PRNG keys change in ``end_step``. So the
+  increments of the pieces of one step (physical batches, devices) add up:
+  ``add_state_increment(start, sum of increments)`` is the state after the
+  whole step. Non-numeric leaves (keys) get a zero placeholder.
+  """
+  return jax.tree.map(
+      lambda o, n: n - o if _is_number(o) else jnp.zeros((), jnp.int32),
+      old, new)
+
+
+def add_state_increment(state: Any, increment: Any) -> Any:
+  """``state`` plus an (accumulated) :func:`state_increment`."""
+  return jax.tree.map(lambda s, d: s + d if _is_number(s) else s, state,
+                      increment)
+
+
 def make_per_example_clipping(
     init_fn: Callable[[PyTree], Any],
     clip_fn: ClipFn,
