@@ -227,7 +227,7 @@ def clip_quantile(
       norms = clipping_lib.per_layer_clip_norms(params, bound, rule, groups)
     norms = jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), norms)
     return QuantileClipState(norms, jax.tree.map(jnp.zeros_like, norms),
-                             first_key)
+                             jnp.copy(first_key))  # donation-safe
 
   def clip_fn(per_example_grads, state, mask):
     out, norms, keep = clipping_lib.clip_groups(

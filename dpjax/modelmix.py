@@ -156,7 +156,7 @@ def mix_model_states(tau: float,
     # A copy, not an alias: a training step may donate the params' buffers.
     return ModelMixState(
         previous_params=jax.tree.map(
-            lambda x: jnp.array(x, copy=True), params), key=first_key)
+            lambda x: jnp.array(x, copy=True), params), key=jnp.copy(first_key))
 
   def update_fn(updates, state, params=None):
     if params is None:

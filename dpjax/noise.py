@@ -97,7 +97,9 @@ def add_gaussian_noise(
 
   def init_fn(params):
     del params
-    return GaussianNoiseState(key=first_key)
+    # A copy: a training step may donate the state, deleting this buffer, and
+    # init must still work afterwards (a second run, a restart).
+    return GaussianNoiseState(key=jnp.copy(first_key))
 
   def update_fn(updates, state, params=None):
     del params
@@ -180,7 +182,9 @@ def add_gaussian_noise_from_state(
 
   def init_fn(params):
     del params
-    return GaussianNoiseState(key=first_key)
+    # A copy: a training step may donate the state, deleting this buffer, and
+    # init must still work afterwards (a second run, a restart).
+    return GaussianNoiseState(key=jnp.copy(first_key))
 
   def update_fn(updates, state, params=None, *, clip_state=None,
                 **extra_args):

@@ -206,3 +206,13 @@ def test_every_mode_composes_with_optax_chain(mode):
                                                      thresholds(new_state))]
   # Adaptive thresholds move once per call; nothing else has moving state.
   assert any(moved) == mode.startswith('adaptive')
+
+
+def test_init_survives_a_donated_state():
+  """A step that donates the noise state must not break a later init."""
+  tx = dpjax.add_gaussian_noise(1.0, 1.0, 4, key=0)
+  params = {'w': jnp.zeros(3)}
+  update = jax.jit(tx.update, donate_argnums=(1,))
+  first, _ = update(params, tx.init(params))
+  again, _ = update(params, tx.init(params))
+  np.testing.assert_array_equal(first['w'], again['w'])
