@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import os
+from typing import Sequence
 
 import matplotlib
 
@@ -49,6 +51,69 @@ def plot_training(history: dict[str, list[float]], path: str,
   if title:
     fig.suptitle(title)
   fig.tight_layout()
+  _save(fig, path)
+
+
+def privacy_utility_points(
+    runs: Sequence[dict[str, float | str]],
+) -> dict[str, list[tuple[float, float, float, float]]]:
+  """Groups runs into ``{series: [(epsilon, mean, min, max) accuracy (%)]}``.
+
+  Args:
+    runs: one dict per training run with ``epsilon`` (the run's guarantee),
+      ``test_accuracy`` (a fraction) and optionally ``series`` (a label:
+      method, config). Runs of a series with the same epsilon are seeds.
+
+  >>> privacy_utility_points([
+  ...     {'epsilon': 1.0, 'test_accuracy': 0.8},
+  ...     {'epsilon': 1.0, 'test_accuracy': 0.9},
+  ...     {'epsilon': 4.0, 'test_accuracy': 0.95}])
+  {'': [(1.0, 85.0, 80.0, 90.0), (4.0, 95.0, 95.0, 95.0)]}
+  """
+  series = collections.defaultdict(lambda: collections.defaultdict(list))
+  for run in runs:
+    series[str(run.get('series', ''))][float(run['epsilon'])].append(
+        round(100 * float(run['test_accuracy']), 6))
+  return {
+      label: [(e, round(sum(a) / len(a), 6), min(a), max(a))
+              for e, a in sorted(by_eps.items())]
+      for label, by_eps in sorted(series.items())}
+
+
+def plot_privacy_utility(runs: Sequence[dict[str, float | str]], path: str,
+                         title: str = '') -> None:
+  """Test accuracy against epsilon: one line per series, mean over seeds.
+
+  The line goes through the mean of a series' runs at each epsilon and a bar
+  spans their minimum to maximum (see :func:`privacy_utility_points`).
+
+  Args:
+    runs: one dict per training run with ``epsilon``, ``test_accuracy`` and
+      optionally ``series``.
+    path: the PNG to write (atomically).
+    title: figure title.
+  """
+  points = privacy_utility_points(runs)
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for label, rows in points.items():
+    eps, mean, lo, hi = zip(*rows)
+    ax.errorbar(eps, mean, marker='o', capsize=3, label=label or None,
+                yerr=[[m - l for m, l in zip(mean, lo)],
+                      [h - m for m, h in zip(mean, hi)]])
+  if any(points):
+    ax.legend()
+  ax.set_xscale('log')
+  ax.set_xlabel('epsilon')
+  ax.set_ylabel('test accuracy (%)')
+  ax.grid(alpha=0.3, which='both')
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+  """Writes ``fig`` to ``path`` atomically and closes it."""
   tmp = os.path.join(os.path.dirname(path) or '.',
                      f'.{os.getpid()}.{os.path.basename(path)}')
   fig.savefig(tmp, dpi=110, format=os.path.splitext(path)[1][1:] or 'png')
