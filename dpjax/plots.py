@@ -10,6 +10,7 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use('Agg')
+import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
@@ -103,9 +104,13 @@ def plot_privacy_utility(runs: Sequence[dict[str, float | str]], path: str,
   if any(points):
     ax.legend()
   ax.set_xscale('log')
+  # Label exactly the swept epsilons, as plain numbers.
+  ax.set_xticks(sorted({e for rows in points.values() for e, *_ in rows}))
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%.3g'))
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   ax.set_xlabel('epsilon')
   ax.set_ylabel('test accuracy (%)')
-  ax.grid(alpha=0.3, which='both')
+  ax.grid(alpha=0.3)
   if title:
     ax.set_title(title)
   fig.tight_layout()
