@@ -30,11 +30,15 @@ from dpjax import models
 from dpjax import per_example
 from dpjax import plan as plan_lib
 from dpjax import plots
+from dpjax import pruning
 from dpjax import sampling
 
 
 class TrainState(train_state_lib.TrainState):
   """Flax TrainState; ``tx`` is ``optax.chain(noise, optimizer)`` under DP."""
+
+  # pruning.PruningState (the current parameter mask) when pruning is on.
+  pruning: Any = None
 
 
 def example_loss(model: nn.Module) -> Callable[..., Any]:
@@ -85,12 +89,16 @@ def create_train_state(model: nn.Module, key: jax.Array, image_shape,
 
 
 def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
-                    microbatch_size: int | None = None):
-  """A jitted ``step(state, images, labels, indices, mask)``.
+                    microbatch_size: int | None = None,
+                    pruner: pruning.Pruner | None = None):
+  """A jitted ``step(state, images, labels, indices, mask, public=None)``.
 
   With a plan: DP-SGD (clipped sum of per-example gradients; the noise is in
   ``state.tx``). Without one: the non-private step on the mean loss of the
-  real rows, the baseline of the same model and batch.
+  real rows, the baseline of the same model and batch. With a ``pruner``
+  (DP only), the step first updates ``state.pruning`` (``public`` feeds the
+  public mask sources), masks each per-example gradient before clipping and
+  passes the mask to ``state.tx`` (built with ``pruning.mask_updates``).
   """
   loss_fn = example_loss(model)
 
@@ -104,13 +112,23 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
       loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, mask)
       return state.apply_gradients(grads=grads), {'loss': loss}
   else:
+    clipping = plan.clipping if pruner is None else pruning.masked_clipping(
+        plan.clipping)
     grad_fn = per_example.clipped_grad(
-        loss_fn, plan.clipping, microbatch_size=microbatch_size)
+        loss_fn, clipping, microbatch_size=microbatch_size)
 
-    def step(state, images, labels, indices, mask):
+    def step(state, images, labels, indices, mask, public=None):
       batch = {'image': images[indices], 'label': labels[indices]}
-      out = grad_fn(state.params, batch, mask)
-      state = state.apply_gradients(grads=out.grad_sum)
+      if pruner is None:
+        out = grad_fn(state.params, batch, mask)
+        state = state.apply_gradients(grads=out.grad_sum)
+      else:
+        state = state.replace(
+            pruning=pruner.update(state.pruning, state.params, public))
+        param_mask = state.pruning.mask
+        out = grad_fn(state.params, batch, mask, clip_state=(
+            pruning.with_param_mask(clipping.init(state.params), param_mask)))
+        state = pruning.apply_gradients(state, out.grad_sum, param_mask)
       metrics = {
           'loss': out.stats.losses.sum() / jnp.maximum(mask.sum(), 1),
           'num_nonfinite': out.stats.num_nonfinite,
@@ -168,6 +186,13 @@ def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
       accountant=p.accountant)
 
 
+def pruning_config(config: ml_collections.ConfigDict) -> pruning.PruningConfig:
+  """``config.pruning`` (absent: no pruning) as a :class:`PruningConfig`."""
+  if 'pruning' not in config:
+    return pruning.PruningConfig()
+  return pruning.PruningConfig(**config.pruning.to_dict())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains with DP-SGD as ``config`` says; writes summary.json and a plot.
@@ -208,9 +233,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   init_key, noise_key = jax.random.split(jax.random.key(config.seed))
   optimizer = make_optimizer(config.optimizer, num_steps)
   tx = optax.chain(plan.noise(noise_key), optimizer) if private else optimizer
+  prune_config = pruning_config(config)
+  pruner = public = None
+  if prune_config.mode != 'none':
+    if not private:
+      raise ValueError('config.pruning applies to DP-SGD; set'
+                       " privacy.enabled=True or pruning.mode='none'.")
+    pruner = pruning.make_pruner(prune_config, example_loss(model))
+    tx = optax.chain(pruning.mask_updates(plan.noise(noise_key)),
+                     pruning.mask_updates(optimizer))
+    if prune_config.needs_public_data and splits.public is not None:
+      public = {'image': jnp.asarray(splits.public.images),
+                'label': jnp.asarray(splits.public.labels)}
   state = create_train_state(model, init_key, splits.train.images.shape[1:],
                              tx)
-  train_step = make_train_step(model, plan, config.perf.microbatch_size)
+  if pruner is not None:
+    # The mask is data-independent or public: it costs no privacy.
+    params, pruning_state = jax.jit(pruner.init)(
+        state.params, jax.random.fold_in(jax.random.key(config.seed), 5),
+        public)
+    state = state.replace(params=params, opt_state=tx.init(params),
+                          pruning=pruning_state)
+  train_step = make_train_step(model, plan, config.perf.microbatch_size,
+                               pruner)
   evaluate = make_eval_fn(model)
 
   images = jnp.asarray(splits.train.images)
@@ -229,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     batch = sampler.sample(step)
     padded_sizes.add(len(batch.indices))
     state, metrics = train_step(state, images, labels, batch.indices,
-                                batch.mask)
+                                batch.mask, public)
     if private:
       ledger.record(plan.step_event())
       num_nonfinite += metrics['num_nonfinite']
@@ -263,6 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'train_time_s': time.time() - start,
       'num_nonfinite_gradients': int(num_nonfinite),
       'compiled_batch_sizes': sorted(padded_sizes),
+      'pruning': (None if pruner is None
+                  else pruning.summary(prune_config, state.params)),
       'config': config.to_dict(),
   })
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
