@@ -107,7 +107,8 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
       losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
       return jnp.sum(jnp.where(mask, losses, 0)) / jnp.maximum(mask.sum(), 1)
 
-    def step(state, images, labels, indices, mask):
+    def step(state, images, labels, indices, mask, public=None):
+      del public  # only the DP step prunes
       batch = {'image': images[indices], 'label': labels[indices]}
       loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, mask)
       return state.apply_gradients(grads=grads), {'loss': loss}
