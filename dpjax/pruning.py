@@ -12,9 +12,9 @@ coordinates spends less noise. Two modes:
 A mask is applied to each per-example gradient BEFORE clipping
 (:func:`masked_clipping`), so the clip bound holds for the masked gradient and
 the sensitivity is the clipping's own; the noise and the optimizer's update are
-then zeroed outside the mask (:func:`mask_updates`), so noise falls on the
-selected coordinates only and its norm shrinks with the square root of the kept
-fraction.
+then zeroed outside the mask (:func:`mask_updates`, :func:`masked_chain`), so
+noise falls on the selected coordinates only and its norm shrinks with the
+square root of the kept fraction.
 
 Privacy invariant owned here (DESIGN.md, invariant 5): a mask is released with
 every update (the coordinates that did not move), so it may depend only on
@@ -515,11 +515,56 @@ def mask_updates(
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
+def masked_chain(noise: optax.GradientTransformation,
+                 optimizer: optax.GradientTransformation,
+                 mode: str) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(noise, optimizer)`` with the masks ``mode`` needs.
+
+  The noise is always masked: noise falls on the selected coordinates only,
+  so the noisy gradient is zero elsewhere. Under 'freeze' the optimizer is
+  masked too, so momentum, Adam's epsilon and weight decay never move a
+  frozen coordinate. Under 'select' the optimizer sees the sparse noisy
+  gradient unmasked: its state (momentum, Adam moments) keeps moving
+  coordinates selected at earlier steps, as an optimizer fed the sparse
+  gradient of the selected coordinates does; masking it would discard most
+  of each gradient's momentum (a coordinate kept with probability p would
+  apply about p of it).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from dpjax import pruning
+    >>> tx = pruning.masked_chain(optax.identity(), optax.sgd(1.0, 0.5),
+    ...                           'select')
+    >>> params, mask = {'w': jnp.zeros(2)}, {'w': jnp.array([True, False])}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.ones(2)}, state, params, param_mask=mask)
+    >>> out, _ = tx.update({'w': jnp.ones(2)}, state, params,
+    ...                    param_mask={'w': jnp.array([False, True])})
+    >>> out['w'].tolist()   # momentum carries the first coordinate
+    [-0.5, -1.0]
+
+  Args:
+    noise: the noise transform (e.g. ``plan.noise(key)``).
+    optimizer: any optax optimizer.
+    mode: 'freeze' or 'select'.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
+    ``param_mask``.
+  """
+  if mode not in ('freeze', 'select'):
+    raise ValueError(f"mode must be 'freeze' or 'select', got {mode!r}.")
+  if mode == 'freeze':
+    optimizer = mask_updates(optimizer)
+  return optax.chain(mask_updates(noise), optimizer)
+
+
 def apply_gradients(state, grads: PyTree, param_mask: PyTree):
   """A flax ``TrainState.apply_gradients`` that passes ``param_mask`` to tx.
 
-  ``state.tx`` must be built from :func:`mask_updates` transforms (e.g.
-  ``optax.chain(mask_updates(noise), mask_updates(optimizer))``).
+  ``state.tx`` must be built with :func:`mask_updates` (e.g. by
+  :func:`masked_chain`).
   """
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
                                        param_mask=param_mask)

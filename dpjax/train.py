@@ -98,7 +98,7 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
   real rows, the baseline of the same model and batch. With a ``pruner``
   (DP only), the step first updates ``state.pruning`` (``public`` feeds the
   public mask sources), masks each per-example gradient before clipping and
-  passes the mask to ``state.tx`` (built with ``pruning.mask_updates``).
+  passes the mask to ``state.tx`` (built with ``pruning.masked_chain``).
   """
   loss_fn = example_loss(model)
 
@@ -241,8 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       raise ValueError('config.pruning applies to DP-SGD; set'
                        " privacy.enabled=True or pruning.mode='none'.")
     pruner = pruning.make_pruner(prune_config, example_loss(model))
-    tx = optax.chain(pruning.mask_updates(plan.noise(noise_key)),
-                     pruning.mask_updates(optimizer))
+    tx = pruning.masked_chain(plan.noise(noise_key), optimizer,
+                              prune_config.mode)
     if prune_config.needs_public_data and splits.public is not None:
       public = {'image': jnp.asarray(splits.public.images),
                 'label': jnp.asarray(splits.public.labels)}
