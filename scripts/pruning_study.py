@@ -81,31 +81,35 @@ def load(workdir, name):
     return json.load(f)
 
 
-def _cell(accs):
+def _cell(accs, num_seeds):
   if not accs:
     return 'n/a'
   mean = 100 * statistics.mean(accs)
-  if len(accs) == 1:
-    return f'{mean:.2f}'
-  return f'{mean:.2f} +- {100 * statistics.stdev(accs):.2f}'
+  text = f'{mean:.2f}'
+  if len(accs) > 1:
+    text += f' +- {100 * statistics.stdev(accs):.2f}'
+  if len(accs) < num_seeds:
+    text += ' (1 seed)' if len(accs) == 1 else f' ({len(accs)} seeds)'
+  return text
 
 
 def table(workdir, seeds, methods):
   """Markdown: test accuracy (%) per method and keep fraction."""
   full = [s['test_accuracy'] for s in
           (load(workdir, f'full_s{seed}') for seed in seeds) if s]
-  header = ('| mask | ' + ' | '.join(f'{int(k * 100)}% kept' for k in KEEPS)
-            + ' |\n|---|' + '---|' * len(KEEPS) + '\n')
-  rows = [f'| none (100% kept) | {_cell(full)} |' + ' |' * (len(KEEPS) - 1)]
+  header = ('| mode / mask source | 100% kept (no pruning) | '
+            + ' | '.join(f'{int(k * 100)}% kept' for k in KEEPS)
+            + ' |\n|---|---|' + '---|' * len(KEEPS) + '\n')
+  rows = []
   results = {'full': full}
   for label, mode, source in methods:
-    cells = []
+    cells = [_cell(full, len(seeds))]
     for keep in KEEPS:
       accs = [s['test_accuracy'] for s in (
           load(workdir, f'{mode}_{source}_{int(keep * 100)}_s{seed}')
           for seed in seeds) if s]
       results[(label, keep)] = accs
-      cells.append(_cell(accs))
+      cells.append(_cell(accs, len(seeds)))
     rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
   some = next((load(workdir, n) for n, _ in runs(seeds, methods)
                if load(workdir, n)), None)
@@ -126,11 +130,10 @@ def plot(results, seeds, path):
               if results.get((label, k))]
     if points:
       ks, accs = zip(*points)
+      if results['full']:
+        ks, accs = (1.0,) + ks, (statistics.mean(results['full']),) + accs
       ax.plot([100 * k for k in ks], [100 * a for a in accs],
               styles[mode], marker='o', label=label)
-  if results['full']:
-    ax.axhline(100 * statistics.mean(results['full']), color='black',
-               lw=1, label='no pruning (100%)')
   ax.set_xscale('log')
   ax.set_xticks([5, 20, 50, 100])
   ax.set_xticklabels(['5%', '20%', '50%', '100%'])
