@@ -182,12 +182,10 @@ class Pruner(NamedTuple):
       frozen mask for 'freeze'; all True for 'select').
     update: ``update(state, params, public=None) -> PruningState``: the mask
       of the next step (unchanged for 'freeze'). Call it before every step.
-    config: the settings it was built from.
   """
 
   init: Callable[..., tuple[PyTree, PruningState]]
   update: Callable[..., PruningState]
-  config: PruningConfig
 
 
 def num_kept(size: int, keep_fraction: float) -> int:
@@ -369,7 +367,7 @@ def make_pruner(config: PruningConfig,
     key, draw_key = jax.random.split(state.key)
     return PruningState(choose(draw_key, params, public), key)
 
-  return Pruner(init_fn, update_fn, config)
+  return Pruner(init_fn, update_fn)
 
 
 class MaskedClipState(NamedTuple):
