@@ -7,7 +7,9 @@ configs/mnist_pruning.py. Each run's summary.json lands in
 resumes. The accuracy table replaces the block between the markers in
 docs/EXPERIMENTS_pruning.md and the plot is docs/pruning_study.png.
 
-    python scripts/pruning_study.py --workdir runs/pruning_study --seeds 0 1
+    python scripts/pruning_study.py --workdir runs/pruning_study --seeds 0
+    python scripts/pruning_study.py --seeds 1 2 --sources random \
+        magnitude_init magnitude_current public_gradient --report-seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ METHODS = (
     ('freeze / magnitude at init', 'freeze', 'magnitude_init'),
     ('select / random', 'select', 'random'),
     ('select / current magnitude', 'select', 'magnitude_current'),
-    ('freeze / public magnitude', 'freeze', 'public_magnitude'),
+    ('freeze / public magnitude (public pre-training)', 'freeze',
+     'public_magnitude'),
     ('select / public gradient', 'select', 'public_gradient'),
 )
 PUBLIC_PRETRAIN_STEPS = 100
@@ -51,7 +54,9 @@ def runs(seeds, methods):
   for seed in seeds:
     out.append((f'full_s{seed}', {'seed': seed, 'pruning.mode': 'none'}))
     for _, mode, source in methods:
-      for keep in KEEPS:
+      # After public pre-training the 100% reference is its own run.
+      pretrained = source == 'public_magnitude'
+      for keep in ((1.0,) if pretrained else ()) + KEEPS:
         overrides = {'seed': seed, 'pruning.mode': mode,
                      'pruning.source': source, 'pruning.keep_fraction': keep}
         if source == 'public_magnitude':
@@ -103,8 +108,9 @@ def table(workdir, seeds, methods):
   rows = []
   results = {'full': full}
   for label, mode, source in methods:
-    cells = [_cell(full, len(seeds))]
-    for keep in KEEPS:
+    own = source == 'public_magnitude'
+    cells = [] if own else [_cell(full, len(seeds))]
+    for keep in ((1.0,) if own else ()) + KEEPS:
       accs = [s['test_accuracy'] for s in (
           load(workdir, f'{mode}_{source}_{int(keep * 100)}_s{seed}')
           for seed in seeds) if s]
@@ -126,12 +132,12 @@ def plot(results, seeds, path):
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   styles = {'freeze': '--', 'select': '-'}
   for label, mode, _ in METHODS:
-    points = [(k, statistics.mean(results[(label, k)])) for k in KEEPS
-              if results.get((label, k))]
+    if (label, 1.0) not in results:
+      results[(label, 1.0)] = results['full']
+    points = [(k, statistics.mean(results[(label, k)]))
+              for k in (1.0,) + KEEPS if results.get((label, k))]
     if points:
       ks, accs = zip(*points)
-      if results['full']:
-        ks, accs = (1.0,) + ks, (statistics.mean(results['full']),) + accs
       ax.plot([100 * k for k in ks], [100 * a for a in accs],
               styles[mode], marker='o', label=label)
   ax.set_xscale('log')
@@ -163,11 +169,14 @@ def main():
   parser.add_argument('--seeds', type=int, nargs='+', default=[0])
   parser.add_argument('--report-only', action='store_true',
                       help='write the table and plot from finished runs')
-  parser.add_argument('--no-public', action='store_true',
-                      help='skip the public-data mask sources')
+  parser.add_argument('--sources', nargs='+',
+                      default=sorted({m[2] for m in METHODS}),
+                      help='run only the methods with these mask sources')
+  parser.add_argument('--report-seeds', type=int, nargs='+',
+                      help='seeds of the table and plot (default: --seeds)')
   args = parser.parse_args()
-  methods = METHODS[:4] if args.no_public else METHODS
   if not args.report_only:
+    methods = [m for m in METHODS if m[2] in args.sources]
     todo = [(n, o) for n, o in runs(args.seeds, methods)
             if load(args.workdir, n) is None]
     for i, (name, overrides) in enumerate(todo):
@@ -176,10 +185,11 @@ def main():
       print(f"    test accuracy {summary['test_accuracy']:.4f}, epsilon"
             f" {summary['epsilon']:.3f}, {summary['train_time_s']:.0f} s",
             flush=True)
-  text, results = table(args.workdir, args.seeds, methods)
+  seeds = args.report_seeds or args.seeds
+  text, results = table(args.workdir, seeds, METHODS)
   print(text)
   write_doc(text)
-  plot(results, args.seeds, PLOT)
+  plot(results, seeds, PLOT)
 
 
 if __name__ == '__main__':
