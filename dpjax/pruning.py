@@ -10,11 +10,12 @@ coordinates spends less noise. Two modes:
   step.
 
 A mask is applied to each per-example gradient BEFORE clipping
-(:func:`masked_clipping`), so the clip bound holds for the masked gradient and
-the sensitivity is the clipping's own; the noise and the optimizer's update are
-then zeroed outside the mask (:func:`mask_updates`, :func:`masked_chain`), so
-noise falls on the selected coordinates only and its norm shrinks with the
-square root of the kept fraction.
+(:func:`masked_loss` cuts the gradient outside it), so whatever clipping mode
+runs bounds the masked gradient and the sensitivity is the clipping's own;
+the noise and the optimizer's update are then zeroed outside the mask
+(:func:`mask_updates`, :func:`masked_chain`), so noise falls on the selected
+coordinates only and its norm shrinks with the square root of the kept
+fraction.
 
 Privacy invariant owned here (DESIGN.md, invariant 5): a mask is released with
 every update (the coordinates that did not move), so it may depend only on
@@ -370,95 +371,56 @@ def make_pruner(config: PruningConfig,
   return Pruner(init_fn, update_fn)
 
 
-class MaskedClipState(NamedTuple):
-  """Clip state of :func:`masked_clipping`: the mask and the inner state."""
+def mask_params(params: PyTree, param_mask: PyTree) -> PyTree:
+  """``params`` whose gradient is cut outside ``param_mask``.
 
-  param_mask: PyTree
-  inner: Any
-
-
-def _apply_mask(per_example_grads: PyTree, param_mask: PyTree) -> PyTree:
-  # ``where`` rather than a product: a NaN on a masked coordinate becomes an
-  # exact zero instead of poisoning the row.
-  return jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)),
-                      per_example_grads, param_mask)
+  The values are unchanged; ``jax.grad`` through the result is exactly zero
+  on masked coordinates (a ``select``, not a product: a NaN or Inf cotangent
+  there becomes an exact zero instead of poisoning the row).
+  """
+  return jax.tree.map(
+      lambda p, m: jnp.where(m, p, jax.lax.stop_gradient(p)), params,
+      param_mask)
 
 
-def masked_clipping(
-    inner: clipping_lib.PerExampleClipping,
-) -> clipping_lib.PerExampleClipping:
-  """Masks each per-example gradient, then clips it with ``inner``.
+def masked_loss(loss_fn: LossFn) -> LossFn:
+  """``loss(params, example, param_mask, *args)``: gradient only on the mask.
 
-  The mask rides in the clip state (:class:`MaskedClipState`), which the
-  engine (:func:`dpjax.clipped_grad`) already threads through microbatches,
-  so any :class:`dpjax.PerExampleClipping` (flat, per-layer, adaptive, ...)
-  composes unchanged: ``inner`` sees an ordinary per-example gradient that
-  happens to be zero off the mask, and whatever it bounds, it bounds the
-  masked gradient. The mask is data-independent or public, hence the same on
-  neighbouring datasets, so the sensitivity is ``inner``'s. Set the mask with
-  :func:`with_param_mask` or pass ``param_mask=`` to ``update``.
+  The gradient of the returned loss is ``loss_fn``'s per-example gradient
+  with every coordinate outside ``param_mask`` set to exactly zero, so the
+  mask applies to each per-example gradient BEFORE clipping: hand it to any
+  engine (:func:`dpjax.clipped_grad`, batch clipping, the device mesh) with
+  ``args=(param_mask, ...)`` and any clipping mode bounds the masked
+  gradient. The mask is data-independent or public, hence the same on
+  neighbouring datasets, so the sensitivity is the clipping's own.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import dpjax
     >>> from dpjax import pruning
-    >>> clip = pruning.masked_clipping(dpjax.clip_per_example(1.0))
-    >>> grads = {'w': jnp.array([[100.0, 0.3]])}   # mass on a masked coordinate
-    >>> summed, _ = clip.update(grads, clip.init(None),
-    ...                         param_mask={'w': jnp.array([False, True])})
-    >>> [round(float(v), 4) for v in summed['w']], clip.sensitivity()
-    ([0.0, 0.3], 1.0)
+    >>> loss = pruning.masked_loss(lambda w, ex: jnp.sum(w * ex['g']))
+    >>> fn = dpjax.clipped_grad(loss, dpjax.clip_per_example(1.0))
+    >>> batch = {'g': jnp.array([[100.0, 0.3]])}   # mass on a masked coordinate
+    >>> out = fn(jnp.zeros(2), batch, args=(jnp.array([False, True]),))
+    >>> [round(float(v), 4) for v in out.grad_sum]
+    [0.0, 0.3]
 
   Args:
-    inner: the clipping applied to the masked per-example gradients.
+    loss_fn: ``loss_fn(params, example, *args) -> scalar`` (or ``(scalar,
+      aux)``) for ONE example.
 
   Returns:
-    A :class:`dpjax.PerExampleClipping` with ``inner``'s attributes and
-    sensitivity; ``init(params)`` starts with an all-True mask (``params``
-    may be None, in which case the first update must pass ``param_mask``).
+    The loss with the parameter mask as its first extra argument.
 
   References:
     Adamczewski & Park, 2023. Differential Privacy Meets Neural Network
     Pruning. https://arxiv.org/abs/2303.04612
   """
 
-  def init_fn(params):
-    mask = None if params is None else jax.tree.map(
-        lambda p: jnp.ones(jnp.shape(p), bool), params)
-    return MaskedClipState(mask, inner.init(params))
+  def loss(params, example, param_mask, *args):
+    return loss_fn(mask_params(params, param_mask), example, *args)
 
-  def clip_fn(per_example_grads, state, mask):
-    if state.param_mask is None:
-      raise ValueError('masked_clipping has no parameter mask: init it with'
-                       ' params or pass param_mask.')
-    out, inner_state = inner.clip(
-        _apply_mask(per_example_grads, state.param_mask), state.inner, mask)
-    return out, state._replace(inner=inner_state)
-
-  def update_fn(updates, state, params=None, *, mask=None, param_mask=None,
-                **extra_args):
-    del params, extra_args
-    if param_mask is not None:
-      state = with_param_mask(state, param_mask)
-    out, state = clip_fn(updates, state, mask)
-    return out.grad_sum, state
-
-  tx = clipping_lib.PerExampleClipping.__new__(
-      clipping_lib.PerExampleClipping, init_fn, update_fn)
-  vars(tx).update(vars(inner))  # any attribute a clipping mode declares
-  tx.clip = clip_fn
-  # Bound method of ``inner``: a mode that overrides ``sensitivity`` keeps it.
-  tx.sensitivity = inner.sensitivity
-  return tx
-
-
-def with_param_mask(clip_state: MaskedClipState,
-                    param_mask: PyTree) -> MaskedClipState:
-  """``clip_state`` of :func:`masked_clipping` with the step's mask set."""
-  if not isinstance(clip_state, MaskedClipState):
-    raise TypeError('with_param_mask expects the state of masked_clipping, got'
-                    f' {type(clip_state).__name__}.')
-  return clip_state._replace(param_mask=param_mask)
+  return loss
 
 
 def mask_updates(
@@ -556,19 +518,6 @@ def masked_chain(noise: optax.GradientTransformation,
   if mode == 'freeze':
     optimizer = mask_updates(optimizer)
   return optax.chain(mask_updates(noise), optimizer)
-
-
-def apply_gradients(state, grads: PyTree, param_mask: PyTree):
-  """A flax ``TrainState.apply_gradients`` that passes ``param_mask`` to tx.
-
-  ``state.tx`` must be built with :func:`mask_updates` (e.g. by
-  :func:`masked_chain`).
-  """
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
-                                       param_mask=param_mask)
-  return state.replace(step=state.step + 1,
-                       params=optax.apply_updates(state.params, updates),
-                       opt_state=opt_state)
 
 
 def summary(config: PruningConfig, params: PyTree) -> dict[str, Any]:

@@ -39,10 +39,18 @@ _PARAM_MASKS = st.fixed_dictionaries({
     'a': hnp.arrays(bool, (3,)), 'b': hnp.arrays(bool, (2, 2))})
 
 
-def _clipped_sum(clip, grads, param_mask, mask=None):
-  state = pruning.with_param_mask(clip.init(None), param_mask)
-  out, _ = clip.clip(grads, state, mask)
-  return out.grad_sum
+def _linear_loss(w, ex):
+  # Its per-example gradient is the example itself, so a batch of examples
+  # is a batch of arbitrary per-example gradients (NaN, Inf, huge).
+  return sum(jnp.sum(a * x) for a, x in zip(jax.tree.leaves(w),
+                                            jax.tree.leaves(ex)))
+
+
+def _clipped_sum(clip, grads, param_mask, mask=None, microbatch_size=None):
+  fn = dpjax.clipped_grad(pruning.masked_loss(_linear_loss), clip,
+                          microbatch_size=microbatch_size)
+  params = jax.tree.map(lambda x: jnp.zeros(np.shape(x)[1:]), grads)
+  return fn(params, grads, mask, args=(param_mask,)).grad_sum
 
 
 def _dist(x, y):
@@ -193,59 +201,41 @@ class TestRefusal:
       train.train_and_evaluate(config, str(tmp_path))
 
 
-class TestMaskedClipping:
+class TestMaskedGradient:
 
   def test_mask_applies_before_clipping(self):
     """Mass on a masked coordinate does not clip the kept ones away."""
-    clip = pruning.masked_clipping(dpjax.clip_per_example(1.0))
     grads = {'w': jnp.array([[1e6, 0.3, 0.4], [np.nan, 0.6, 0.0]])}
-    out = _clipped_sum(clip, grads, {'w': jnp.array([False, True, True])})
+    out = _clipped_sum(dpjax.clip_per_example(1.0), grads,
+                       {'w': jnp.array([False, True, True])})
     np.testing.assert_allclose(out['w'], [0.0, 0.9, 0.4], rtol=1e-6)
 
-  def test_state_and_sensitivity_of_any_clipping_mode(self):
-    """A stateful mode with its own sensitivity composes unchanged."""
-    class HalvedSensitivity(clipping.PerExampleClipping):
-
-      def sensitivity(self, relation=Relation.ADD_OR_REMOVE_ONE):
-        return 0.5 * super().sensitivity(relation)
-
-    def clip_fn(grads, calls, mask):
-      out, _ = dpjax.clip_per_example(2.0).clip(grads, None, mask)
-      return out, calls + 1
-
-    base = clipping.make_per_example_clipping(
-        lambda params: jnp.zeros((), jnp.int32), clip_fn, 2.0, 'counting')
-    inner = HalvedSensitivity.__new__(HalvedSensitivity, *base)
-    vars(inner).update(vars(base))
-    clip = pruning.masked_clipping(inner)
-    assert clip.name == 'counting'
-    assert clip.sensitivity() == 1.0
-    assert clip.sensitivity(Relation.REPLACE_ONE) == 2.0
-
-    def loss_fn(w, ex):
-      return jnp.sum(w * ex['x'])
-
-    x = np.random.default_rng(0).normal(size=(7, 4)).astype(np.float32)
-    param_mask = jnp.array([True, False, True, False])
-    grad_fn = jax.jit(dpjax.clipped_grad(loss_fn, clip, microbatch_size=3))
-    out = grad_fn(jnp.zeros(4), {'x': x}, clip_state=pruning.with_param_mask(
-        clip.init(jnp.zeros(4)), param_mask))
-    assert int(out.clip_state.inner) == 3  # one call per microbatch
-    masked = np.where(param_mask, x, 0)
-    norms = np.linalg.norm(masked, axis=1, keepdims=True)
-    np.testing.assert_allclose(
-        out.grad_sum, np.sum(masked * np.minimum(1, 2 / norms), 0), rtol=1e-5)
+  @pytest.mark.parametrize('clip', [
+      dpjax.clip_per_example(2.0), dpjax.clip_automatic(2.0),
+      dpjax.clip_per_layer({'a': 1.0, 'b': 0.5})],
+                           ids=['flat', 'automatic', 'per_layer'])
+  def test_any_clipping_mode_clips_the_masked_gradient(self, clip):
+    """Same sum as clipping gradients that are zero off the mask."""
+    rng = np.random.default_rng(0)
+    grads = {'a': rng.normal(size=(7, 3)).astype(np.float32),
+             'b': rng.normal(size=(7, 2, 2)).astype(np.float32)}
+    param_mask = {'a': np.array([True, False, True]),
+                  'b': np.array([[False, True], [True, False]])}
+    masked = jax.tree.map(lambda g, m: np.where(m, g, 0), grads, param_mask)
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), grads)
+    expected = dpjax.clipped_grad(_linear_loss, clip)(params, masked).grad_sum
+    out = _clipped_sum(clip, grads, param_mask, microbatch_size=3)
+    for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    _assert_zero_off_mask(out, param_mask)
 
   def test_update_takes_param_mask_through_optax_chain(self):
-    clip = pruning.masked_clipping(dpjax.clip_per_example(1.0))
     tx = optax.chain(
-        clip,
-        pruning.mask_updates(dpjax.add_gaussian_noise(
-            1.0, clip.sensitivity(), 2.0, key=0)),
+        pruning.mask_updates(dpjax.add_gaussian_noise(1.0, 1.0, 2.0, key=0)),
         pruning.mask_updates(optax.sgd(1.0, momentum=0.9)))
     params = {'w': jnp.zeros(3)}
     param_mask = {'w': jnp.array([True, False, True])}
-    updates, _ = tx.update({'w': jnp.ones((2, 3))}, tx.init(params), params,
+    updates, _ = tx.update({'w': jnp.ones(3)}, tx.init(params), params,
                            param_mask=param_mask)
     assert updates['w'][1] == 0.0 and updates['w'][0] != 0.0
 
@@ -258,7 +248,7 @@ class TestMaskedClipping:
 class TestSensitivityWithMasks:
   """||f(D) - f(D')|| <= declared sensitivity, f = masked clipped sum."""
 
-  CLIP = pruning.masked_clipping(dpjax.clip_per_example(1.0))
+  CLIP = dpjax.clip_per_example(1.0)
 
   @settings(max_examples=40, deadline=None)
   @given(grads=_batches(5), j=st.integers(0, 4), param_mask=_PARAM_MASKS)
