@@ -202,6 +202,15 @@ class TestRefusal:
       train.train_and_evaluate(config, str(tmp_path))
 
 
+  def test_modelmix_is_refused(self, tmp_path):
+    config = default.get_config()
+    config.modelmix.enabled = True
+    config.pruning.mode = 'freeze'
+    config.pruning.keep_fraction = 0.5
+    with pytest.raises(ValueError, match='do not compose'):
+      train.train_and_evaluate(config, str(tmp_path))
+
+
 class TestMaskedGradient:
 
   def test_mask_applies_before_clipping(self):
