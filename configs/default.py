@@ -70,6 +70,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.nesterov = False
   config.optimizer.schedule = 'constant'
 
+  # Parameter freezing / per-step selection (dpjax/pruning.py). Masks come
+  # from data-independent rules or the PUBLIC split only, so they cost no
+  # privacy; sources that read the private set are refused.
+  config.pruning = ml_collections.ConfigDict()
+  config.pruning.mode = 'none'  # 'none' | 'freeze' | 'select'
+  config.pruning.keep_fraction = 1.0
+  # 'random' | 'magnitude_init' | 'magnitude_current' | 'public_magnitude' |
+  # 'public_gradient'
+  config.pruning.source = 'random'
+  config.pruning.scope = 'global'  # 'global' | 'per_layer'
+  config.pruning.public_batch_size = 256
+  config.pruning.public_pretrain_steps = 0  # > 0 only for 'public_magnitude'
+  config.pruning.public_learning_rate = 0.1
+
   # ModelMix (Xiao, Wan, Devadas 2022; dpjax/modelmix.py): each step mixes
   # the last two model states with a secret per-coordinate alpha, the two
   # kept >= tau = tau_over_lr * learning_rate apart; clipping becomes L2 to

@@ -36,6 +36,7 @@ from dpjax import modelmix as modelmix_lib
 from dpjax import models
 from dpjax import plan as plan_lib
 from dpjax import plots
+from dpjax import pruning
 from dpjax import sampling
 
 
@@ -44,9 +45,12 @@ class TrainState(train_state_lib.TrainState):
 
   ``clip_state`` is the clipping's state (per-layer thresholds, adaptive
   thresholds and counts), carried across steps and checkpointed with the rest.
+  ``pruning`` is the :class:`dpjax.pruning.PruningState` (the step's parameter
+  mask) when ``config.pruning`` is on.
   """
 
   clip_state: Any = None
+  pruning: Any = None
 
 
 class RunKeys(NamedTuple):
@@ -61,11 +65,12 @@ class RunKeys(NamedTuple):
   noise: jax.Array
   clip: jax.Array
   mix: jax.Array
+  prune: jax.Array
 
   @classmethod
   def from_seed(cls, seed: int) -> 'RunKeys':
     root = jax.random.key(seed)
-    return cls(*(jax.random.fold_in(root, i) for i in range(4)))
+    return cls(*(jax.random.fold_in(root, i) for i in range(5)))
 
 
 def example_loss(model: nn.Module) -> Callable[..., Any]:
@@ -120,7 +125,9 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
                     microbatch_size: int | None = None, *,
                     mesh: jax.sharding.Mesh | None = None,
                     physical_batch_size: int | None = None,
-                    augmult: augmult_lib.AugMult | None = None):
+                    augmult: augmult_lib.AugMult | None = None,
+                    pruner: pruning.Pruner | None = None,
+                    public: Any = None):
   """``step(state, images, labels, indices, mask) -> (state, metrics)``.
 
   One logical step. With a plan: DP-SGD (clipped sum of per-example
@@ -133,11 +140,20 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
   first) applied once (:mod:`dpjax.accumulation`). With ``augmult``, each
   example's gradient is averaged over its augmented views before clipping.
   With a ``mesh``, put the state and the data on it first
-  (:func:`dpjax.distributed.put_replicated`).
+  (:func:`dpjax.distributed.put_replicated`). With a ``pruner`` (DP only;
+  ``state.tx`` built with :func:`dpjax.pruning.masked_chain`), each step first
+  updates ``state.pruning`` (``public``: the public split, for the public mask
+  sources), cuts each per-example gradient to the mask before clipping and
+  passes the mask to ``state.tx``.
   """
   loss_fn = example_loss(model)
   if augmult is not None:
     loss_fn = augmult.loss(loss_fn)
+  if pruner is not None:
+    if plan is None:
+      raise ValueError('pruning applies to DP-SGD; pass a plan or no pruner.')
+    loss_fn = pruning.masked_loss(loss_fn)
+    update_mask = jax.jit(pruner.update)
 
   def gather(data, indices):
     images, labels = data
@@ -147,7 +163,8 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
     return batch
 
   def loss_args(state):
-    return () if augmult is None else (augmult.step_key(state.step),)
+    args = () if augmult is None else (augmult.step_key(state.step),)
+    return args if pruner is None else (state.pruning.mask,) + args
 
   if plan is None:
     def sum_loss(params, batch, mask, *args):
@@ -200,8 +217,10 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
       # The noise is scaled to the thresholds the sum was clipped with and
       # divides by the PUBLIC batch size; then the clipping's state advances
       # once per logical step (adaptive: noised counts).
+      mask_args = {} if pruner is None else {'param_mask': state.pruning.mask}
       updates, opt_state = state.tx.update(
-          grads, state.opt_state, state.params, clip_state=clip_state)
+          grads, state.opt_state, state.params, clip_state=clip_state,
+          **mask_args)
       return state.replace(
           step=state.step + 1,
           params=optax.apply_updates(state.params, updates),
@@ -218,6 +237,9 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
     if plan is not None and state.clip_state is None:
       # A state made by create_train_state alone: the clipping starts fresh.
       state = state.replace(clip_state=plan.clipping.init(state.params))
+    if pruner is not None:
+      state = state.replace(
+          pruning=update_mask(state.pruning, state.params, public))
     state, sums = logical_step(state, (images, labels), indices, mask)
     sums.pop('clip_increment', None)
     metrics = dict(sums, loss=sums['loss_sum'] / jnp.maximum(sums['count'], 1))
@@ -296,7 +318,12 @@ def _optimizer_chain(config: ml_collections.ConfigDict,
   last so that they see the parameters the step really ends with.
   """
   optimizer = make_optimizer(config.optimizer, num_steps)
-  tx = optax.chain(plan.noise(keys.noise), optimizer) if plan else optimizer
+  prune_mode = pruning_config(config).mode
+  if plan and prune_mode != 'none':
+    # Noise on the selected coordinates only (and, frozen, no optimizer move).
+    tx = pruning.masked_chain(plan.noise(keys.noise), optimizer, prune_mode)
+  else:
+    tx = optax.chain(plan.noise(keys.noise), optimizer) if plan else optimizer
   if config.get('modelmix') is not None and config.modelmix.enabled:
     tau = config.modelmix.tau_over_lr * config.optimizer.learning_rate
     tx = optax.chain(tx, modelmix_lib.mix_model_states(tau, keys.mix))
@@ -307,6 +334,30 @@ def _optimizer_chain(config: ml_collections.ConfigDict,
     averages.append(
         averaging.polyak_params(config.averaging.polyak_start_step))
   return optax.chain(tx, *averages) if averages else tx
+
+
+def pruning_config(config: ml_collections.ConfigDict) -> pruning.PruningConfig:
+  """``config.pruning`` (absent: no pruning) as a :class:`PruningConfig`."""
+  if 'pruning' not in config:
+    return pruning.PruningConfig()
+  return pruning.PruningConfig(**config.pruning.to_dict())
+
+
+def _pruner(config: ml_collections.ConfigDict,
+            model: nn.Module) -> pruning.Pruner | None:
+  """The run's mask chooser (None without pruning); refuses what cannot mix."""
+  prune = pruning_config(config)
+  if prune.mode == 'none':
+    return None
+  if not config.privacy.enabled:
+    raise ValueError('config.pruning applies to DP-SGD; set'
+                     " privacy.enabled=True or pruning.mode='none'.")
+  if config.get('modelmix') is not None and config.modelmix.enabled:
+    raise ValueError(
+        'config.pruning and modelmix.enabled do not compose: ModelMix moves'
+        ' every coordinate (frozen ones too) and its accountant assumes all'
+        " are mixed. Set modelmix.enabled=False or pruning.mode='none'.")
+  return pruning.make_pruner(prune, example_loss(model))
 
 
 def _augmult(config: ml_collections.ConfigDict) -> augmult_lib.AugMult | None:
@@ -344,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   model = models.get_model(config.model.name, splits.num_classes,
                            config.model.activation)
+  pruner = _pruner(config, model)
   keys = RunKeys.from_seed(config.seed)
   num_devices = config.perf.num_devices or jax.device_count()
   mesh = distributed.make_mesh(num_devices) if num_devices != 1 else None
@@ -385,9 +437,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if private:
     state = state.replace(clip_state=plan.clipping.init(state.params))
     alc = layerwise_thresholds(plan, model, splits)
+  public = None
+  if pruner is not None:
+    if pruning_config(config).needs_public_data and splits.public is not None:
+      public = {'image': jnp.asarray(splits.public.images),
+                'label': jnp.asarray(splits.public.labels)}
+      if mesh is not None:
+        public = distributed.put_replicated(public, mesh)
+    # The mask is data-independent or public: it costs no privacy.
+    params, pruning_state = jax.jit(pruner.init)(state.params, keys.prune,
+                                                 public)
+    state = state.replace(params=params, opt_state=tx.init(params),
+                          pruning=pruning_state)
   train_step = make_train_step(model, plan, config.perf.microbatch_size,
                                mesh=mesh, physical_batch_size=physical,
-                               augmult=_augmult(config))
+                               augmult=_augmult(config), pruner=pruner,
+                               public=public)
   evaluate = make_eval_fn(model)
   images = jnp.asarray(splits.train.images)
   labels = jnp.asarray(splits.train.labels)
@@ -488,6 +553,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'num_devices': num_devices,
       'physical_batch_size': physical,
       'augmult_views': config.augmult.num_views,
+      'pruning': (None if pruner is None else pruning.summary(
+          pruning_config(config), state.params)),
       'resumed_from_steps': meta['resumed_from'],
       'config': config.to_dict(),
   })
