@@ -16,7 +16,6 @@ import flax.linen as nn
 
 import dpjax
 from configs import default
-from dpjax import clipping
 from dpjax import pruning
 from dpjax import train
 
