@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any, Callable
 
+from flax import struct
 from flax.training import train_state as train_state_lib
 import flax.linen as nn
 import jax
@@ -27,6 +28,7 @@ import tqdm
 from dpjax import accounting
 from dpjax import data as data_lib
 from dpjax import models
+from dpjax import normalization
 from dpjax import per_example
 from dpjax import plan as plan_lib
 from dpjax import plots
@@ -34,7 +36,13 @@ from dpjax import sampling
 
 
 class TrainState(train_state_lib.TrainState):
-  """Flax TrainState; ``tx`` is ``optax.chain(noise, optimizer)`` under DP."""
+  """Flax TrainState; ``tx`` is ``optax.chain(noise, optimizer)`` under DP.
+
+  ``model_state`` holds the model's non-parameter collections (BatchNorm's
+  ``batch_stats``) as its :mod:`dpjax.normalization` policy keeps them.
+  """
+
+  model_state: Any = struct.field(default_factory=dict)
 
 
 def example_loss(model: nn.Module) -> Callable[..., Any]:
@@ -70,31 +78,56 @@ def make_optimizer(config: ml_collections.ConfigDict,
       f"optimizer.name must be 'sgd', 'adam' or 'nadam', got {config.name!r}.")
 
 
-def create_train_state(model: nn.Module, key: jax.Array, image_shape,
-                       tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(
+    model: nn.Module, key: jax.Array, image_shape,
+    tx: optax.GradientTransformation,
+    normalizer: normalization.Normalizer | None = None) -> TrainState:
+  """Initial state; the model's collections as ``normalizer`` keeps them.
+
+  Without a normalizer, a model with data-dependent collections (BatchNorm
+  statistics) is refused: the default policy is 'reject'.
+  """
   variables = model.init(key, jnp.zeros((1,) + tuple(image_shape)))
-  extra = set(variables) - {'params'}
-  if extra:
-    raise ValueError(
-        f'The model declares mutable collections {sorted(extra)} (e.g.'
-        ' BatchNorm statistics). They depend on the data of every example in'
-        ' a batch, so per-example clipping no longer bounds one example\'s'
-        ' influence. Use GroupNorm/LayerNorm instead.')
+  if normalizer is None:
+    normalizer = normalization.make_normalizer(model, variables)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           tx=tx)
+                           tx=tx, model_state=normalizer.init_state(variables))
 
 
 def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
-                    microbatch_size: int | None = None):
-  """A jitted ``step(state, images, labels, indices, mask)``.
+                    microbatch_size: int | None = None,
+                    normalizer: normalization.Normalizer | None = None,
+                    stats_key: jax.Array | None = None):
+  """A jitted ``step(state, images, labels, indices, mask, public=None)``.
 
   With a plan: DP-SGD (clipped sum of per-example gradients; the noise is in
   ``state.tx``). Without one: the non-private step on the mean loss of the
-  real rows, the baseline of the same model and batch.
+  real rows, the baseline of the same model and batch. A model with
+  BatchNorm statistics runs as ``normalizer``'s policy says; ``public`` is the
+  step's public batch (:meth:`Normalizer.public_batch`) and ``stats_key`` the
+  key of privatized statistics' noise.
   """
   loss_fn = example_loss(model)
+  norm = normalizer if normalizer is not None and normalizer.policies else None
 
-  if plan is None:
+  if plan is None and norm is not None:
+    group_loss = normalization.batchnorm_group_loss(model)
+
+    def step(state, images, labels, indices, mask, public=None):
+      del public
+      batch = {'image': images[indices], 'label': labels[indices]}
+
+      def mean_loss(params):
+        loss, aux = group_loss(params, batch, mask, state.model_state)
+        return loss * mask.shape[0] / jnp.maximum(mask.sum(), 1), aux
+
+      (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+          state.params)
+      model_state = {**state.model_state,
+                     normalization.BATCH_STATS: aux[normalization.BATCH_STATS]}
+      state = state.apply_gradients(grads=grads, model_state=model_state)
+      return state, {'loss': loss}
+  elif plan is None:
     def mean_loss(params, batch, mask):
       losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
       return jnp.sum(jnp.where(mask, losses, 0)) / jnp.maximum(mask.sum(), 1)
@@ -104,12 +137,25 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
       loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, mask)
       return state.apply_gradients(grads=grads), {'loss': loss}
   else:
+    has_aux = norm is not None and norm.has_aux
     grad_fn = per_example.clipped_grad(
-        loss_fn, plan.clipping, microbatch_size=microbatch_size)
+        norm.example_loss() if norm else loss_fn, plan.clipping,
+        microbatch_size=microbatch_size, has_aux=has_aux)
 
-    def step(state, images, labels, indices, mask):
+    def step(state, images, labels, indices, mask, public=None):
       batch = {'image': images[indices], 'label': labels[indices]}
-      out = grad_fn(state.params, batch, mask)
+      if norm is None:
+        out = grad_fn(state.params, batch, mask)
+      else:
+        # Statistics from public data only, or privatized: see normalization.
+        stats = norm.step_statistics(state.params, state.model_state, public)
+        model_state = state.model_state if stats is None else {
+            **state.model_state, normalization.BATCH_STATS: stats}
+        out = grad_fn(state.params, batch, mask, args=(model_state, public))
+        key = jax.random.fold_in(stats_key, state.step) if has_aux else None
+        state = state.replace(model_state=norm.update_state(
+            state.model_state, stats, out.stats.aux if has_aux else None,
+            mask, key))
       state = state.apply_gradients(grads=out.grad_sum)
       metrics = {
           'loss': out.stats.losses.sum() / jnp.maximum(mask.sum(), 1),
@@ -121,17 +167,27 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
   return jax.jit(step, donate_argnums=(0,))
 
 
-def make_eval_fn(model: nn.Module, batch_size: int = 1000):
-  """``evaluate(params, dataset) -> {'accuracy', 'loss'}`` in fixed chunks."""
+def make_eval_fn(model: nn.Module, batch_size: int = 1000,
+                 normalizer: normalization.Normalizer | None = None):
+  """``evaluate(params, dataset, model_state=None) -> {'accuracy', 'loss'}``.
+
+  Evaluates in fixed chunks; with a normalizer, BatchNorm uses the statistics
+  its policy keeps in ``model_state`` (or each chunk's own, masked).
+  """
+  norm = normalizer if normalizer is not None and normalizer.policies else None
 
   @jax.jit
-  def eval_chunk(params, images, labels, mask):
-    logits = model.apply({'params': params}, images)
+  def eval_chunk(params, images, labels, mask, model_state):
+    if norm is None:
+      logits = model.apply({'params': params}, images)
+    else:
+      logits = norm.eval_apply({'params': params, **model_state}, images, mask)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = jnp.argmax(logits, -1) == labels
     return jnp.sum(correct & mask), jnp.sum(jnp.where(mask, losses, 0))
 
-  def evaluate(params, dataset: data_lib.ArrayDataset) -> dict[str, float]:
+  def evaluate(params, dataset: data_lib.ArrayDataset,
+               model_state=None) -> dict[str, float]:
     n = len(dataset)
     size = min(batch_size, n)
     correct = loss = 0.0
@@ -143,7 +199,8 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000):
         images = np.concatenate([images, np.zeros(
             (size - real,) + images.shape[1:], images.dtype)])
         labels = np.concatenate([labels, np.zeros(size - real, labels.dtype)])
-      c, l = eval_chunk(params, images, labels, np.arange(size) < real)
+      c, l = eval_chunk(params, images, labels, np.arange(size) < real,
+                        model_state or {})
       correct += float(c)
       loss += float(l)
     return {'accuracy': correct / n, 'loss': loss / n}
@@ -168,6 +225,25 @@ def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
       accountant=p.accountant)
 
 
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The normalization and width options of ``config.model`` for get_model."""
+  return {k: config[k] for k in ('norm', 'num_groups', 'scale_norm', 'width',
+                                 'affine') if k in config}
+
+
+def data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The public-data and subset options of ``config.data`` for data.load."""
+  return {k: config[k] for k in ('public_dataset', 'public_manual_dir',
+                                 'public_size', 'train_size') if k in config}
+
+
+def normalization_config(
+    config: ml_collections.ConfigDict) -> normalization.NormalizationConfig:
+  """``config.normalization`` as a :class:`NormalizationConfig`."""
+  fields = config.get('normalization') or {}
+  return normalization.NormalizationConfig(seed=config.seed, **fields)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains with DP-SGD as ``config`` says; writes summary.json and a plot.
@@ -183,7 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   os.makedirs(workdir, exist_ok=True)
   splits = data_lib.load(config.data.name, manual_dir=config.data.manual_dir,
                          tfds_data_dir=config.data.tfds_data_dir,
-                         public_fraction=config.data.public_fraction)
+                         public_fraction=config.data.public_fraction,
+                         **data_options(config.data))
   data_lib.check_dataset(splits.train, splits.num_classes, 'train split')
   data_lib.check_dataset(splits.test, splits.num_classes, 'test split')
   n = len(splits.train)
@@ -204,14 +281,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         config.privacy.epochs, sampler.sampling_rate)
 
   model = models.get_model(config.model.name, splits.num_classes,
-                           config.model.activation)
+                           config.model.activation,
+                           **model_options(config.model))
   init_key, noise_key = jax.random.split(jax.random.key(config.seed))
+  # The normalization policy's own noise stream (privatized statistics).
+  stats_key = jax.random.fold_in(noise_key, 0x6e6f726d)
+  image_shape = splits.train.images.shape[1:]
+  normalizer = normalization.make_normalizer(
+      model, jax.eval_shape(model.init, init_key,
+                            jnp.zeros((1,) + image_shape)),
+      normalization_config(config),
+      public_images=None if splits.public is None else splits.public.images,
+      plan=plan, private=private, batch_clipping=False)
   optimizer = make_optimizer(config.optimizer, num_steps)
-  tx = optax.chain(plan.noise(noise_key), optimizer) if private else optimizer
-  state = create_train_state(model, init_key, splits.train.images.shape[1:],
-                             tx)
-  train_step = make_train_step(model, plan, config.perf.microbatch_size)
-  evaluate = make_eval_fn(model)
+  tx = optax.chain(normalizer.gradient_noise(plan, noise_key),
+                   optimizer) if private else optimizer
+  state = create_train_state(model, init_key, image_shape, tx, normalizer)
+  train_step = make_train_step(model, plan, config.perf.microbatch_size,
+                               normalizer, stats_key)
+  evaluate = make_eval_fn(model, normalizer=normalizer)
 
   images = jnp.asarray(splits.train.images)
   labels = jnp.asarray(splits.train.labels)
@@ -229,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     batch = sampler.sample(step)
     padded_sizes.add(len(batch.indices))
     state, metrics = train_step(state, images, labels, batch.indices,
-                                batch.mask)
+                                batch.mask, normalizer.public_batch(step))
     if private:
       ledger.record(plan.step_event())
       num_nonfinite += metrics['num_nonfinite']
@@ -241,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if log_now:
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", eps=f'{eps:.3f}')
     if eval_now:
-      final = evaluate(state.params, splits.test)
+      final = evaluate(state.params, splits.test, state.model_state)
       history['step'].append(step + 1)
       history['test_accuracy'].append(final['accuracy'])
       history['epsilon'].append(eps if private else float('inf'))
@@ -253,6 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'sampling_rate': sampler.sampling_rate, 'clip_norm': None}
   if private:
     summary['epsilon'] = eps
+  if private and normalizer.policies:
+    summary.update(normalizer.summary(plan))
   summary.update({
       'private': private,
       'dataset': splits.name,
