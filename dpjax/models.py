@@ -7,7 +7,7 @@ Learning with Differential Privacy") found better than ReLU under DP-SGD
 because they keep activations, hence gradient norms, bounded.
 
 :func:`get_model` also builds the residual networks of :mod:`dpjax.resnets`
-(ResNet-18, ResNet-20, ResNet-9, WRN-16-4, each with a choice of
+(ResNet-18, ResNet-20, ResNet-8, ResNet-9, WRN-16-4, each with a choice of
 normalization) and the Flax NNX CNN of :mod:`dpjax.nnx_models`.
 """
 
@@ -108,7 +108,7 @@ def get_model(name: str, num_classes: int, activation: str | None = None, *,
 
   Args:
     name: 'tanh_cnn', 'small_cnn', 'cifar_tanh_cnn', 'resnet18', 'resnet20',
-      'resnet9', 'wrn16_4' or 'nnx_cnn'.
+      'resnet8', 'resnet9', 'wrn16_4' or 'nnx_cnn'.
     num_classes: size of the output layer.
     activation: a key of :data:`ACTIVATIONS`; None: the model's default (tanh
       for the CNNs, relu for the ResNets, mish for ResNet-9).

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Mapping
 import flax.linen as nn
 from flax import traverse_util
 import jax
+from jax import flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -386,9 +387,12 @@ def privatize_moments(per_example: PyTree, mask: jax.Array, center: PyTree,
   """
   deviations = jax.tree.map(lambda m, c: m - c[None], per_example, center)
   out, _ = clipping_lib.clip_per_example(clip_norm).clip(deviations, None, mask)
-  noise = noise_lib.gaussian_noise_like(key, out.grad_sum, noise_std)
-  return jax.tree.map(lambda c, s, n: c + (s + n) / divisor, center,
-                      out.grad_sum, noise)
+  # One draw for the whole tree: a draw per leaf compiles one PRNG kernel per
+  # leaf shape, which dominates compile time on CPU.
+  flat, unravel = flatten_util.ravel_pytree(out.grad_sum)
+  noisy = (flat + noise_std * jax.random.normal(key, flat.shape, flat.dtype)
+           ) / divisor
+  return jax.tree.map(jnp.add, center, unravel(noisy))
 
 
 # ---------------------------------------------------------------------------
@@ -443,10 +447,14 @@ def batchnorm_group_loss(
 
   def group_loss_fn(params, group, group_mask, model_state):
     group_mask = jnp.asarray(group_mask, bool)
+    images = group['image']
+    # Zeroed so that not even a NaN padding row reaches the backward pass.
+    images = jnp.where(group_mask.reshape((-1,) + (1,) * (images.ndim - 1)),
+                       images, 0)
     record = {}
     with batchnorm_interceptor(record, group_mask):
       logits, updated = model.apply(
-          {'params': params, **model_state}, group['image'], train=True,
+          {'params': params, **model_state}, images, train=True,
           mutable=[BATCH_STATS])
     losses = loss_of_logits(logits, group['label'])
     loss = jnp.sum(jnp.where(group_mask, losses, 0.0)) / group_mask.shape[0]

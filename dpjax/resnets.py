@@ -2,8 +2,9 @@
 
 * :class:`ResNet` with :class:`BasicBlock`: ResNet-18 for CIFAR (He et al.
   2016, "Deep Residual Learning for Image Recognition"; BatchNorm by default,
-  the model of Nguyen et al. 2023's batch clipping) and ResNet-20 (He et al.'s
-  CIFAR network, the model of Xiao et al. 2022's ModelMix).
+  the model of Nguyen et al. 2023's batch clipping), ResNet-20 (He et al.'s
+  CIFAR network, the model of Xiao et al. 2022's ModelMix) and ResNet-8 (one
+  block per stage: a residual network small enough for CPU experiments).
 * :class:`ResNet9`: the ResNet-9 of Klause et al. 2022 ("Differentially
   Private Training of Residual Networks with Scale Normalization"): GroupNorm
   with 32 groups, Mish, and optional ScaleNorm.
@@ -154,8 +155,8 @@ class ResNet(nn.Module):
   """A CIFAR ResNet: 3x3 stem (no max-pool), stages of basic blocks, avg-pool.
 
   ``stage_sizes=(2, 2, 2, 2), features=(64, 128, 256, 512)`` is ResNet-18;
-  ``(3, 3, 3), (16, 32, 64)`` is ResNet-20 (with 1x1-conv projection
-  shortcuts, He et al.'s option B).
+  ``(3, 3, 3), (16, 32, 64)`` is ResNet-20 and ``(1, 1, 1), (16, 32, 64)``
+  ResNet-8 (with 1x1-conv projection shortcuts, He et al.'s option B).
   """
 
   stage_sizes: tuple[int, ...]
@@ -344,6 +345,10 @@ def resnet18(**kwargs) -> ResNet:
                 **kwargs)
 
 
+def resnet8(**kwargs) -> ResNet:
+  return ResNet(stage_sizes=(1, 1, 1), features=(16, 32, 64), **kwargs)
+
+
 def resnet20(**kwargs) -> ResNet:
   return ResNet(stage_sizes=(3, 3, 3), features=(16, 32, 64), **kwargs)
 
@@ -356,6 +361,7 @@ def wrn16_4(**kwargs) -> WideResNet:
 RESNETS: dict[str, tuple[Callable[..., nn.Module], str, int, str]] = {
     'resnet18': (resnet18, 'batch', 32, 'relu'),
     'resnet20': (resnet20, 'group', 16, 'relu'),
+    'resnet8': (resnet8, 'group', 16, 'relu'),
     'resnet9': (ResNet9, 'group', 32, 'mish'),
     'wrn16_4': (wrn16_4, 'group', 16, 'relu'),
 }
