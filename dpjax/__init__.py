@@ -3,6 +3,7 @@
 Per-example gradients (:func:`clipped_grad`), clipping and noise as optax
 transforms (:func:`clip_per_example`, :func:`add_gaussian_noise`), Poisson
 sampling, and accounting on dp-accounting, tied together by :func:`make_plan`.
+BatchNorm statistics under DP follow a policy (:func:`make_normalizer`).
 """
 
 from dpjax.accounting import calibrate_noise_multiplier
@@ -11,6 +12,9 @@ from dpjax.clipping import clip_per_example
 from dpjax.clipping import ClipOutput
 from dpjax.clipping import PerExampleClipping
 from dpjax.noise import add_gaussian_noise
+from dpjax.normalization import batchnorm_group_loss
+from dpjax.normalization import make_normalizer
+from dpjax.normalization import NormalizationConfig
 from dpjax.noise import GaussianNoiseState
 from dpjax.per_example import clipped_grad
 from dpjax.per_example import ClippedGrad

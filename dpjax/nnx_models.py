@@ -23,7 +23,7 @@ Examples:
   >>> grad_fn = jax.jit(dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(1.0)))
   >>> batch = {'image': jnp.ones((4, 8, 8, 1)), 'label': jnp.arange(4)}
   >>> out = grad_fn(params, batch)
-  >>> bool(optax.global_norm(out.grad_sum) <= 4.0 + 1e-5)
+  >>> bool(optax.tree.norm(out.grad_sum) <= 4.0 + 1e-5)
   True
   >>> nnx.update(model, optax.apply_updates(params, out.grad_sum))
 """

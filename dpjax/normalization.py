@@ -472,7 +472,7 @@ def _collections(variables: Mapping[str, PyTree]) -> list[str]:
   return sorted(c for c in variables if c != 'params')
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity under jit
 class Normalizer:
   """A model's data-dependent collections under their policies, for one run.
 
