@@ -110,7 +110,8 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
   loss_fn = example_loss(model)
   norm = normalizer if normalizer is not None and normalizer.policies else None
 
-  if plan is None and norm is not None:
+  if plan is None and norm is not None and (
+      normalization.BATCH_STATS in norm.policies):
     group_loss = normalization.batchnorm_group_loss(model)
 
     def step(state, images, labels, indices, mask, public=None):

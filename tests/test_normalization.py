@@ -94,6 +94,35 @@ def test_per_collection_policies():
     normalization.parse_policy('cache:public', ['cache'])
 
 
+class WithCache(nn.Module):
+  """A model with a non-BatchNorm collection it reads in the forward pass."""
+
+  @nn.compact
+  def __call__(self, x):
+    shift = self.variable('cache', 'shift', jnp.zeros, x.shape[-1])
+    return nn.Dense(3)((x - shift.value).reshape(x.shape[0], -1))
+
+
+def test_frozen_other_collection_is_held_fixed():
+  model = WithCache()
+  variables = model.init(jax.random.key(0), jnp.zeros((1,) + SHAPE))
+  variables = {**variables, 'cache': {'shift': jnp.full((1,), 0.25)}}
+  with pytest.raises(ValueError, match="'cache'"):
+    normalization.make_normalizer(model, variables)
+  norm = normalization.make_normalizer(
+      model, variables, normalization.NormalizationConfig(policy='frozen'))
+  state = norm.init_state(variables)
+  assert float(state['cache']['shift'][0]) == 0.25
+  batch = {'image': _images(2), 'label': jnp.array([0, 1])}
+  grads = _per_example(norm, variables['params'], state, batch, None)
+  ref = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({'params': p, **state}, batch['image'][:1])[0], 0))(
+          variables['params'])
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6)
+  assert norm.update_state(state, None, None, None, None) is state
+
+
 def test_public_policy_needs_public_data(tiny):
   with pytest.raises(ValueError, match='public_fraction'):
     _normalizer(tiny, 'public', public=False)
