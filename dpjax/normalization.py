@@ -50,7 +50,6 @@ import optax
 
 from dpjax import _validation
 from dpjax import clipping as clipping_lib
-from dpjax import noise as noise_lib
 
 PyTree = Any
 BATCH_STATS = 'batch_stats'
@@ -385,11 +384,28 @@ def privatize_moments(per_example: PyTree, mask: jax.Array, center: PyTree,
     Tramer & Boneh, 2021. Differentially Private Learning Needs Better
     Features (or Much More Data). https://arxiv.org/abs/2011.11660
   """
+  total = clipped_moment_sum(per_example, mask, center, clip_norm)
+  return noised_moments(total, center, noise_std, divisor, key)
+
+
+def clipped_moment_sum(per_example: PyTree, mask: jax.Array, center: PyTree,
+                       clip_norm: float) -> PyTree:
+  """``sum_i clip(m_i - center)`` over real rows: additive over pieces.
+
+  Each row's deviation is clipped to ``clip_norm`` over the whole tree, so
+  the sum of several physical batches' sums is the logical batch's sum.
+  """
   deviations = jax.tree.map(lambda m, c: m - c[None], per_example, center)
   out, _ = clipping_lib.clip_per_example(clip_norm).clip(deviations, None, mask)
+  return out.grad_sum
+
+
+def noised_moments(total: PyTree, center: PyTree, noise_std: float,
+                   divisor: float, key: jax.Array) -> PyTree:
+  """``center + (total + N(0, noise_std^2)) / divisor``: once per step."""
   # One draw for the whole tree: a draw per leaf compiles one PRNG kernel per
   # leaf shape, which dominates compile time on CPU.
-  flat, unravel = flatten_util.ravel_pytree(out.grad_sum)
+  flat, unravel = flatten_util.ravel_pytree(total)
   noisy = (flat + noise_std * jax.random.normal(key, flat.shape, flat.dtype)
            ) / divisor
   return jax.tree.map(jnp.add, center, unravel(noisy))
@@ -542,13 +558,27 @@ class Normalizer:
     """Step ``step``'s public batch (seeded by the step alone), or None."""
     return self._public_slice(step) if self.needs_public_batch else None
 
-  def step_statistics(self, params: PyTree, model_state: PyTree,
-                      public: jax.Array | None) -> PyTree | None:
-    """The public batch's statistics at ``params`` (no gradient), or None."""
+  @property
+  def tracks_public(self) -> bool:
+    """Whether the stored statistics follow public batches (running EMA)."""
+    return self.needs_public_batch
+
+  def step_state(self, params: PyTree, model_state: PyTree,
+                 public: jax.Array | None) -> tuple[PyTree, PyTree]:
+    """``(state the step's loss uses, state after the step)`` (device; pure).
+
+    ``public`` (and ``batch`` with public evaluation statistics): the public
+    batch's statistics at ``params`` (no gradient) for the loss, and their
+    running average for evaluation; otherwise ``model_state`` twice (the
+    ``privatized`` update comes from :meth:`privatized_state`).
+    """
     if public is None:
-      return None
-    return jax.lax.stop_gradient(batch_statistics(
+      return model_state, model_state
+    stats = jax.lax.stop_gradient(batch_statistics(
         self.model, {'params': params, **model_state}, public))
+    return ({**model_state, BATCH_STATS: stats},
+            {**model_state, BATCH_STATS: ema(model_state[BATCH_STATS], stats,
+                                             self.config.momentum)})
 
   def example_loss(
       self,
@@ -582,27 +612,29 @@ class Normalizer:
 
     return loss_fn
 
-  def update_state(self, model_state: PyTree, step_stats: PyTree | None,
-                   per_example_moments: PyTree | None, mask: jax.Array,
-                   key: jax.Array) -> PyTree:
-    """The collections after one step (device; pure).
+  def moment_sum(self, model_state: PyTree, per_example_moments: PyTree,
+                 mask: jax.Array) -> PyTree:
+    """``privatized``: the clipped sum of the rows' moment deviations.
 
-    ``public``: running average of the public statistics; ``privatized``: the
-    noised moments of the batch, averaged into the running estimate;
-    otherwise unchanged.
+    Additive over the physical batches of a logical step; noised once by
+    :meth:`privatized_state`.
     """
-    m = self.config.momentum
-    if step_stats is not None:
-      return {**model_state,
-              BATCH_STATS: ema(model_state[BATCH_STATS], step_stats, m)}
-    if per_example_moments is not None:
-      center = stats_to_moments(model_state[BATCH_STATS])
-      estimate = privatize_moments(
-          per_example_moments, mask, center, self.config.stats_clip_norm,
-          self.stats_noise_std, self.expected_batch_size, key)
-      return {**model_state,
-              BATCH_STATS: moments_to_stats(ema(center, estimate, m))}
-    return model_state
+    return clipped_moment_sum(per_example_moments, mask,
+                              stats_to_moments(model_state[BATCH_STATS]),
+                              self.config.stats_clip_norm)
+
+  def privatized_state(self, model_state: PyTree, moment_sum: PyTree,
+                       key: jax.Array) -> PyTree:
+    """``privatized``: the state after one step from its moment sum.
+
+    The sum gets noise of std :attr:`stats_noise_std` once, is divided by the
+    public expected batch size and averaged into the running estimate.
+    """
+    center = stats_to_moments(model_state[BATCH_STATS])
+    estimate = noised_moments(moment_sum, center, self.stats_noise_std,
+                              self.expected_batch_size, key)
+    return {**model_state, BATCH_STATS: moments_to_stats(
+        ema(center, estimate, self.config.momentum))}
 
   def eval_apply(self, variables: PyTree, images: jax.Array,
                  mask: jax.Array) -> jax.Array:
@@ -614,17 +646,25 @@ class Normalizer:
       return logits
     return self.model.apply(variables, images, **self._apply_kwargs(False))
 
+  def noise_plan(self, plan):
+    """``plan`` with the gradient's noise multiplier under this policy.
+
+    With ``privatized`` the gradient gets its share of the noise
+    (:func:`split_noise_multiplier`); the accountant's event is unchanged.
+    """
+    if self.gradient_noise_multiplier is None:
+      return plan
+    return dataclasses.replace(
+        plan, gradient_noise_multiplier=self.gradient_noise_multiplier)
+
   def gradient_noise(self, plan, key: jax.Array) -> optax.GradientTransformation:
     """The plan's noise, or with ``privatized`` the gradient's share of it."""
-    if self.gradient_noise_multiplier is None:
-      return plan.noise(key)
-    return noise_lib.add_gaussian_noise(
-        self.gradient_noise_multiplier, plan.sensitivity,
-        plan.config.expected_batch_size, key)
+    return self.noise_plan(plan).noise(key)
 
-  def summary(self, plan=None) -> dict[str, Any]:
-    """Entries for summary.json: ``normalization`` (the policies and their
-    settings) and, with ``privatized``, the gradient's true noise std."""
+  def summary(self) -> dict[str, Any]:
+    """Entries for summary.json: ``normalization``, the policies and their
+    settings (with ``privatized``, both noise multipliers and how they are
+    accounted; the gradient's noise std is in :meth:`noise_plan`'s summary)."""
     out: dict[str, Any] = {'policies': dict(self.policies)}
     if self.bn_policy in ('public', 'frozen', 'privatized', 'batch'):
       out['public_batch_size'] = (
@@ -635,7 +675,9 @@ class Normalizer:
     if self.bn_policy == 'batch':
       out['eval_statistics'] = self.config.eval_statistics
     entries: dict[str, Any] = {'normalization': out}
-    if self.gradient_noise_multiplier is not None and plan is not None:
+    if self.gradient_noise_multiplier is not None:
+      joint = (self.gradient_noise_multiplier ** -2
+               + self.stats_noise_multiplier ** -2) ** -0.5
       out.update({
           'stats_clip_norm': self.config.stats_clip_norm,
           'stats_budget': self.config.stats_budget,
@@ -645,10 +687,8 @@ class Normalizer:
           'accounting': (
               'gradient and statistics are released on the same Poisson'
               ' batch and accounted together as one Gaussian mechanism with'
-              f' noise multiplier {plan.noise_multiplier:.6g}'),
+              f' noise multiplier {joint:.6g}'),
       })
-      entries['noise_std_on_sum'] = (
-          self.gradient_noise_multiplier * plan.sensitivity)
     return entries
 
 
@@ -716,7 +756,12 @@ def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
     if policies.get(BATCH_STATS) == 'privatized':
       if plan is None:
         raise ValueError("policy 'privatized' needs the run's DP plan.")
-      sigma_g, sigma_s = split_noise_multiplier(plan.noise_multiplier,
+      if batch_clipping:
+        raise ValueError(
+            "policy 'privatized' releases per-example feature moments, which"
+            " batch clipping (clipping.mode='batch') does not produce; use"
+            " 'batch', 'public' or 'frozen' with batch clipping.")
+      sigma_g, sigma_s = split_noise_multiplier(plan.grad_noise_multiplier,
                                                 config.stats_budget)
       clip = clipping_lib.clip_per_example(config.stats_clip_norm)
       extra = dict(
