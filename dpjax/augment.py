@@ -7,6 +7,9 @@ High-Accuracy Differentially Private Image Classification through Scale":
 average the gradients of K augmentations of an example before clipping) maps
 it over K keys.
 
+They are registered by name in :data:`dpjax.augmult.AUGMENTATIONS`
+(``config.augmult.augmentations``: 'crop', 'flip', 'crop_flip').
+
 Privacy invariant: an augmentation depends on its own example and a key
 only, never on other examples, so per-example clipping still bounds each
 example's influence.
@@ -62,30 +65,3 @@ def crop_and_flip(key: jax.Array, image: jax.Array,
   """
   crop_key, flip_key = jax.random.split(key)
   return random_flip(flip_key, random_crop(crop_key, image, padding))
-
-
-def identity(key: jax.Array, image: jax.Array) -> jax.Array:
-  """No augmentation."""
-  del key
-  return image
-
-
-AUGMENTATIONS: dict[str, Augment] = {
-    'none': identity,
-    'crop': random_crop,
-    'flip': random_flip,
-    'crop_flip': crop_and_flip,
-}
-
-
-def get_augment(name: str) -> Augment:
-  """An augmentation by name (see :data:`AUGMENTATIONS`).
-
-  Examples:
-    >>> get_augment('crop_flip')(jax.random.key(0), jnp.ones((8, 8, 3))).shape
-    (8, 8, 3)
-  """
-  if name not in AUGMENTATIONS:
-    raise ValueError(
-        f'Unknown augmentation {name!r}; known: {sorted(AUGMENTATIONS)}.')
-  return AUGMENTATIONS[name]

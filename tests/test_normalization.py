@@ -120,7 +120,8 @@ def test_frozen_other_collection_is_held_fixed():
           variables['params'])
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6)
-  assert norm.update_state(state, None, None, None, None) is state
+  loss_state, next_state = norm.step_state(variables['params'], state, None)
+  assert loss_state is state and next_state is state
 
 
 def test_public_policy_needs_public_data(tiny):
@@ -178,8 +179,7 @@ def test_public_policy_keeps_examples_independent(tiny, stats_gradient):
   norm = _normalizer(tiny, 'public', stats_gradient=stats_gradient)
   state = norm.init_state(variables)
   public = jnp.asarray(norm.public_batch(3))
-  stats = norm.step_statistics(variables['params'], state, public)
-  model_state = {**state, 'batch_stats': stats}
+  model_state, _ = norm.step_state(variables['params'], state, public)
   batch = {'image': _images(4, seed=2), 'label': jnp.array([0, 1, 2, 0])}
   changed = dict(batch, image=batch['image'].at[3].set(100.0))
   g1 = _per_example(norm, variables['params'], model_state, batch, public)
@@ -227,11 +227,11 @@ def test_public_statistics_gradient_is_that_of_the_public_mix(tiny):
       np.testing.assert_allclose(a[i], b, rtol=2e-3, atol=2e-5)
 
 
-def _train_steps(tiny, policy, steps=3, **kwargs):
+def _train_steps(tiny, policy, steps=3, physical_batch_size=None, **kwargs):
   model, _ = tiny
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=8,
-      steps=steps), 64)
+      steps=steps), 64, pad_to_multiple_of=4)
   norm = _normalizer(tiny, policy, plan=plan, **kwargs)
   tx = optax.chain(norm.gradient_noise(plan, jax.random.key(1)),
                    optax.sgd(0.5))
@@ -239,7 +239,8 @@ def _train_steps(tiny, policy, steps=3, **kwargs):
                                    SHAPE, tx, norm)
   start = jax.tree.map(jnp.copy, state)  # the step donates its input
   step_fn = train.make_train_step(model, plan, normalizer=norm,
-                                  stats_key=jax.random.key(2))
+                                  stats_key=jax.random.key(2),
+                                  physical_batch_size=physical_batch_size)
   images = _images(64, seed=5)
   labels = jnp.asarray(np.random.default_rng(5).integers(0, 3, 64))
   for step in range(steps):
@@ -294,10 +295,11 @@ def test_privatized_statistics_noise_std(tiny):
   state = norm.init_state(variables)
   center = normalization.stats_to_moments(state['batch_stats'])
   rows = jax.tree.map(lambda c: jnp.broadcast_to(c, (16,) + c.shape), center)
-  update = jax.jit(norm.update_state)
+  total = norm.moment_sum(state, rows, jnp.ones(16, bool))
+  update = jax.jit(norm.privatized_state)
   draws = []
   for i in range(300):
-    new = update(state, None, rows, jnp.ones(16, bool), jax.random.key(i))
+    new = update(state, total, jax.random.key(i))
     draws.append(np.concatenate([
         np.asarray(new['batch_stats'][k]['mean'] - state['batch_stats'][k]['mean'])
         for k in sorted(new['batch_stats'])]))
@@ -474,3 +476,114 @@ def test_privatized_run_from_config_fields(monkeypatch, tmp_path):
   assert norm['stats_noise_std_on_sum'] == pytest.approx(
       norm['stats_noise_multiplier'] * norm['stats_clip_norm'])
   assert summary['epsilon'] == pytest.approx(3.0, abs=1e-3)
+
+
+def _bc_plan(steps=1, group_size=4):
+  return dpjax.make_plan(dpjax.PrivacyConfig(
+      clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=8,
+      steps=steps, accountant='gdp', clipping=dpjax.ClippingConfig(
+          mode='batch', group_size=group_size)), 64)
+
+
+def test_batch_policy_moves_the_noisy_sum_by_at_most_2c(tiny):
+  """Training-mode BatchNorm under batch clipping, end to end: replacing one
+  example moves the noisy update by at most 2C / K (noise keys equal), and
+  only through its own group."""
+  model, variables = tiny
+  plan = _bc_plan()
+  norm = normalization.make_normalizer(
+      model, variables, normalization.NormalizationConfig(
+          policy='batch', eval_statistics='batch'), plan=plan,
+      batch_clipping=True)
+  step_fn = train.make_train_step(model, plan, normalizer=norm)
+  batch = plan.sampler.sample(0)
+  images = _images(64, seed=11)
+  labels = jnp.asarray(np.random.default_rng(11).integers(0, 3, 64))
+  changed = images.at[batch.indices[0]].set(1e4)
+
+  def run(imgs):
+    state = train.create_train_state(
+        model, jax.random.key(0, impl='rbg'), SHAPE,
+        optax.chain(plan.noise(jax.random.key(1)), optax.sgd(1.0)), norm)
+    start = jax.tree.map(jnp.copy, state.params)
+    state, _ = step_fn(state, imgs, labels, batch.indices, batch.mask)
+    assert state.model_state == {} or _max_change(
+        state.model_state['batch_stats'], variables['batch_stats']) == 0.0
+    return start, state.params
+
+  start, a = run(images)
+  _, b = run(changed)
+  flat = lambda t: jnp.concatenate([x.ravel() for x in jax.tree.leaves(t)])
+  moved = float(jnp.linalg.norm(flat(a) - flat(b))) * plan.public_divisor
+  assert 0 < moved <= plan.sensitivity * (1 + 1e-4)
+  assert plan.sensitivity == 2.0
+  assert _max_change(start, a) > 0
+
+
+def test_batch_policy_needs_batch_clipping_and_privatized_refuses_it(tiny):
+  with pytest.raises(ValueError, match='requires batch clipping'):
+    _normalizer(tiny, 'batch')
+  with pytest.raises(ValueError, match="clipping.mode='batch'"):
+    normalization.make_normalizer(
+        *tiny, normalization.NormalizationConfig(policy='privatized'),
+        plan=_bc_plan(), batch_clipping=True)
+
+
+def test_privatized_statistics_noised_once_over_physical_batches(tiny):
+  """Physical batches sum the clipped moments; the state equals the one-call
+  step's, so the statistics' noise is drawn once per logical step."""
+  _, whole = _train_steps(tiny, 'privatized', steps=2)
+  _, pieces = _train_steps(tiny, 'privatized', steps=2,
+                           physical_batch_size=4)
+  for a, b in zip(jax.tree.leaves((whole.params, whole.model_state)),
+                  jax.tree.leaves((pieces.params, pieces.model_state))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
+
+
+def test_policies_refuse_a_device_mesh(tiny):
+  from dpjax import distributed  # pylint: disable=g-import-not-at-top
+  plan = _bc_plan()
+  norm = _normalizer(tiny, 'frozen', plan=plan)
+  with pytest.raises(ValueError, match='num_devices=1'):
+    train.make_train_step(tiny[0], plan, normalizer=norm,
+                          mesh=distributed.make_mesh(1))
+
+
+def test_non_private_batchnorm_trains_over_real_rows_of_each_piece(tiny):
+  model, variables = tiny
+  norm = normalization.make_normalizer(model, variables, private=False)
+  state = train.create_train_state(model, jax.random.key(0, impl='rbg'),
+                                   SHAPE, optax.sgd(0.1), norm)
+  start = jax.tree.map(jnp.copy, state.model_state)
+  step_fn = train.make_train_step(model, None, normalizer=norm,
+                                  physical_batch_size=4)
+  images = _images(12, seed=3)
+  mask = np.arange(12) < 6  # the last piece is padding only
+  state, metrics = step_fn(state, images, jnp.zeros(12, jnp.int32),
+                           np.arange(12), mask)
+  assert np.isfinite(float(metrics['loss']))
+  leaves = jax.tree.leaves((state.params, state.model_state))
+  assert all(np.all(np.isfinite(x)) for x in leaves)
+  assert _max_change(start, state.model_state) > 0
+
+
+def test_batch_policy_runs_from_config_fields(monkeypatch, tmp_path):
+  """dpjax-train: BatchNorm-in-training-mode inside batch-clipping groups,
+  running statistics from public batches for evaluation."""
+  monkeypatch.setattr(train.models, 'get_model', lambda *a, **k: TinyBN())
+  config = default.get_config()
+  config.progress_bar = False
+  config.normalization.policy = 'batch'
+  config.data.public_fraction = 0.05
+  config.privacy.steps = 2
+  config.privacy.expected_batch_size = 32
+  config.privacy.accountant = 'gdp'
+  config.privacy.clipping.mode = 'batch'
+  config.privacy.clipping.group_size = 8
+  config.perf.physical_batch_size = 16
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['normalization'] == {
+      'policies': {'batch_stats': 'batch'}, 'public_batch_size': 32,
+      'eval_statistics': 'public'}
+  assert summary['clipping_mode'] == 'batch' and summary['sensitivity'] == 2.0
+  assert 0 < summary['test_accuracy'] <= 1
