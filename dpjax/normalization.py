@@ -170,7 +170,8 @@ def check_policies(policies: Mapping[str, str], *, has_public: bool,
         "normalization policy 'batch' runs BatchNorm in training mode over a"
         ' batch-clipping group, which is sound only when the whole group\'s'
         ' gradient is clipped as one quantity; it requires batch clipping,'
-        ' which this run does not use. Select batch clipping, or choose'
+        " which this run does not use. Set privacy.clipping.mode='batch'"
+        ' (with clipping.group_size > 1), or choose'
         " 'public', 'frozen' or 'privatized'.")
 
 

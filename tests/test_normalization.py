@@ -139,7 +139,7 @@ def test_batch_policy_refused_without_batch_clipping(tiny):
   assert norm.policies == {'batch_stats': 'batch'}
 
 
-def test_batch_policy_refused_by_dpjax_train(tmp_path):
+def test_batch_policy_refused_without_batch_clipping(tmp_path):
   config = default.get_config()
   config.progress_bar = False
   config.model.name = 'resnet8'
