@@ -19,10 +19,39 @@ def get_config() -> ml_collections.ConfigDict:
   # Fraction of the training set held out as PUBLIC data (removed from the
   # private set; used for BatchNorm statistics or clip thresholds).
   config.data.public_fraction = 0.0
+  # Or another dataset's training split as public data (same image shape),
+  # read from public_manual_dir; public_size keeps that many public examples.
+  config.data.public_dataset = ml_collections.config_dict.placeholder(str)
+  config.data.public_manual_dir = ml_collections.config_dict.placeholder(str)
+  config.data.public_size = ml_collections.config_dict.placeholder(int)
+  # A seeded subset of the private training set (small experiments).
+  config.data.train_size = ml_collections.config_dict.placeholder(int)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'small_cnn'
-  config.model.activation = 'tanh'
+  # None: the model's default (tanh for the CNNs, relu for the ResNets, mish
+  # for ResNet-9).
+  config.model.activation = ml_collections.config_dict.placeholder(str)
+  # Residual networks (dpjax/resnets.py): 'none' | 'group' | 'batch' (None:
+  # the model's default), GroupNorm groups (None: default), ScaleNorm, a
+  # channel-width multiplier, learned scale/bias in the norms.
+  config.model.norm = ml_collections.config_dict.placeholder(str)
+  config.model.num_groups = ml_collections.config_dict.placeholder(int)
+  config.model.scale_norm = False
+  config.model.width = 1.0
+  config.model.affine = True
+
+  # What DP training does with data-dependent collections such as BatchNorm
+  # statistics (dpjax/normalization.py): 'reject' | 'public' | 'frozen' |
+  # 'privatized' | 'batch', or per collection 'batch_stats:public,...'.
+  config.normalization = ml_collections.ConfigDict()
+  config.normalization.policy = 'reject'
+  config.normalization.public_batch_size = 32
+  config.normalization.stats_gradient = False
+  config.normalization.momentum = 0.9
+  config.normalization.stats_clip_norm = 10.0
+  config.normalization.stats_budget = 0.1
+  config.normalization.eval_statistics = 'public'
 
   # Everything that changes the privacy guarantee, and nothing else. A set
   # `steps` replaces `epochs`; a set `noise_multiplier` replaces

@@ -3,6 +3,7 @@
 Per-example gradients (:func:`clipped_grad`), clipping and noise as optax
 transforms (:func:`clip_per_example`, :func:`add_gaussian_noise`), Poisson
 sampling, and accounting on dp-accounting, tied together by :func:`make_plan`.
+BatchNorm statistics under DP follow a policy (:func:`make_normalizer`).
 """
 
 from dpjax.accounting import calibrate_noise_multiplier
@@ -21,6 +22,9 @@ from dpjax.noise import add_gaussian_noise
 from dpjax.noise import add_gaussian_noise_from_state
 from dpjax.noise import GaussianNoiseState
 from dpjax.noise import private_aggregate
+from dpjax.normalization import batchnorm_group_loss
+from dpjax.normalization import make_normalizer
+from dpjax.normalization import NormalizationConfig
 from dpjax.per_example import clipped_grad
 from dpjax.per_example import ClippedGrad
 from dpjax.per_example import per_example_grads

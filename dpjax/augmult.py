@@ -26,13 +26,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from dpjax import augment as augment_lib
+
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 LossFn = Callable[..., Any]
-
-
-def random_flip(key: jax.Array, image: jax.Array) -> jax.Array:
-  """Flips ``image`` [H, W, C] left-right with probability 1/2."""
-  return jnp.where(jax.random.bernoulli(key), image[:, ::-1], image)
 
 
 def random_shift(key: jax.Array, image: jax.Array, max_shift: int = 1
@@ -49,9 +46,14 @@ def random_shift(key: jax.Array, image: jax.Array, max_shift: int = 1
   return jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, image.shape[2]))
 
 
+random_flip = augment_lib.random_flip
+
 AUGMENTATIONS: dict[str, Augment] = {
     'flip': random_flip,
     'shift': random_shift,
+    # The standard CIFAR crop (padding 4) and crop + flip: dpjax/augment.py.
+    'crop': augment_lib.random_crop,
+    'crop_flip': augment_lib.crop_and_flip,
 }
 
 

@@ -5,14 +5,21 @@ Private Learning Needs Better Features (or Much More Data)"), with the tanh
 activations that Papernot et al. 2021 ("Tempered Sigmoid Activations for Deep
 Learning with Differential Privacy") found better than ReLU under DP-SGD
 because they keep activations, hence gradient norms, bounded.
+
+:func:`get_model` also builds the residual networks of :mod:`dpjax.resnets`
+(ResNet-18, ResNet-20, ResNet-8, ResNet-9, WRN-16-4, each with a choice of
+normalization) and the Flax NNX CNN of :mod:`dpjax.nnx_models`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+
+from dpjax import nnx_models
+from dpjax import resnets
 
 
 class TanhCNN(nn.Module):
@@ -81,16 +88,63 @@ MODELS: dict[str, type[nn.Module]] = {
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'tanh': nn.tanh,
     'relu': nn.relu,
+    'mish': jax.nn.mish,
+    'gelu': nn.gelu,
+    'silu': nn.silu,
+    'elu': nn.elu,
 }
 
+# Residual networks with a choice of normalization (dpjax/resnets.py), and a
+# Flax NNX CNN behind flax's Linen bridge (dpjax/nnx_models.py).
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS) + tuple(resnets.RESNETS) + (
+    'nnx_cnn',)
 
-def get_model(name: str, num_classes: int,
-              activation: str = 'tanh') -> nn.Module:
-  """A model from :data:`MODELS` by name."""
-  if name not in MODELS:
-    raise ValueError(f'Unknown model {name!r}; known: {sorted(MODELS)}.')
-  if activation not in ACTIVATIONS:
+
+def get_model(name: str, num_classes: int, activation: str | None = None, *,
+              norm: str | None = None, num_groups: int | None = None,
+              scale_norm: bool = False, width: float = 1.0,
+              affine: bool = True) -> nn.Module:
+  """A Linen model by name (see :data:`MODEL_NAMES`).
+
+  Args:
+    name: 'tanh_cnn', 'small_cnn', 'cifar_tanh_cnn', 'resnet18', 'resnet20',
+      'resnet8', 'resnet9', 'wrn16_4' or 'nnx_cnn'.
+    num_classes: size of the output layer.
+    activation: a key of :data:`ACTIVATIONS`; None: the model's default (tanh
+      for the CNNs, relu for the ResNets, mish for ResNet-9).
+    norm: residual networks only: 'none', 'group' or 'batch' (None: the
+      model's default; 'batch' puts statistics in ``batch_stats``, which DP
+      training handles by a :mod:`dpjax.normalization` policy).
+    num_groups: GroupNorm groups (None: the model's default).
+    scale_norm: residual networks only: a norm after each residual addition.
+    width: residual networks only: multiplier of every channel count.
+    affine: residual networks only: learned scale and bias in the norms.
+
+  Returns:
+    A ``flax.linen.Module``; the residual networks take ``train``.
+  """
+  if name not in MODEL_NAMES:
+    raise ValueError(f'Unknown model {name!r}; known: {sorted(MODEL_NAMES)}.')
+  if activation is not None and activation not in ACTIVATIONS:
     raise ValueError(
         f'Unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}.')
-  return MODELS[name](num_classes=num_classes,
-                      activation=ACTIVATIONS[activation])
+  if name in resnets.RESNETS:
+    build, default_norm, default_groups, default_activation = (
+        resnets.RESNETS[name])
+    norm = resnets.check_norm(default_norm if norm is None else norm)
+    options: dict[str, Any] = dict(
+        num_classes=num_classes, norm=norm, scale_norm=scale_norm,
+        num_groups=default_groups if num_groups is None else num_groups,
+        width=width, affine=affine,
+        activation=ACTIVATIONS[activation or default_activation])
+    return build(**options)
+  if norm not in (None, 'none') or scale_norm or width != 1.0 or not affine:
+    raise ValueError(
+        f'model {name!r} has no normalization or width options (got norm='
+        f'{norm!r}, scale_norm={scale_norm!r}, width={width!r}); use one of'
+        f' {sorted(resnets.RESNETS)}.')
+  activation = ACTIVATIONS[activation or 'tanh']
+  if name == 'nnx_cnn':
+    return nnx_models.NnxCNNLinen(num_classes=num_classes,
+                                  activation=activation)
+  return MODELS[name](num_classes=num_classes, activation=activation)

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any, Callable, NamedTuple
 
+from flax import struct
 from flax.training import train_state as train_state_lib
 import flax.linen as nn
 import jax
@@ -27,6 +28,7 @@ from dpjax import accounting
 from dpjax import accumulation
 from dpjax import augmult as augmult_lib
 from dpjax import averaging
+from dpjax import batch_clipping
 from dpjax import checkpoint
 from dpjax import clipping as clipping_lib
 from dpjax import config_validation
@@ -34,6 +36,7 @@ from dpjax import data as data_lib
 from dpjax import distributed
 from dpjax import modelmix as modelmix_lib
 from dpjax import models
+from dpjax import normalization
 from dpjax import plan as plan_lib
 from dpjax import plots
 from dpjax import pruning
@@ -46,11 +49,14 @@ class TrainState(train_state_lib.TrainState):
   ``clip_state`` is the clipping's state (per-layer thresholds, adaptive
   thresholds and counts), carried across steps and checkpointed with the rest.
   ``pruning`` is the :class:`dpjax.pruning.PruningState` (the step's parameter
-  mask) when ``config.pruning`` is on.
+  mask) when ``config.pruning`` is on. ``model_state`` holds the model's
+  non-parameter collections (BatchNorm's ``batch_stats``) as its
+  :mod:`dpjax.normalization` policy keeps them.
   """
 
   clip_state: Any = None
   pruning: Any = None
+  model_state: Any = struct.field(default_factory=dict)
 
 
 class RunKeys(NamedTuple):
@@ -66,18 +72,25 @@ class RunKeys(NamedTuple):
   clip: jax.Array
   mix: jax.Array
   prune: jax.Array
+  stats: jax.Array  # privatized BatchNorm statistics (dpjax.normalization)
 
   @classmethod
   def from_seed(cls, seed: int) -> 'RunKeys':
     root = jax.random.key(seed)
-    return cls(*(jax.random.fold_in(root, i) for i in range(5)))
+    return cls(*(jax.random.fold_in(root, i)
+                 for i in range(len(cls._fields))))
 
 
-def example_loss(model: nn.Module) -> Callable[..., Any]:
-  """Cross-entropy of ONE example ``{'image': [H, W, C], 'label': []}``."""
+def example_loss(model: nn.Module,
+                 model_state: Any = None) -> Callable[..., Any]:
+  """Cross-entropy of ONE example ``{'image': [H, W, C], 'label': []}``.
+
+  ``model_state``: fixed non-parameter collections (inference mode).
+  """
 
   def loss_fn(params, example):
-    logits = model.apply({'params': params}, example['image'][None])[0]
+    logits = model.apply({'params': params, **(model_state or {})},
+                         example['image'][None])[0]
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, example['label'])
     return loss
@@ -106,19 +119,21 @@ def make_optimizer(config: ml_collections.ConfigDict,
       f"optimizer.name must be 'sgd', 'adam' or 'nadam', got {config.name!r}.")
 
 
-def create_train_state(model: nn.Module, key: jax.Array, image_shape,
-                       tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(
+    model: nn.Module, key: jax.Array, image_shape,
+    tx: optax.GradientTransformation,
+    normalizer: normalization.Normalizer | None = None) -> TrainState:
+  """Initial state; the model's collections as ``normalizer`` keeps them.
+
+  Without a normalizer, a model with data-dependent collections (BatchNorm
+  statistics) is refused: the default policy is 'reject'.
+  """
   # One compilation instead of one per initializer op.
   variables = jax.jit(model.init)(key, jnp.zeros((1,) + tuple(image_shape)))
-  extra = set(variables) - {'params'}
-  if extra:
-    raise ValueError(
-        f'The model declares mutable collections {sorted(extra)} (e.g.'
-        ' BatchNorm statistics). They depend on the data of every example in'
-        ' a batch, so per-example clipping no longer bounds one example\'s'
-        ' influence. Use GroupNorm/LayerNorm instead.')
+  if normalizer is None:
+    normalizer = normalization.make_normalizer(model, variables)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           tx=tx)
+                           tx=tx, model_state=normalizer.init_state(variables))
 
 
 def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
@@ -127,12 +142,15 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
                     physical_batch_size: int | None = None,
                     augmult: augmult_lib.AugMult | None = None,
                     pruner: pruning.Pruner | None = None,
-                    public: Any = None):
-  """``step(state, images, labels, indices, mask) -> (state, metrics)``.
+                    public_split: Any = None,
+                    normalizer: normalization.Normalizer | None = None,
+                    stats_key: jax.Array | None = None):
+  """``step(state, images, labels, indices, mask, public=None)``.
 
-  One logical step. With a plan: DP-SGD (clipped sum of per-example
-  gradients; the noise is in ``state.tx``). Without one: the non-private step
-  on the mean loss of the real rows, the baseline of the same model and batch.
+  One logical step, returning ``(state, metrics)``. With a plan: DP-SGD
+  (clipped sum of per-example gradients; the noise is in ``state.tx``).
+  Without one: the non-private step on the mean loss of the real rows, the
+  baseline of the same model and batch.
 
   The padded batch is cut into physical batches of ``physical_batch_size``
   rows, each one's gradient sum computed by its own device call (over the
@@ -142,11 +160,42 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
   With a ``mesh``, put the state and the data on it first
   (:func:`dpjax.distributed.put_replicated`). With a ``pruner`` (DP only;
   ``state.tx`` built with :func:`dpjax.pruning.masked_chain`), each step first
-  updates ``state.pruning`` (``public``: the public split, for the public mask
-  sources), cuts each per-example gradient to the mask before clipping and
-  passes the mask to ``state.tx``.
+  updates ``state.pruning`` (``public_split``: the public split, for the
+  public mask sources), cuts each per-example gradient to the mask before
+  clipping and passes the mask to ``state.tx``.
+
+  A model with BatchNorm statistics runs as ``normalizer``'s policy says
+  (:mod:`dpjax.normalization`); ``public`` is the step's public batch
+  (:meth:`~dpjax.normalization.Normalizer.public_batch`) and ``stats_key``
+  the key of privatized statistics' noise.
   """
-  loss_fn = example_loss(model)
+  norm = normalizer if normalizer is not None and normalizer.policies else None
+  bn = None if norm is None else norm.bn_policy
+  privatized = norm is not None and norm.has_aux
+  group_bn = plan is not None and bn == 'batch'
+  train_bn = plan is None and bn is not None
+  if norm is not None and mesh is not None:
+    raise ValueError(
+        f'the model has data-dependent collections {sorted(norm.policies)}'
+        ' (BatchNorm statistics), which the multi-device path does not'
+        ' carry; set perf.num_devices=1 (physical batches work:'
+        " perf.physical_batch_size), or use model.norm='group'.")
+  if augmult is not None and (privatized or group_bn or train_bn):
+    raise ValueError(
+        'augmentation multiplicity (augmult.num_views > 0) averages a'
+        ' one-example loss over views; it does not combine with BatchNorm in'
+        f' training mode or privatized statistics (policy {bn!r}). Set'
+        " augmult.num_views=0, or use normalization.policy 'public' or"
+        " 'frozen'.")
+  if pruner is not None and norm is not None:
+    raise ValueError(
+        'config.pruning does not combine with data-dependent collections'
+        f' {sorted(norm.policies)} (BatchNorm statistics) yet: the mask'
+        " chooser's loss has no model state. Use model.norm='group' or"
+        " 'none', or pruning.mode='none'.")
+  if privatized and stats_key is None:
+    raise ValueError("policy 'privatized' needs stats_key (its noise key).")
+  loss_fn = example_loss(model) if norm is None else norm.example_loss()
   if augmult is not None:
     loss_fn = augmult.loss(loss_fn)
   if pruner is not None:
@@ -156,17 +205,52 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
     update_mask = jax.jit(pruner.update)
 
   def gather(data, indices):
-    images, labels = data
+    images, labels = data[:2]
     batch = {'image': images[indices], 'label': labels[indices]}
     if augmult is not None:
       batch['index'] = indices
     return batch
 
-  def loss_args(state):
+  def loss_args(state, data):
+    # The step's model state and public batch ride in data (normalization);
+    # the pruning mask is the outermost loss's first argument.
     args = () if augmult is None else (augmult.step_key(state.step),)
+    args = args + tuple(data[2:])
     return args if pruner is None else (state.pruning.mask,) + args
 
-  if plan is None:
+  if train_bn:
+    # Non-private baseline: BatchNorm in training mode over each physical
+    # batch's real rows; the running statistics average over the pieces.
+    group_loss = normalization.batchnorm_group_loss(model)
+
+    def bn_sum_loss(params, batch, mask, model_state, public):
+      del public
+      loss, aux = group_loss(params, batch, mask, model_state)
+      return loss * mask.shape[0], aux[normalization.BATCH_STATS]
+
+    bn_sum_grad = jax.value_and_grad(bn_sum_loss, has_aux=True)
+
+    def grad_step(state, data, indices, mask):
+      (loss_sum, stats), grads = bn_sum_grad(
+          state.params, gather(data, indices), mask, *loss_args(state, data))
+      # A piece of padding only has no statistics (and NaN gradients).
+      real = mask.any()
+      keep = lambda t: jax.tree.map(lambda x: jnp.where(real, x, 0), t)
+      return keep(grads), {'loss_sum': keep(loss_sum), 'count': mask.sum(),
+                           'bn_stats': keep(stats), 'bn_pieces': real * 1}
+
+    def apply_step(state, grads, sums):
+      count = jnp.maximum(sums['count'], 1)
+      pieces = sums['bn_pieces']
+      stats = jax.tree.map(
+          lambda new, old: jnp.where(pieces > 0,
+                                     new / jnp.maximum(pieces, 1), old),
+          sums['bn_stats'], state.model_state[normalization.BATCH_STATS])
+      return state.apply_gradients(
+          grads=jax.tree.map(lambda g: g / count, grads),
+          model_state={**state.model_state,
+                       normalization.BATCH_STATS: stats})
+  elif plan is None:
     def sum_loss(params, batch, mask, *args):
       in_axes = (None, 0) + (None,) * len(args)
       losses = jax.vmap(loss_fn, in_axes=in_axes)(params, batch, *args)
@@ -177,7 +261,7 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
 
     def grad_step(state, data, indices, mask):
       loss_sum, grads = sum_grad(state.params, gather(data, indices), mask,
-                                 *loss_args(state))
+                                 *loss_args(state, data))
       return grads, {'loss_sum': loss_sum, 'count': mask.sum()}
 
     def apply_step(state, grads, sums):
@@ -185,8 +269,19 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
       return state.apply_gradients(
           grads=jax.tree.map(lambda g: g / count, grads))
   else:
-    if mesh is None:
-      grad_fn = plan.clipped_grad(loss_fn, microbatch_size=microbatch_size)
+    if group_bn:
+      # Training-mode BatchNorm inside each batch-clipping group; the
+      # group's updated statistics (aux) are dropped, never released.
+      group_loss = normalization.batchnorm_group_loss(model)
+      grad_fn = batch_clipping.batch_clipped_grad(
+          lambda params, group, group_mask, model_state, public: group_loss(
+              params, group, group_mask, model_state),
+          plan.clipping, has_aux=True,
+          microbatch_size=None if microbatch_size is None else max(
+              1, microbatch_size // plan.group_size))
+    elif mesh is None:
+      grad_fn = plan.clipped_grad(loss_fn, microbatch_size=microbatch_size,
+                                  has_aux=privatized)
     elif plan.mode == 'batch':
       raise ValueError(
           "clipping.mode='batch' does not run on a device mesh; set"
@@ -198,8 +293,8 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
 
     def grad_step(state, data, indices, mask):
       out = grad_fn(state.params, gather(data, indices), mask,
-                    clip_state=state.clip_state, args=loss_args(state))
-      return out.grad_sum, {
+                    clip_state=state.clip_state, args=loss_args(state, data))
+      sums = {
           # Per-group losses in 'batch' mode are means over m rows.
           'loss_sum': out.stats.losses.sum() * plan.group_size,
           'count': mask.sum(),
@@ -210,6 +305,11 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
           'clip_increment': clipping_lib.state_increment(
               state.clip_state, out.clip_state),
       }
+      if privatized:
+        # Clipped per-example moments: summed over pieces, noised once.
+        sums['moment_sum'] = norm.moment_sum(state.model_state,
+                                             out.stats.aux, mask)
+      return out.grad_sum, sums
 
     def apply_step(state, grads, sums):
       clip_state = clipping_lib.add_state_increment(
@@ -221,44 +321,69 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
       updates, opt_state = state.tx.update(
           grads, state.opt_state, state.params, clip_state=clip_state,
           **mask_args)
+      model_state = state.model_state
+      if privatized:
+        model_state = norm.privatized_state(
+            model_state, sums['moment_sum'],
+            jax.random.fold_in(stats_key, state.step))
       return state.replace(
           step=state.step + 1,
           params=optax.apply_updates(state.params, updates),
           opt_state=opt_state,
-          clip_state=plan.clipping.end_step(clip_state))
+          clip_state=plan.clipping.end_step(clip_state),
+          model_state=model_state)
 
   place = None if mesh is None else (
       lambda x: distributed.put_sharded(x, mesh))
   logical_step = accumulation.make_logical_step(
       grad_step, apply_step, physical_batch_size=physical_batch_size,
       place_batch=place)
+  step_state = None if norm is None else jax.jit(norm.step_state)
 
-  def step(state, images, labels, indices, mask):
+  def step(state, images, labels, indices, mask, public=None):
     if plan is not None and state.clip_state is None:
       # A state made by create_train_state alone: the clipping starts fresh.
       state = state.replace(clip_state=plan.clipping.init(state.params))
     if pruner is not None:
       state = state.replace(
-          pruning=update_mask(state.pruning, state.params, public))
-    state, sums = logical_step(state, (images, labels), indices, mask)
-    sums.pop('clip_increment', None)
+          pruning=update_mask(state.pruning, state.params, public_split))
+    data = (images, labels)
+    if norm is not None:
+      loss_state, next_state = step_state(state.params, state.model_state,
+                                          public)
+      data = (images, labels, loss_state, public)
+    state, sums = logical_step(state, data, indices, mask)
+    if norm is not None and norm.tracks_public:
+      state = state.replace(model_state=next_state)
+    for key in ('clip_increment', 'moment_sum', 'bn_stats', 'bn_pieces'):
+      sums.pop(key, None)
     metrics = dict(sums, loss=sums['loss_sum'] / jnp.maximum(sums['count'], 1))
     return state, metrics
 
   return step
 
 
-def make_eval_fn(model: nn.Module, batch_size: int = 1000):
-  """``evaluate(params, dataset) -> {'accuracy', 'loss'}`` in fixed chunks."""
+def make_eval_fn(model: nn.Module, batch_size: int = 1000,
+                 normalizer: normalization.Normalizer | None = None):
+  """``evaluate(params, dataset, model_state=None) -> {'accuracy', 'loss'}``.
+
+  Evaluates in fixed chunks; with a normalizer, BatchNorm uses the statistics
+  its policy keeps in ``model_state`` (or each chunk's own, masked).
+  """
+  norm = normalizer if normalizer is not None and normalizer.policies else None
 
   @jax.jit
-  def eval_chunk(params, images, labels, mask):
-    logits = model.apply({'params': params}, images)
+  def eval_chunk(params, images, labels, mask, model_state):
+    if norm is None:
+      logits = model.apply({'params': params}, images)
+    else:
+      logits = norm.eval_apply({'params': params, **model_state}, images, mask)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = jnp.argmax(logits, -1) == labels
     return jnp.sum(correct & mask), jnp.sum(jnp.where(mask, losses, 0))
 
-  def evaluate(params, dataset: data_lib.ArrayDataset) -> dict[str, float]:
+  def evaluate(params, dataset: data_lib.ArrayDataset,
+               model_state=None) -> dict[str, float]:
     n = len(dataset)
     size = min(batch_size, n)
     correct = loss = 0.0
@@ -270,7 +395,8 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000):
         images = np.concatenate([images, np.zeros(
             (size - real,) + images.shape[1:], images.dtype)])
         labels = np.concatenate([labels, np.zeros(size - real, labels.dtype)])
-      c, l = eval_chunk(params, images, labels, np.arange(size) < real)
+      c, l = eval_chunk(params, images, labels, np.arange(size) < real,
+                        model_state or {})
       correct += float(c)
       loss += float(l)
     return {'accuracy': correct / n, 'loss': loss / n}
@@ -279,15 +405,17 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000):
 
 
 def layerwise_thresholds(plan: plan_lib.DPPlan, model: nn.Module,
-                         splits: data_lib.DataSplits):
+                         splits: data_lib.DataSplits, model_state: Any = None):
   """The run's ALC schedule (None unless clipping.layers = 'alc').
 
   It sees ``splits.public`` only: the private split never sets a threshold.
+  BatchNorm models run in inference mode on the (public or initial)
+  statistics ``model_state``.
   """
   public = None if splits.public is None else {
       'image': jnp.asarray(splits.public.images),
       'label': jnp.asarray(splits.public.labels)}
-  return plan.layerwise_thresholds(example_loss(model), public)
+  return plan.layerwise_thresholds(example_loss(model, model_state), public)
 
 
 def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
@@ -307,6 +435,25 @@ def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
       delta=p.delta, expected_batch_size=p.expected_batch_size,
       epochs=None if steps_given else p.epochs, steps=p.steps,
       accountant=p.accountant, clipping=clipping)
+
+
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The normalization and width options of ``config.model`` for get_model."""
+  return {k: config[k] for k in ('norm', 'num_groups', 'scale_norm', 'width',
+                                 'affine') if k in config}
+
+
+def data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The public-data and subset options of ``config.data`` for data.load."""
+  return {k: config[k] for k in ('public_dataset', 'public_manual_dir',
+                                 'public_size', 'train_size') if k in config}
+
+
+def normalization_config(
+    config: ml_collections.ConfigDict) -> normalization.NormalizationConfig:
+  """``config.normalization`` as a :class:`NormalizationConfig`."""
+  fields = config.get('normalization') or {}
+  return normalization.NormalizationConfig(seed=config.seed, **fields)
 
 
 def _optimizer_chain(config: ml_collections.ConfigDict,
@@ -389,12 +536,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     jax.distributed.initialize()  # auto-detects SLURM, Open MPI, TPU pods
   splits = data_lib.load(config.data.name, manual_dir=config.data.manual_dir,
                          tfds_data_dir=config.data.tfds_data_dir,
-                         public_fraction=config.data.public_fraction)
+                         public_fraction=config.data.public_fraction,
+                         **data_options(config.data))
   config_validation.check_splits(splits)
   n = len(splits.train)
 
   model = models.get_model(config.model.name, splits.num_classes,
-                           config.model.activation)
+                           config.model.activation,
+                           **model_options(config.model))
   pruner = _pruner(config, model)
   keys = RunKeys.from_seed(config.seed)
   num_devices = config.perf.num_devices or jax.device_count()
@@ -408,10 +557,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   private = config.privacy.enabled
   mixing = config.get('modelmix') is not None and config.modelmix.enabled
+  image_shape = splits.train.images.shape[1:]
+  variables_shape = jax.eval_shape(model.init, jax.random.key(0),
+                                   jnp.zeros((1,) + image_shape))
   if private:
-    params_shape = jax.eval_shape(
-        model.init, jax.random.key(0),
-        jnp.zeros((1,) + splits.train.images.shape[1:]))['params']
+    params_shape = variables_shape['params']
     plan = plan_lib.make_plan(
         privacy_config(config), n, pad_to_multiple_of=pad,
         sampler_seed=config.seed, params=params_shape, clip_key=keys.clip)
@@ -426,34 +576,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     num_steps = privacy_config(config).steps or accounting.steps_for_epochs(
         config.privacy.epochs, sampler.sampling_rate)
 
+  normalizer = normalization.make_normalizer(
+      model, variables_shape, normalization_config(config),
+      public_images=None if splits.public is None else splits.public.images,
+      plan=plan, private=private,
+      batch_clipping=private and plan.mode == 'batch')
+  if mixing and normalizer.has_aux:
+    raise ValueError(
+        "normalization.policy 'privatized' releases statistics beside the"
+        " gradient, which the ModelMix accountant does not cover; use"
+        " 'public' or 'frozen' with modelmix.enabled.")
+  if private:
+    # 'privatized' statistics take their share of the gradient's noise.
+    plan = normalizer.noise_plan(plan)
   tx = _optimizer_chain(config, plan, keys, num_steps)
   if mixing:
     mixing_report = _modelmix_report(
         config, plan, config.modelmix.tau_over_lr
         * config.optimizer.learning_rate)
-  state = create_train_state(model, keys.init, splits.train.images.shape[1:],
-                             tx)
+  state = create_train_state(model, keys.init, image_shape, tx, normalizer)
   alc = None
   if private:
     state = state.replace(clip_state=plan.clipping.init(state.params))
-    alc = layerwise_thresholds(plan, model, splits)
-  public = None
+    alc = layerwise_thresholds(plan, model, splits, state.model_state)
+  public_split = None
   if pruner is not None:
     if pruning_config(config).needs_public_data and splits.public is not None:
-      public = {'image': jnp.asarray(splits.public.images),
-                'label': jnp.asarray(splits.public.labels)}
+      public_split = {'image': jnp.asarray(splits.public.images),
+                      'label': jnp.asarray(splits.public.labels)}
       if mesh is not None:
-        public = distributed.put_replicated(public, mesh)
+        public_split = distributed.put_replicated(public_split, mesh)
     # The mask is data-independent or public: it costs no privacy.
     params, pruning_state = jax.jit(pruner.init)(state.params, keys.prune,
-                                                 public)
+                                                 public_split)
     state = state.replace(params=params, opt_state=tx.init(params),
                           pruning=pruning_state)
   train_step = make_train_step(model, plan, config.perf.microbatch_size,
                                mesh=mesh, physical_batch_size=physical,
                                augmult=_augmult(config), pruner=pruner,
-                               public=public)
-  evaluate = make_eval_fn(model)
+                               public_split=public_split,
+                               normalizer=normalizer, stats_key=keys.stats)
+  evaluate = make_eval_fn(model, normalizer=normalizer)
   images = jnp.asarray(splits.train.images)
   labels = jnp.asarray(splits.train.labels)
   if mesh is not None:
@@ -497,7 +660,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     batch = sampler.sample(step)
     padded_sizes.add(len(batch.indices))
     state, metrics = train_step(state, images, labels, batch.indices,
-                                batch.mask)
+                                batch.mask, normalizer.public_batch(step))
     if private:
       plan.record_step(ledger, step)
       num_nonfinite += metrics['num_nonfinite']
@@ -512,7 +675,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", eps=f'{eps:.3f}',
                       **(mixing_report.postfix() if mixing else {}))
     if eval_now:
-      result = evaluate(state.params, splits.test)
+      result = evaluate(state.params, splits.test, state.model_state)
       history['step'].append(step + 1)
       history['test_accuracy'].append(result['accuracy'])
       history['test_loss'].append(result['loss'])
@@ -521,7 +684,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         history['epsilon_modelmix'].append(mixing_report.plot_value())
       for name, params in averaging.averaged_params(state.opt_state).items():
         history.setdefault(f'test_accuracy_{name}', []).append(
-            evaluate(params, splits.test)['accuracy'])
+            evaluate(params, splits.test, state.model_state)['accuracy'])
     if ckpt_every and ((step + 1) % ckpt_every == 0 or last):
       checkpointer.save(step + 1, state, dict(
           meta, ledger=checkpoint.ledger_to_json(ledger), history=history,
@@ -540,6 +703,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if mixing:
     mixing_report.update(ledger)
     summary.update(mixing_report.summary())
+  if private and normalizer.policies:
+    summary.update(normalizer.summary())
   summary.update({
       'private': private,
       'dataset': splits.name,

@@ -1,13 +1,18 @@
-"""Tests for dpjax/data: IDX files, the MNIST builder on fixtures, digits."""
+"""Tests for dpjax/data: IDX files, the MNIST, Fashion-MNIST and CIFAR-10
+builders on fixtures and on the real files, digits, public data."""
 
 import os
+import pickle
 
 import numpy as np
 import pytest
 
 from dpjax import data
+from dpjax.data import cifar10
 from dpjax.data import digits
+from dpjax.data import fashion_mnist
 from dpjax.data import idx
+from dpjax.data import idx_builder
 from dpjax.data import mnist
 
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
@@ -162,3 +167,143 @@ def test_public_split_is_disjoint_and_leaves_the_private_set():
 def test_public_split_rejects_bad_fraction(fraction):
   with pytest.raises(ValueError, match='public'):
     data.load('digits', public_fraction=fraction)
+
+
+# FashionMNIST and CIFAR-10 builders, public data from another dataset.
+
+SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
+SHARED_FASHION = os.path.join(SHARED, 'fashion_mnist')
+SHARED_CIFAR = os.path.join(SHARED, 'cifar10', 'cifar-10-batches-py')
+
+
+def test_fashion_mnist_builder_on_fixtures(tmp_path):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  fixture = _write_fixture(raw)
+  splits = data.load('fashion_mnist', manual_dir=str(raw),
+                     tfds_data_dir=str(tmp_path / 'tfds'))
+  assert splits.name == 'fashion_mnist'
+  raw_pixels = np.rint(
+      (splits.train.images * fashion_mnist.STD + fashion_mnist.MEAN) * 255)
+  assert _as_set(raw_pixels[..., 0].astype(np.uint8),
+                 splits.train.labels) == _as_set(*fixture['train'])
+  assert len(splits.test) == 8
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_FASHION),
+                    reason='../shared/data/fashion_mnist is not present')
+def test_real_fashion_mnist_from_shared_data(tmp_path):
+  splits = data.load('fashion_mnist', manual_dir=SHARED_FASHION,
+                     tfds_data_dir=str(tmp_path / 'tfds'))
+  assert splits.train.images.shape == (60000, 28, 28, 1)
+  assert splits.test.images.shape == (10000, 28, 28, 1)
+  assert np.bincount(splits.test.labels).tolist() == [1000] * 10
+  # The published constants standardize the real training set.
+  x = splits.train.images.astype(np.float64)
+  assert abs(x.mean()) < 1e-2 and abs(x.std() - 1) < 1e-2
+
+
+def _write_cifar_fixture(directory, n=6):
+  rng = np.random.default_rng(2)
+  arrays = {}
+  for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+    images = rng.integers(0, 256, (n, 32, 32, 3), np.uint8)
+    labels = rng.integers(0, 10, n)
+    rows = images.transpose(0, 3, 1, 2).reshape(n, 3072)
+    with open(directory / name, 'wb') as f:
+      pickle.dump({b'batch_label': b'x', b'labels': labels.tolist(),
+                   b'data': rows, b'filenames': [b'f'] * n}, f)
+    arrays[name] = (images, labels)
+  return arrays
+
+
+def test_cifar10_builder_on_fixtures(tmp_path):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  fixture = _write_cifar_fixture(raw)
+  arrays = idx_builder.load_arrays(cifar10.Cifar10, str(raw),
+                                   str(tmp_path / 'tfds'))
+  images, labels = arrays['train']
+  assert images.shape == (30, 32, 32, 3) and images.dtype == np.uint8
+  expected = {(im.tobytes(), int(l)) for name, (ims, ls) in fixture.items()
+              if name != 'test_batch' for im, l in zip(ims, ls)}
+  assert {(im.tobytes(), int(l)) for im, l in zip(images, labels)} == expected
+  splits = data.load('cifar10', manual_dir=str(raw),
+                     tfds_data_dir=str(tmp_path / 'tfds'))
+  assert splits.name == 'cifar10' and len(splits.test) == 6
+  restored = np.rint((splits.test.images * cifar10.STD + cifar10.MEAN) * 255)
+  assert {im.astype(np.uint8).tobytes() for im in restored} == {
+      im.tobytes() for im in fixture['test_batch'][0]}
+
+
+def test_cifar10_refuses_a_pickle_that_runs_code(tmp_path):
+  path = tmp_path / 'data_batch_1'
+  path.write_bytes(pickle.dumps({b'data': os.system}))
+  with pytest.raises(pickle.UnpicklingError, match='refusing'):
+    cifar10.read_batch(str(path))
+
+
+def test_cifar10_missing_batch_is_named(tmp_path):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  _write_cifar_fixture(raw)
+  os.remove(raw / 'data_batch_3')
+  with pytest.raises(FileNotFoundError, match='data_batch_3'):
+    data.load('cifar10', manual_dir=str(raw),
+              tfds_data_dir=str(tmp_path / 'tfds'))
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_CIFAR),
+                    reason='../shared/data/cifar10 is not present')
+def test_real_cifar10_batches_from_shared_data():
+  """The real python batches, read as the builder reads them (the tfds
+  preparation itself, ~1 minute for 60000 images, is tested on fixtures)."""
+  parts = [cifar10.read_batch(idx_builder.find_file(SHARED_CIFAR, name))
+           for names in cifar10.Cifar10.FILES.values() for name in names]
+  images = np.concatenate([p[0] for p in parts[:5]])
+  labels = np.concatenate([p[1] for p in parts[:5]])
+  assert images.shape == (50000, 32, 32, 3) and parts[5][0].shape[0] == 10000
+  assert np.bincount(labels).tolist() == [5000] * 10
+  # The published per-channel constants standardize the real training set.
+  x = (images[::5].astype(np.float64) / 255 - cifar10.MEAN) / cifar10.STD
+  np.testing.assert_allclose(x.mean((0, 1, 2)), 0, atol=1e-2)
+  np.testing.assert_allclose(x.std((0, 1, 2)), 1, atol=1e-2)
+  # Channels are R, G, B planes: sky-blue airplanes are bluer than red.
+  planes = images[labels == 0].astype(np.float64).mean((0, 1, 2))
+  assert planes[2] > planes[0]
+
+
+def test_another_dataset_as_public_data(tmp_path):
+  for name in ('mnist', 'fashion'):
+    (tmp_path / name).mkdir()
+  fixture = _write_fixture(tmp_path / 'fashion', n_train=30)
+  _write_fixture(tmp_path / 'mnist')
+  splits = data.load('mnist', manual_dir=str(tmp_path / 'mnist'),
+                     tfds_data_dir=str(tmp_path / 'tfds'),
+                     public_dataset='fashion_mnist',
+                     public_manual_dir=str(tmp_path / 'fashion'),
+                     public_size=12)
+  assert len(splits.train) == 20  # the private set is untouched
+  assert len(splits.public) == 12
+  raw_pixels = np.rint(
+      (splits.public.images * fashion_mnist.STD + fashion_mnist.MEAN) * 255)
+  assert _as_set(raw_pixels[..., 0].astype(np.uint8), splits.public.labels) <= (
+      _as_set(*fixture['train']))
+  with pytest.raises(ValueError, match='not both'):
+    data.load('digits', public_fraction=0.1, public_dataset='mnist')
+  with pytest.raises(ValueError, match='must match'):
+    data.load('digits', public_dataset='mnist',
+              public_manual_dir=str(tmp_path / 'mnist'),
+              tfds_data_dir=str(tmp_path / 'tfds'))
+  with pytest.raises(ValueError, match='no public data'):
+    data.load('digits', public_size=5)
+
+
+def test_train_subset():
+  full = digits.load()
+  splits = data.load('digits', public_fraction=0.1, train_size=100)
+  assert len(splits.train) == 100
+  assert _as_set(splits.train.images, splits.train.labels) <= _as_set(
+      full.train.images, full.train.labels)
+  with pytest.raises(ValueError, match='subset size'):
+    data.load('digits', train_size=10**6)

@@ -58,6 +58,20 @@ def split_public(splits: DataSplits, public_fraction: float,
                          public=take(splits.train, public))
 
 
+def subsample_train(splits: DataSplits, size: int,
+                    seed: int = 0) -> DataSplits:
+  """Keeps a seeded random ``size`` examples of ``train`` (chosen by index)."""
+  n = len(splits.train)
+  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
+      not 0 < size <= n):
+    raise ValueError(
+        f'a subset size must be an integer in [1, {n}] (the examples'
+        f' available), got {size!r}.')
+  keep = np.sort(np.random.default_rng(seed).permutation(n)[:size])
+  return splits._replace(train=ArrayDataset(splits.train.images[keep],
+                                            splits.train.labels[keep]))
+
+
 def check_dataset(ds: ArrayDataset, num_classes: int, where: str) -> None:
   """Refuses data a training run would silently mishandle."""
   if ds.images.shape[0] != ds.labels.shape[0]:
