@@ -49,6 +49,33 @@ class ClipOutput(NamedTuple):
 ClipFn = Callable[[PyTree, Any, jax.Array], tuple[ClipOutput, Any]]
 
 
+class NormScales(NamedTuple):
+  """Per-example clip factors computed from per-example norms alone.
+
+  What a clipping returns when the gradients themselves were never
+  materialized (ghost norms, :mod:`dpjax.ghost`): the caller forms
+  ``sum_b where(keep_b, scales[leaf]_b * g_b[leaf], 0)`` for every leaf.
+
+  Attributes:
+    scales: a pytree with the structure of the squared norms it was given,
+      each leaf a [B] factor for that part of the gradient.
+    keep: [B] bool, False on padding rows and non-finite rows, which must
+      contribute exactly zero.
+    norms: [B] as in :class:`ClipOutput`.
+    num_nonfinite: as in :class:`ClipOutput`.
+    num_clipped: as in :class:`ClipOutput`.
+  """
+
+  scales: PyTree
+  keep: jax.Array
+  norms: jax.Array
+  num_nonfinite: jax.Array
+  num_clipped: jax.Array
+
+
+NormScalesFn = Callable[[PyTree, Any, jax.Array], tuple[NormScales, Any]]
+
+
 class PerExampleClipping(optax.GradientTransformationExtraArgs):
   """An optax transform over per-example gradients that knows its sensitivity.
 
@@ -59,7 +86,12 @@ class PerExampleClipping(optax.GradientTransformationExtraArgs):
   * ``clip(per_example_grads, state, mask) -> (ClipOutput, state)``, the same
     computation with per-example norms and counts, which the microbatching
     engine (:mod:`dpjax.per_example`) calls once per microbatch;
-  * ``sensitivity(relation)``, the L2 sensitivity of the clipped sum.
+  * ``sensitivity(relation)``, the L2 sensitivity of the clipped sum;
+  * ``scales_from_norms(sq_norms, state, mask) -> (NormScales, state)`` or
+    None: the same clipping computed from per-example SQUARED norms of each
+    part of the gradient (a pytree of [B] arrays, e.g. one per parameter),
+    for routes that never build per-example gradients (:mod:`dpjax.ghost`).
+    Clippings without it run on the vmap route only.
   """
 
   # A NamedTuple subclass without __slots__ has a __dict__, which is where the
@@ -67,6 +99,7 @@ class PerExampleClipping(optax.GradientTransformationExtraArgs):
   clip: ClipFn
   l2_bound: float
   name: str
+  scales_from_norms: NormScalesFn | None = None
 
   def sensitivity(
       self,
@@ -94,8 +127,14 @@ def make_per_example_clipping(
     clip_fn: ClipFn,
     l2_bound: float,
     name: str,
+    scales_from_norms: NormScalesFn | None = None,
 ) -> PerExampleClipping:
-  """Wraps a clip function into a :class:`PerExampleClipping` transform."""
+  """Wraps a clip function into a :class:`PerExampleClipping` transform.
+
+  ``scales_from_norms``, when given, must clip exactly as ``clip_fn`` does,
+  from per-example squared norms instead of gradients (see
+  :class:`PerExampleClipping`).
+  """
 
   def update_fn(updates, state, params=None, *, mask=None, **extra_args):
     del params, extra_args
@@ -106,6 +145,7 @@ def make_per_example_clipping(
   tx.clip = clip_fn
   tx.l2_bound = float(l2_bound)
   tx.name = name
+  tx.scales_from_norms = scales_from_norms
   return tx
 
 
@@ -209,6 +249,23 @@ def clip_per_example(l2_norm_clip: float) -> PerExampleClipping:
     )
     return out, state
 
+  def scales_fn(sq_norms, state, mask):
+    # The same rule as clip_fn, from squared norms of the gradient's parts.
+    sq = [x.astype(jnp.float32) for x in jax.tree.leaves(sq_norms)]
+    norms = jnp.sqrt(sum(sq))
+    mask = as_mask(mask, norms.shape[0])
+    finite = jnp.isfinite(norms)
+    keep = mask & finite
+    scale = bound / jnp.maximum(norms, bound)
+    out = NormScales(
+        scales=jax.tree.map(lambda _: scale, sq_norms),
+        keep=keep,
+        norms=jnp.where(mask, jnp.where(finite, norms, jnp.inf), 0.0),
+        num_nonfinite=jnp.sum(mask & ~finite),
+        num_clipped=jnp.sum(keep & (norms > bound)),
+    )
+    return out, state
+
   return make_per_example_clipping(
-      optax.init_empty_state, clip_fn, bound, 'flat'
+      optax.init_empty_state, clip_fn, bound, 'flat', scales_fn
   )

@@ -1,0 +1,705 @@
+"""Clipped sums without per-example gradients: ghost norms and book-keeping.
+
+Implements ghost clipping (Goodfellow 2015, "Efficient Per-Example Gradient
+Computations"; Li et al. 2022, "Large Language Models Can Be Strong
+Differentially Private Learners"), its per-layer mix with per-example layer
+gradients (Bu et al. 2022, "Scalable and Efficient Training of Large
+Convolutional Neural Networks with Differential Privacy", mixed ghost
+clipping) and book-keeping (Bu et al. 2023, "Differentially Private
+Optimization on Large Model at Small Cost"), in JAX for Flax ``nn.Dense`` and
+``nn.Conv`` layers.
+
+One batched forward and backward captures, for every supported layer, its
+input ``a`` and the gradient ``g`` of the example's loss with respect to its
+output (a zero perturbation added to the output by a Flax method interceptor).
+A layer's per-example kernel gradient is ``a_i^T g_i`` (conv: patches of
+``a_i``), so its squared norm comes either from Gram matrices,
+``<a_i a_i^T, g_i g_i^T>`` (the "ghost" norm: no per-example gradient is ever
+built), or from the per-example layer gradient itself ("direct"). Clip factors
+``c_i`` follow from the norms, and the clipped sum is book-kept from the same
+tensors, without a second backward: ``sum_i c_i a_i^T g_i`` is one layer
+weight-gradient with the output gradient scaled row by row, or the weighted
+sum of the direct per-example gradients. Parameters of any other layer
+(normalization, embeddings, custom modules) get per-example gradients by
+``vmap`` in the same pass.
+
+Privacy invariants owned here (DESIGN.md 1 and 6), shared with
+:mod:`dpjax.per_example`: padding rows and rows whose norm is not finite
+contribute exactly zero (``where`` on both ``a`` and ``g``, never a
+multiplication by zero), and each example's contribution has norm at most the
+clip bound. Ghost norms of sequences are float32 sums that can cancel, so they
+are replaced by a rigorous upper bound of the exact norm (the computed value
+plus a bound on its rounding error): clipping to an upper bound never lets an
+example exceed the bound. Supported layers are found by tracing, and a layer
+is used only if its kernel is a leaf of ``params`` used by nothing else
+(checked on the jaxpr) and its patch geometry reproduces its output (checked
+numerically), so a model this module misreads falls back to ``vmap`` instead
+of giving wrong norms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.extend.core as jax_core
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax import clipping as clipping_lib
+from dpjax import per_example
+
+PyTree = Any
+NORM_ROUTES = ('mixed', 'ghost', 'direct')
+# float32 unit roundoff, and the smallest normal number (XLA on CPU flushes
+# subnormals to zero, an absolute error of at most this per operation).
+_U = 2.0 ** -24
+_TINY = 2.0 ** -126
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """A Dense or Conv call whose norms and clipped sum this module computes.
+
+  Attributes:
+    path: the Flax module path.
+    module: an unbound copy of the module (applied to captured inputs).
+    call: index of this call among the model's Dense/Conv calls.
+    kernel: index of the kernel among ``jax.tree.leaves(params)``.
+    bias: index of the bias, or None.
+    in_shape: per-example input shape.
+    out_shape: per-example output shape.
+    tokens: T, rows of the per-example layer gradient product (sequence
+      positions times output pixels); 1 for a plain Dense.
+    fan_in: K, kernel rows per output feature (d_in, or kh*kw*c_in/groups).
+    features: C, output features.
+    groups: conv feature groups (1 for Dense).
+    geometry: for a conv, (kernel_size, strides, pads, dilation).
+    norm_route: 'ghost' (Gram matrices) or 'direct' (per-example layer
+      gradient).
+  """
+
+  path: tuple[str, ...]
+  module: nn.Module
+  call: int
+  kernel: int
+  bias: int | None
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  tokens: int
+  fan_in: int
+  features: int
+  groups: int
+  geometry: tuple | None
+  norm_route: str
+
+  @property
+  def is_conv(self) -> bool:
+    return self.geometry is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostPlan:
+  """Which parameters take which route for one model, loss and input shape.
+
+  Attributes:
+    layers: the layers handled by ghost norms / book-keeping.
+    fallback: indices (in ``jax.tree.leaves(params)``) of the parameters
+      whose per-example gradients come from ``vmap``.
+    num_calls: number of Dense/Conv calls seen (supported or not).
+    skipped: (path, reason) for each Dense/Conv call left to ``vmap``.
+  """
+
+  layers: tuple[Layer, ...]
+  fallback: tuple[int, ...]
+  num_calls: int
+  skipped: tuple[tuple[tuple[str, ...], str], ...]
+
+  def describe(self) -> str:
+    """One line per layer: its route and why a skipped layer was skipped."""
+    lines = [f"{'/'.join(l.path)}: {l.norm_route} norm (T={l.tokens},"
+             f' K={l.fan_in}, C={l.features})' for l in self.layers]
+    lines += [f"{'/'.join(p)}: vmap ({why})" for p, why in self.skipped]
+    lines.append(f'{len(self.fallback)} parameter arrays by vmap')
+    return '\n'.join(lines)
+
+
+def choose_norm_route(tokens: int, fan_in: int, features: int,
+                      policy: str = 'mixed') -> str:
+  """'ghost' or 'direct' for one layer under ``policy``.
+
+  'mixed' picks the cheaper in time under book-keeping: the direct route
+  costs T*K*C per example and reuses the per-example gradient for the sum;
+  the ghost route costs T^2 (K + C) for the norm plus T*K*C for the sum, so it
+  wins when T^2 (K + C) < K*C (always for a plain Dense, T = 1). 'ghost' uses
+  Gram matrices for every layer (memory B*T^2 instead of B*K*C); 'direct'
+  builds every per-example layer gradient.
+
+  Examples:
+    >>> from dpjax import ghost
+    >>> ghost.choose_norm_route(1, 512, 32), ghost.choose_norm_route(
+    ...     1024, 288, 32)
+    ('ghost', 'direct')
+  """
+  if policy not in NORM_ROUTES:
+    raise ValueError(
+        f'norm route must be one of {NORM_ROUTES}, got {policy!r}.')
+  # Beyond this the float32 error bound of a Gram norm is vacuous.
+  if max(tokens * tokens, fan_in, features) * _U > 0.01:
+    return 'direct'
+  if policy != 'mixed':
+    return policy
+  return 'ghost' if tokens ** 2 * (fan_in + features) < fan_in * features \
+      else 'direct'
+
+
+# ----------------------------------------------------------------------------
+# Conv geometry: patches whose product with the kernel is the conv output.
+
+
+def _conv_geometry(module: nn.Conv, in_shape: Sequence[int]):
+  """(kernel_size, strides, pads, dilation) of a flax Conv, or a reason."""
+  ks = module.kernel_size
+  ks = (ks,) if isinstance(ks, int) else tuple(ks)
+  n = len(ks)
+
+  def bcast(x):
+    x = 1 if x is None else x
+    return (x,) * n if isinstance(x, int) else tuple(x)
+
+  if bcast(module.input_dilation) != (1,) * n:
+    return 'input_dilation != 1'
+  strides, dilation = bcast(module.strides), bcast(module.kernel_dilation)
+  padding = nn.linear.canonicalize_padding(module.padding, n)
+  if isinstance(padding, str):
+    if padding not in ('SAME', 'VALID'):
+      return f'padding {padding!r}'
+    dilated = [(k - 1) * d + 1 for k, d in zip(ks, dilation)]
+    padding = jax.lax.padtype_to_pads(
+        tuple(in_shape[-n - 1:-1]), dilated, strides, padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return ks, strides, pads, dilation
+
+
+def conv_patches(x: jax.Array, geometry) -> jax.Array:
+  """Patches [..., *out_spatial, prod(kernel_size), C] of x [..., *spatial, C].
+
+  The patch axis is ordered like the kernel's (kh, kw, ...) axes, so for a
+  kernel of shape (*kernel_size, C, F), ``patches.reshape(..., -1) @
+  kernel.reshape(-1, F)`` is the convolution.
+  """
+  ks, strides, pads, dilation = geometry
+  n = len(ks)
+  lead = x.ndim - n - 1
+  zero = jnp.zeros((), x.dtype)
+  x = jax.lax.pad(x, zero, [(0, 0, 0)] * lead + [(lo, hi, 0) for lo, hi in pads]
+                  + [(0, 0, 0)])
+  spatial = x.shape[lead:lead + n]
+  out = [(s - (k - 1) * d - 1) // st + 1
+         for s, k, d, st in zip(spatial, ks, dilation, strides)]
+  cols = []
+  for offset in itertools.product(*(range(k) for k in ks)):
+    start = [0] * lead + [o * d for o, d in zip(offset, dilation)] + [0]
+    limit = list(x.shape[:lead]) + [
+        o * d + (m - 1) * st + 1
+        for o, d, m, st in zip(offset, dilation, out, strides)] + [x.shape[-1]]
+    cols.append(jax.lax.slice(x, start, limit,
+                              [1] * lead + list(strides) + [1]))
+  return jnp.stack(cols, axis=-2)
+
+
+def _grouped(patches: jax.Array, layer: Layer) -> jax.Array:
+  """[m, T, prod(ks), G, C/G]: patches of one example per row, by group."""
+  kk = math.prod(layer.geometry[0])
+  return patches.reshape(patches.shape[0], layer.tokens, kk, layer.groups, -1)
+
+
+def _conv_from_patches(patches: jax.Array, kernel: jax.Array,
+                       layer: Layer) -> jax.Array:
+  """The conv output [m, T, F] recomputed from grouped patches."""
+  p = _grouped(patches, layer)
+  g = layer.groups
+  w = kernel.reshape(p.shape[2], p.shape[4], g, -1)
+  return jnp.einsum('mtkgc,kcgo->mtgo', p, w).reshape(p.shape[0], p.shape[1],
+                                                      -1)
+
+
+def _geometry_reproduces_output(layer: Layer, dtype) -> bool:
+  """Whether patches x kernel equal the module's own output (random data)."""
+  with jax.ensure_compile_time_eval():
+    kx, kw, kb = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (1,) + layer.in_shape, dtype)
+    kshape = tuple(layer.geometry[0]) + (
+        layer.fan_in // math.prod(layer.geometry[0]), layer.features)
+    w = {'kernel': jax.random.normal(kw, kshape, dtype)}
+    if layer.bias is not None:
+      w['bias'] = jax.random.normal(kb, (layer.features,), dtype)
+    expected = layer.module.apply({'params': w}, x).reshape(
+        1, layer.tokens, layer.features)
+    got = _conv_from_patches(conv_patches(x, layer.geometry), w['kernel'],
+                             layer)
+    if 'bias' in w:
+      got = got + w['bias']
+    scale = float(jnp.max(jnp.abs(expected))) + 1.0
+    return bool(jnp.max(jnp.abs(got - expected)) <= 1e-4 * scale)
+
+
+# ----------------------------------------------------------------------------
+# Finding the layers: one trace records every Dense/Conv call, a second checks
+# that each candidate's parameters reach the loss through that call only.
+
+
+def _is_float32(x) -> bool:
+  return jnp.result_type(x) == jnp.float32
+
+
+def _inspect_call(module, args, kwargs, out, leaf_index, call):
+  """A :class:`Layer` for one intercepted call, or a reason to skip it."""
+  if kwargs or len(args) != 1:
+    return 'called with extra arguments'
+  x = args[0]
+  params = module.variables.get('params', {})
+  kernel = leaf_index.get(id(params.get('kernel')))
+  if kernel is None:
+    return 'kernel is not a leaf of params (transformed or lifted)'
+  bias = None
+  if module.use_bias:
+    bias = leaf_index.get(id(params.get('bias')))
+    if bias is None:
+      return 'bias is not a leaf of params'
+  if not (_is_float32(x) and _is_float32(out)
+          and _is_float32(params['kernel'])
+          and module.dtype in (None, jnp.float32)):
+    return 'not float32'
+  unbound = module.clone(parent=None)
+  in_shape, out_shape = tuple(x.shape), tuple(out.shape)
+  features = out_shape[-1]
+  if isinstance(module, nn.Conv):
+    if module.mask is not None:
+      return 'masked conv'
+    if module.conv_general_dilated is not None or (
+        module.conv_general_dilated_cls is not None):
+      return 'custom conv_general_dilated'
+    geometry = _conv_geometry(module, in_shape)
+    if isinstance(geometry, str):
+      return geometry
+    kernel_shape = params['kernel'].shape
+    groups = module.feature_group_count
+    fan_in = math.prod(kernel_shape[:-1])
+    tokens = math.prod(out_shape[:-1])
+  else:
+    if module.dot_general is not None or module.dot_general_cls is not None:
+      return 'custom dot_general'
+    if params['kernel'].ndim != 2:
+      return 'kernel is not 2-D'
+    geometry, groups = None, 1
+    fan_in = in_shape[-1]
+    tokens = math.prod(in_shape[:-1])
+  if features == 0 or fan_in == 0:
+    return 'empty layer'
+  return Layer(path=tuple(module.scope.path), module=unbound, call=call,
+               kernel=kernel, bias=bias, in_shape=in_shape,
+               out_shape=out_shape, tokens=tokens, fan_in=fan_in,
+               features=features, groups=groups, geometry=geometry,
+               norm_route='')
+
+
+def _supported_call(context) -> bool:
+  return context.method_name == '__call__' and type(context.module) in (
+      nn.Dense, nn.Conv)
+
+
+class _Capture:
+  """Method interceptor that runs owned layers from given weights.
+
+  Owned layer ``j`` computes ``module.apply({'params': weights[j]}, x) +
+  perturbations[j]`` and records ``x``; other calls run unchanged.
+  """
+
+  def __init__(self, layers, weights, perturbations):
+    self.by_call = {l.call: j for j, l in enumerate(layers)}
+    self.layers, self.weights, self.perturbations = (layers, weights,
+                                                     perturbations)
+    self.inputs = [None] * len(layers)
+    self.calls = 0
+    self.inside = False
+
+  def __call__(self, next_fun, args, kwargs, context):
+    if self.inside or not _supported_call(context):
+      return next_fun(*args, **kwargs)
+    call, self.calls = self.calls, self.calls + 1
+    j = self.by_call.get(call)
+    if j is None:
+      return next_fun(*args, **kwargs)
+    layer = self.layers[j]
+    if tuple(context.module.scope.path) != layer.path:
+      raise RuntimeError(
+          f'ghost clipping: call {call} reached {context.module.scope.path},'
+          f' traced as {layer.path}; the model must call its layers in the'
+          ' same order for every example.')
+    self.inside = True
+    try:
+      y = layer.module.apply({'params': self.weights[j]}, args[0])
+    finally:
+      self.inside = False
+    self.inputs[j] = args[0]
+    return y + self.perturbations[j]
+
+
+def _layer_weights(layer: Layer, leaves) -> dict[str, jax.Array]:
+  w = {'kernel': leaves[layer.kernel]}
+  if layer.bias is not None:
+    w['bias'] = leaves[layer.bias]
+  return w
+
+
+def _used_invars(jaxpr) -> set:
+  used = set()
+  for eqn in jaxpr.eqns:
+    used.update(v for v in eqn.invars if not isinstance(v, jax_core.Literal))
+  used.update(v for v in jaxpr.outvars if not isinstance(v, jax_core.Literal))
+  return used
+
+
+def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
+              args: Sequence[Any] = (), *, has_aux: bool = False,
+              norm_route: str = 'mixed') -> GhostPlan:
+  """Finds the Dense/Conv layers whose norms can be computed by ghost norms.
+
+  Traces ``loss_fn(params, example, *args)`` (no computation) and keeps the
+  ``nn.Dense`` and ``nn.Conv`` calls that are float32, take their kernel and
+  bias straight from ``params`` and are the only users of those leaves (a
+  weight shared with another layer or used by a regularizer in the loss goes
+  to the vmap fallback, since its per-example gradient has other terms).
+
+  Args:
+    loss_fn: ``loss_fn(params, example, *args)`` for ONE example, as for
+      :func:`dpjax.clipped_grad`.
+    params: the parameters (arrays or ShapeDtypeStructs).
+    example: ONE example (no batch axis; arrays or ShapeDtypeStructs).
+    args: extra arguments of ``loss_fn``, shared by the whole batch.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    norm_route: 'mixed', 'ghost' or 'direct' (see :func:`choose_norm_route`).
+
+  Returns:
+    A :class:`GhostPlan`.
+  """
+  choose_norm_route(1, 1, 1, norm_route)  # validates the name
+  leaves, treedef = jax.tree.flatten(params)
+  leaves = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+            for x in leaves]
+  found: list = []
+
+  def discover(leaves, example):
+    index = {id(x): i for i, x in enumerate(leaves)}
+
+    def interceptor(next_fun, call_args, kwargs, context):
+      out = next_fun(*call_args, **kwargs)
+      if _supported_call(context):
+        found.append((tuple(context.module.scope.path), _inspect_call(
+            context.module, call_args, kwargs, out, index, len(found))))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      return loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
+
+  jax.make_jaxpr(discover)(leaves, example)
+  candidates = [l for _, l in found if isinstance(l, Layer)]
+  skipped = {l.call if isinstance(l, Layer) else i: (p, l)
+             for i, (p, l) in enumerate(found) if not isinstance(l, Layer)}
+
+  # A module called twice shares its weights between calls.
+  counts: dict = {}
+  for l in candidates:
+    counts[l.path] = counts.get(l.path, 0) + 1
+  for l in list(candidates):
+    if counts[l.path] > 1:
+      candidates.remove(l)
+      skipped[l.call] = (l.path, 'called more than once')
+  for l in list(candidates):
+    if l.is_conv and not _geometry_reproduces_output(l, jnp.float32):
+      candidates.remove(l)
+      skipped[l.call] = (l.path, 'patch geometry does not match the output')
+
+  # Owned leaves must be unused once owned layers read their own copies.
+  while candidates:
+    def check(leaves, weights, example):
+      capture = _Capture(candidates, weights, [0.0] * len(candidates))
+      with nn.intercept_methods(capture):
+        value = loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
+      return value
+    weights = [_layer_weights(l, leaves) for l in candidates]
+    closed = jax.make_jaxpr(check)(leaves, weights, example)
+    used = _used_invars(closed.jaxpr)
+    invars = closed.jaxpr.invars[:len(leaves)]
+    bad = [l for l in candidates
+           if invars[l.kernel] in used
+           or (l.bias is not None and invars[l.bias] in used)]
+    if not bad:
+      break
+    for l in bad:
+      candidates.remove(l)
+      skipped[l.call] = (l.path, 'its parameters are also used elsewhere')
+
+  del has_aux  # the plan does not depend on the loss's outputs
+  layers = tuple(
+      dataclasses.replace(l, norm_route=choose_norm_route(
+          l.tokens, l.fan_in, l.features // l.groups, norm_route))
+      for l in candidates)
+  owned = {i for l in layers for i in (l.kernel, l.bias) if i is not None}
+  fallback = tuple(i for i in range(len(leaves)) if i not in owned)
+  return GhostPlan(layers, fallback, len(found),
+                   tuple(skipped[k] for k in sorted(skipped)))
+
+
+# ----------------------------------------------------------------------------
+# Norms and book-kept sums of one layer from its captured (a, g).
+
+
+def _tokens(layer: Layer, a: jax.Array, g: jax.Array):
+  """(A [m, T, K'], G [m, T, C]); A are conv patches for a conv."""
+  m = a.shape[0]
+  if layer.is_conv:
+    a = conv_patches(a, layer.geometry)
+  return (a.reshape(m, layer.tokens, -1),
+          g.reshape(m, layer.tokens, layer.features))
+
+
+def _direct_grads(layer: Layer, a: jax.Array, g: jax.Array) -> jax.Array:
+  """Per-example kernel gradients [m, *kernel_shape]."""
+  if not layer.is_conv:
+    return jnp.einsum('mti,mto->mio', a, g)
+  p = _grouped(a, layer)
+  gg = g.reshape(g.shape[0], g.shape[1], layer.groups, -1)
+  grads = jnp.einsum('mtkgc,mtgo->mkcgo', p, gg)
+  kshape = tuple(layer.geometry[0]) + (p.shape[-1], layer.features)
+  return grads.reshape((a.shape[0],) + kshape)
+
+
+def ghost_sq_norms(layer: Layer, a: jax.Array,
+                   g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Ghost squared norms of per-example kernel gradients, and their error.
+
+  ||a_i^T g_i||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s) from the Gram matrices
+  P = a a^T, Q = g g^T, never forming a_i^T g_i. With T > 1 the float32 sum
+  can cancel (an example's gradient small while its terms are huge), so a
+  rounding-error bound is returned with it: each Gram entry is off by at most
+  gamma_K |a_t||a_s| (gamma_C |g_t||g_s|) and a sum of n terms by gamma_n
+  times the sum of their absolute values (in any summation order), which
+  bounds |estimate - exact| by gamma_K sum |a_t||a_s||Q_ts| + gamma_C sum
+  |P_ts||g_t||g_s| + gamma_K gamma_C W^2 + gamma_{T^2+1} sum |P_ts Q_ts|,
+  W = sum_t |a_t||g_t|; twice that covers the second-order terms and the
+  rounding of the bound itself, plus an absolute term for flushed subnormals.
+  For T = 1 the single outer product has no cancellation and the bound is 0
+  (the estimate's relative error is that of any norm computation).
+
+  Args:
+    layer: the layer.
+    a: [m, T, K'] layer inputs (conv: patches).
+    g: [m, T, C] gradients of the loss with respect to the layer's output.
+
+  Returns:
+    ([m] estimates, [m] bounds on |estimate - exact|).
+  """
+  m, t = a.shape[0], layer.tokens
+  if layer.is_conv and layer.groups > 1:
+    a = jnp.moveaxis(_grouped(a, layer), 3, 1).reshape(m * layer.groups, t, -1)
+    g = jnp.moveaxis(g.reshape(m, t, layer.groups, -1), 2, 1).reshape(
+        m * layer.groups, t, -1)
+  alpha = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1))
+  beta = jnp.sqrt(jnp.sum(jnp.square(g), axis=-1))
+  if t == 1:
+    sq = jnp.square(alpha[:, 0] * beta[:, 0])
+    err = jnp.zeros_like(sq)
+  else:
+    p = jnp.einsum('mtk,msk->mts', a, a)
+    q = jnp.einsum('mtc,msc->mts', g, g)
+    pq = p * q
+    sq = jnp.sum(pq, axis=(1, 2))
+    gamma = lambda n: n * _U / (1 - n * _U)
+    k, c, n = a.shape[-1], g.shape[-1], t * t + 1
+    outer = lambda x: x[:, :, None] * x[:, None, :]
+    w = jnp.sum(alpha * beta, axis=1)
+    err = (gamma(k) * jnp.sum(outer(alpha) * jnp.abs(q), axis=(1, 2))
+           + gamma(c) * jnp.sum(jnp.abs(p) * outer(beta), axis=(1, 2))
+           + gamma(k) * gamma(c) * jnp.square(w)
+           + gamma(n) * jnp.sum(jnp.abs(pq), axis=(1, 2)))
+    amax, bmax = jnp.max(alpha, axis=1), jnp.max(beta, axis=1)
+    err = 2.0 * err + 2.0 * n * (k + c + 1) * _TINY * jnp.square(
+        (1 + amax) * (1 + bmax))
+  if layer.is_conv and layer.groups > 1:
+    sq = jnp.sum(sq.reshape(m, layer.groups), axis=1)
+    err = jnp.sum(err.reshape(m, layer.groups), axis=1)
+  return sq, err
+
+
+def _sum_sq(x: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), 1)
+
+
+def _rows(keep: jax.Array, x: jax.Array) -> jax.Array:
+  """x with the rows where ``keep`` is False replaced by exact zeros."""
+  return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+
+def _weighted_sum(x: jax.Array, scale: jax.Array, keep: jax.Array):
+  s = scale.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+  return jnp.sum(_rows(keep, x * s), axis=0)
+
+
+def _bookkept_kernel_sum(layer: Layer, kernel, a, g_scaled):
+  """sum_i a_i^T g_scaled_i: the layer's own weight gradient (one VJP)."""
+  def apply(w):
+    return layer.module.apply({'params': {'kernel': w, **(
+        {'bias': jnp.zeros((layer.features,), w.dtype)}
+        if layer.bias is not None else {})}}, a)
+  _, vjp = jax.vjp(apply, kernel)
+  return vjp(g_scaled)[0]
+
+
+# ----------------------------------------------------------------------------
+# The clipped gradient.
+
+
+def clipped_grad(
+    loss_fn: Callable[..., Any],
+    clipping: clipping_lib.PerExampleClipping,
+    *,
+    microbatch_size: int | None = None,
+    has_aux: bool = False,
+    norm_route: str = 'mixed',
+) -> Callable[..., per_example.ClippedGrad]:
+  """:func:`dpjax.clipped_grad` by ghost norms and book-keeping.
+
+  Same arguments, same function ``fn(params, batch, mask=None, *,
+  clip_state=None, args=())`` and same :class:`dpjax.ClippedGrad` result
+  (equal within float32 tolerance), but Dense and Conv kernels never get
+  per-example gradients from ``vmap``: their per-example norms come from the
+  layer's inputs and output gradients, captured in one batched forward and
+  backward, and their clipped sum is book-kept from the same tensors. Other
+  parameters (see :func:`make_plan`) take the vmap route in the same pass.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import dpjax
+    >>> from dpjax import ghost
+    >>> model = nn.Dense(2)
+    >>> def loss(p, ex):
+    ...   return jnp.sum(model.apply({'params': p}, ex['x']) ** 2)
+    >>> params = model.init(jax.random.key(0), jnp.ones(3))['params']
+    >>> batch = {'x': jnp.arange(12.0).reshape(4, 3) / 10}
+    >>> clip = dpjax.clip_per_example(1.0)
+    >>> out = jax.jit(ghost.clipped_grad(loss, clip))(params, batch)
+    >>> ref = jax.jit(dpjax.clipped_grad(loss, clip))(params, batch)
+    >>> bool(jnp.allclose(out.grad_sum['kernel'], ref.grad_sum['kernel'],
+    ...                   rtol=1e-5))
+    True
+
+  Args:
+    loss_fn: ``loss_fn(params, example, *args)`` for ONE example.
+    clipping: a :class:`dpjax.PerExampleClipping` with a
+      ``scales_from_norms`` method (e.g. :func:`dpjax.clip_per_example`).
+    microbatch_size: rows per chunk (None: the whole batch at once).
+      Performance only.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    norm_route: per-layer norm computation, 'mixed' (the faster per layer,
+      book-keeping), 'ghost' (Gram matrices for every layer: least memory)
+      or 'direct' (per-example layer gradients for every layer).
+
+  Returns:
+    A function returning :class:`dpjax.ClippedGrad`. Call it under jax.jit.
+
+  References:
+    Li et al., 2022. Large Language Models Can Be Strong Differentially
+    Private Learners. https://arxiv.org/abs/2110.05679
+    Bu et al., 2023. Differentially Private Optimization on Large Model at
+    Small Cost. https://arxiv.org/abs/2210.00038
+  """
+  if getattr(clipping, 'scales_from_norms', None) is None:
+    raise ValueError(
+        f'clipping {getattr(clipping, "name", clipping)!r} has no'
+        ' scales_from_norms method, so it cannot clip from ghost norms; use'
+        " the vmap route (dpjax.clipped_grad, or config.perf.grad_route="
+        "'vmap').")
+  choose_norm_route(1, 1, 1, norm_route)
+  per_example._check_microbatch_size(microbatch_size)
+
+  def chunk_fn(plan, leaves, treedef, chunk, mask, clip_state, args):
+    m = mask.shape[0]
+    layers = plan.layers
+    weights = [_layer_weights(l, leaves) for l in layers]
+
+    def one(fb_leaves, perturbations, example):
+      full = list(leaves)
+      for i, x in zip(plan.fallback, fb_leaves):
+        full[i] = x
+      capture = _Capture(layers, weights, perturbations)
+      with nn.intercept_methods(capture):
+        value = loss_fn(jax.tree.unflatten(treedef, full), example, *args)
+      loss, aux = value if has_aux else (value, None)
+      return loss, (capture.inputs, aux)
+
+    zeros = [jnp.zeros((m,) + l.out_shape, jnp.float32) for l in layers]
+    fb_leaves = [leaves[i] for i in plan.fallback]
+    (losses, (inputs, aux)), (fb_grads, out_grads) = jax.vmap(
+        jax.value_and_grad(one, argnums=(0, 1), has_aux=True),
+        in_axes=(None, 0, 0))(fb_leaves, zeros, chunk)
+
+    sq = [None] * len(leaves)
+    direct = {}
+    tokens = []
+    for j, l in enumerate(layers):
+      a, g = _tokens(l, inputs[j], out_grads[j])
+      tokens.append((a, g))
+      if l.norm_route == 'direct':
+        direct[j] = _direct_grads(l, a, g)
+        sq[l.kernel] = _sum_sq(direct[j])
+      else:
+        estimate, error = ghost_sq_norms(l, a, g)
+        # Clip to an upper bound of the exact norm: never above the bound.
+        sq[l.kernel] = jnp.maximum(estimate, 0.0) + error
+      if l.bias is not None:
+        sq[l.bias] = _sum_sq(jnp.sum(g, axis=1))
+    for i, gr in zip(plan.fallback, fb_grads):
+      sq[i] = _sum_sq(gr)
+    scales, clip_state = clipping.scales_from_norms(
+        jax.tree.unflatten(treedef, sq), clip_state, mask)
+    scale = jax.tree.leaves(scales.scales)
+    keep = scales.keep
+
+    total = [None] * len(leaves)
+    for i, gr in zip(plan.fallback, fb_grads):
+      total[i] = _weighted_sum(gr, scale[i], keep)
+    for j, l in enumerate(layers):
+      a, g = tokens[j]
+      if l.bias is not None:
+        total[l.bias] = _weighted_sum(jnp.sum(g, axis=1), scale[l.bias], keep)
+      if l.norm_route == 'direct':
+        total[l.kernel] = _weighted_sum(direct[j], scale[l.kernel], keep)
+      else:
+        c = scale[l.kernel].reshape((-1,) + (1,) * (out_grads[j].ndim - 1))
+        total[l.kernel] = _bookkept_kernel_sum(
+            l, leaves[l.kernel], _rows(keep, inputs[j]),
+            _rows(keep, out_grads[j] * c))
+    out = clipping_lib.ClipOutput(
+        jax.tree.unflatten(treedef, total), scales.norms,
+        scales.num_nonfinite, scales.num_clipped)
+    return out, clip_state, jnp.where(mask, losses, 0.0), aux
+
+  def fn(params, batch, mask=None, *, clip_state=None, args=()):
+    leaves, treedef = jax.tree.flatten(params)
+    example = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
+        batch)
+    plan = make_plan(loss_fn, params, example, args, has_aux=has_aux,
+                     norm_route=norm_route)
+    run = functools.partial(chunk_fn, plan, leaves, treedef)
+    return per_example.microbatched(run, params, batch, mask, clip_state,
+                                    clipping, microbatch_size, args)
+
+  return fn
