@@ -49,7 +49,6 @@ import flax.linen as nn
 import jax
 import jax.extend.core as jax_core
 import jax.numpy as jnp
-import numpy as np
 
 from dpjax import clipping as clipping_lib
 from dpjax import per_example
@@ -186,12 +185,15 @@ def _conv_geometry(module: nn.Conv, in_shape: Sequence[int]):
   return ks, strides, pads, dilation
 
 
-def conv_patches(x: jax.Array, geometry) -> jax.Array:
-  """Patches [..., *out_spatial, prod(kernel_size), C] of x [..., *spatial, C].
+def conv_taps(x: jax.Array, geometry) -> list[jax.Array]:
+  """The conv's input as one slice per kernel tap (no patch tensor).
 
-  The patch axis is ordered like the kernel's (kh, kw, ...) axes, so for a
-  kernel of shape (*kernel_size, C, F), ``patches.reshape(..., -1) @
-  kernel.reshape(-1, F)`` is the convolution.
+  For x [..., *spatial, C] returns prod(kernel_size) arrays [...,
+  *out_spatial, C], ordered like the kernel's spatial axes, such that the
+  convolution with a kernel of shape (*kernel_size, C, F) is ``sum_o
+  taps[o] @ kernel.reshape(-1, C, F)[o]``. Patches would stack them (K/C
+  times the input, written with a strided layout that is slow on CPU);
+  every product here is taken tap by tap instead.
   """
   ks, strides, pads, dilation = geometry
   n = len(ks)
@@ -202,47 +204,52 @@ def conv_patches(x: jax.Array, geometry) -> jax.Array:
   spatial = x.shape[lead:lead + n]
   out = [(s - (k - 1) * d - 1) // st + 1
          for s, k, d, st in zip(spatial, ks, dilation, strides)]
-  cols = []
+  taps = []
   for offset in itertools.product(*(range(k) for k in ks)):
     start = [0] * lead + [o * d for o, d in zip(offset, dilation)] + [0]
     limit = list(x.shape[:lead]) + [
         o * d + (m - 1) * st + 1
         for o, d, m, st in zip(offset, dilation, out, strides)] + [x.shape[-1]]
-    cols.append(jax.lax.slice(x, start, limit,
+    taps.append(jax.lax.slice(x, start, limit,
                               [1] * lead + list(strides) + [1]))
-  return jnp.stack(cols, axis=-2)
+  return taps
 
 
-def _grouped(patches: jax.Array, layer: Layer) -> jax.Array:
-  """[m, T, prod(ks), G, C/G]: patches of one example per row, by group."""
-  kk = math.prod(layer.geometry[0])
-  return patches.reshape(patches.shape[0], layer.tokens, kk, layer.groups, -1)
+def _layer_taps(layer: Layer, a: jax.Array) -> list[jax.Array]:
+  """[m, T, G, C/G] per tap for a conv; [[m, T, 1, K]] for a Dense."""
+  m = a.shape[0]
+  if not layer.is_conv:
+    return [a.reshape(m, layer.tokens, 1, -1)]
+  return [x.reshape(m, layer.tokens, layer.groups, -1)
+          for x in conv_taps(a, layer.geometry)]
 
 
-def _conv_from_patches(patches: jax.Array, kernel: jax.Array,
-                       layer: Layer) -> jax.Array:
-  """The conv output [m, T, F] recomputed from grouped patches."""
-  p = _grouped(patches, layer)
-  g = layer.groups
-  w = kernel.reshape(p.shape[2], p.shape[4], g, -1)
-  return jnp.einsum('mtkgc,kcgo->mtgo', p, w).reshape(p.shape[0], p.shape[1],
-                                                      -1)
+def _out_grads(layer: Layer, g: jax.Array) -> jax.Array:
+  """[m, T, G, F/G]."""
+  return g.reshape(g.shape[0], layer.tokens, layer.groups, -1)
 
 
-def _geometry_reproduces_output(layer: Layer, dtype) -> bool:
-  """Whether patches x kernel equal the module's own output (random data)."""
+def _kernel_taps(layer: Layer, kernel: jax.Array) -> jax.Array:
+  """The kernel as [taps, C/G, G, F/G]."""
+  return kernel.reshape(-1, kernel.shape[-2], layer.groups,
+                        kernel.shape[-1] // layer.groups)
+
+
+def _geometry_reproduces_output(layer: Layer) -> bool:
+  """Whether the taps times the kernel equal the module's own output."""
   with jax.ensure_compile_time_eval():
     kx, kw, kb = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (1,) + layer.in_shape, dtype)
-    kshape = tuple(layer.geometry[0]) + (
-        layer.fan_in // math.prod(layer.geometry[0]), layer.features)
-    w = {'kernel': jax.random.normal(kw, kshape, dtype)}
+    x = jax.random.normal(kx, (1,) + layer.in_shape, jnp.float32)
+    taps = _layer_taps(layer, x)
+    kshape = tuple(layer.geometry[0]) + (taps[0].shape[-1], layer.features)
+    w = {'kernel': jax.random.normal(kw, kshape, jnp.float32)}
     if layer.bias is not None:
-      w['bias'] = jax.random.normal(kb, (layer.features,), dtype)
+      w['bias'] = jax.random.normal(kb, (layer.features,), jnp.float32)
     expected = layer.module.apply({'params': w}, x).reshape(
         1, layer.tokens, layer.features)
-    got = _conv_from_patches(conv_patches(x, layer.geometry), w['kernel'],
-                             layer)
+    k = _kernel_taps(layer, w['kernel'])
+    got = sum(jnp.einsum('mtgc,cgo->mtgo', x_o, k[o])
+              for o, x_o in enumerate(taps)).reshape(expected.shape)
     if 'bias' in w:
       got = got + w['bias']
     scale = float(jnp.max(jnp.abs(expected))) + 1.0
@@ -422,7 +429,7 @@ def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
       candidates.remove(l)
       skipped[l.call] = (l.path, 'called more than once')
   for l in list(candidates):
-    if l.is_conv and not _geometry_reproduces_output(l, jnp.float32):
+    if l.is_conv and not _geometry_reproduces_output(l):
       candidates.remove(l)
       skipped[l.call] = (l.path, 'patch geometry does not match the output')
 
@@ -461,24 +468,22 @@ def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
 # Norms and book-kept sums of one layer from its captured (a, g).
 
 
-def _tokens(layer: Layer, a: jax.Array, g: jax.Array):
-  """(A [m, T, K'], G [m, T, C]); A are conv patches for a conv."""
+def direct_grads(layer: Layer, a: jax.Array, g: jax.Array) -> jax.Array:
+  """Per-example kernel gradients [m, *kernel_shape], tap by tap.
+
+  Args:
+    layer: the layer.
+    a: [m, *in_shape] the layer's inputs.
+    g: [m, *out_shape] gradients of each example's loss w.r.t. its output.
+  """
   m = a.shape[0]
-  if layer.is_conv:
-    a = conv_patches(a, layer.geometry)
-  return (a.reshape(m, layer.tokens, -1),
-          g.reshape(m, layer.tokens, layer.features))
-
-
-def _direct_grads(layer: Layer, a: jax.Array, g: jax.Array) -> jax.Array:
-  """Per-example kernel gradients [m, *kernel_shape]."""
+  go = _out_grads(layer, g)
+  grads = jnp.stack([jnp.einsum('mtgc,mtgo->mcgo', x, go)
+                     for x in _layer_taps(layer, a)], axis=1)
   if not layer.is_conv:
-    return jnp.einsum('mti,mto->mio', a, g)
-  p = _grouped(a, layer)
-  gg = g.reshape(g.shape[0], g.shape[1], layer.groups, -1)
-  grads = jnp.einsum('mtkgc,mtgo->mkcgo', p, gg)
-  kshape = tuple(layer.geometry[0]) + (p.shape[-1], layer.features)
-  return grads.reshape((a.shape[0],) + kshape)
+    return grads.reshape(m, -1, layer.features)
+  return grads.reshape((m,) + tuple(layer.geometry[0]) + (
+      grads.shape[2], layer.features))
 
 
 def ghost_sq_norms(layer: Layer, a: jax.Array,
@@ -486,56 +491,76 @@ def ghost_sq_norms(layer: Layer, a: jax.Array,
   """Ghost squared norms of per-example kernel gradients, and their error.
 
   ||a_i^T g_i||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s) from the Gram matrices
-  P = a a^T, Q = g g^T, never forming a_i^T g_i. With T > 1 the float32 sum
-  can cancel (an example's gradient small while its terms are huge), so a
-  rounding-error bound is returned with it: each Gram entry is off by at most
-  gamma_K |a_t||a_s| (gamma_C |g_t||g_s|) and a sum of n terms by gamma_n
-  times the sum of their absolute values (in any summation order), which
-  bounds |estimate - exact| by gamma_K sum |a_t||a_s||Q_ts| + gamma_C sum
-  |P_ts||g_t||g_s| + gamma_K gamma_C W^2 + gamma_{T^2+1} sum |P_ts Q_ts|,
-  W = sum_t |a_t||g_t|; twice that covers the second-order terms and the
-  rounding of the bound itself, plus an absolute term for flushed subnormals.
-  For T = 1 the single outer product has no cancellation and the bound is 0
-  (the estimate's relative error is that of any norm computation).
+  P = a a^T (conv: summed over taps), Q = g g^T, never forming a_i^T g_i.
+  With T > 1 the float32 sum can cancel (an example's gradient small while
+  its terms are huge), so a rounding-error bound is returned with it: each
+  Gram entry is off by at most gamma_K |a_t||a_s| (gamma_C |g_t||g_s|) and a
+  sum of n terms by gamma_n times the sum of their absolute values (in any
+  summation order), which bounds |estimate - exact| by gamma_K sum
+  |a_t||a_s||Q_ts| + gamma_C sum |P_ts||g_t||g_s| + gamma_K gamma_C W^2 +
+  gamma_{T^2+1} sum |P_ts Q_ts|, W = sum_t |a_t||g_t|, plus a term for
+  flushed subnormals; twice that covers the second-order terms and the
+  rounding of the bound itself. Both are computed after an exact
+  power-of-two rescaling of each example's a and g. For T = 1 the single outer product has no
+  cancellation and the bound is 0 (the estimate's relative error is that of
+  any norm computation).
 
   Args:
     layer: the layer.
-    a: [m, T, K'] layer inputs (conv: patches).
-    g: [m, T, C] gradients of the loss with respect to the layer's output.
+    a: [m, *in_shape] the layer's inputs.
+    g: [m, *out_shape] gradients of each example's loss w.r.t. its output.
 
   Returns:
-    ([m] estimates, [m] bounds on |estimate - exact|).
+    ([m] estimates, [m] bounds on |estimate - exact|), summed over groups.
   """
-  m, t = a.shape[0], layer.tokens
-  if layer.is_conv and layer.groups > 1:
-    a = jnp.moveaxis(_grouped(a, layer), 3, 1).reshape(m * layer.groups, t, -1)
-    g = jnp.moveaxis(g.reshape(m, t, layer.groups, -1), 2, 1).reshape(
-        m * layer.groups, t, -1)
-  alpha = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1))
-  beta = jnp.sqrt(jnp.sum(jnp.square(g), axis=-1))
-  if t == 1:
-    sq = jnp.square(alpha[:, 0] * beta[:, 0])
-    err = jnp.zeros_like(sq)
-  else:
-    p = jnp.einsum('mtk,msk->mts', a, a)
-    q = jnp.einsum('mtc,msc->mts', g, g)
-    pq = p * q
-    sq = jnp.sum(pq, axis=(1, 2))
-    gamma = lambda n: n * _U / (1 - n * _U)
-    k, c, n = a.shape[-1], g.shape[-1], t * t + 1
-    outer = lambda x: x[:, :, None] * x[:, None, :]
-    w = jnp.sum(alpha * beta, axis=1)
-    err = (gamma(k) * jnp.sum(outer(alpha) * jnp.abs(q), axis=(1, 2))
-           + gamma(c) * jnp.sum(jnp.abs(p) * outer(beta), axis=(1, 2))
-           + gamma(k) * gamma(c) * jnp.square(w)
-           + gamma(n) * jnp.sum(jnp.abs(pq), axis=(1, 2)))
-    amax, bmax = jnp.max(alpha, axis=1), jnp.max(beta, axis=1)
-    err = 2.0 * err + 2.0 * n * (k + c + 1) * _TINY * jnp.square(
-        (1 + amax) * (1 + bmax))
-  if layer.is_conv and layer.groups > 1:
-    sq = jnp.sum(sq.reshape(m, layer.groups), axis=1)
-    err = jnp.sum(err.reshape(m, layer.groups), axis=1)
-  return sq, err
+  # Exact power-of-two rescaling per example, so that huge activations with
+  # tiny gradients do not overflow the Gram entries.
+  a, ea = _pow2_normalize(a)
+  g, eg = _pow2_normalize(g)
+  e1 = jnp.floor((ea + eg) / 2)
+  e2 = ea + eg - e1
+  # x * 4^(ea + eg) by exact steps that never overflow before the result.
+  rescale = lambda x: x * jnp.exp2(e1) * jnp.exp2(e2) * jnp.exp2(e1) * jnp.exp2(
+      e2)
+  taps = _layer_taps(layer, a)
+  go = _out_grads(layer, g)
+  alpha = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=-1) for x in taps))
+  beta = jnp.sqrt(jnp.sum(jnp.square(go), axis=-1))            # [m, T, G]
+  if layer.tokens == 1:
+    sq = jnp.sum(jnp.square(alpha[:, 0] * beta[:, 0]), axis=-1)
+    return rescale(sq), jnp.zeros_like(sq)
+  p = sum(jnp.einsum('mtgc,msgc->mgts', x, x) for x in taps)
+  q = jnp.einsum('mtgc,msgc->mgts', go, go)
+  pq = p * q
+  sq = jnp.sum(pq, axis=(1, 2, 3))
+  gamma = lambda n: n * _U / (1 - n * _U)
+  k, c, n = layer.fan_in, go.shape[-1], layer.tokens ** 2 + 1
+  alpha, beta = jnp.moveaxis(alpha, 2, 1), jnp.moveaxis(beta, 2, 1)
+  outer = lambda x: x[..., :, None] * x[..., None, :]
+  w = jnp.sum(alpha * beta, axis=-1)
+  total = lambda x: jnp.sum(x, axis=(1, 2, 3))
+  err = (gamma(k) * total(outer(alpha) * jnp.abs(q))
+         + gamma(c) * total(jnp.abs(p) * outer(beta))
+         + gamma(k) * gamma(c) * jnp.sum(jnp.square(w), axis=1)
+         + gamma(n) * total(jnp.abs(pq)))
+  # Flushed subnormals (XLA on CPU): at most _TINY per product of two
+  # nonzero entries (every entry is at most 2 after the rescaling).
+  nz_a = jnp.moveaxis(sum(jnp.sum(jnp.abs(x), axis=-1) for x in taps) > 0, 2, 1)
+  nz_g = jnp.moveaxis(jnp.sum(jnp.abs(go), axis=-1) > 0, 2, 1)
+  flush = _TINY * jnp.sum(
+      4 * k * jnp.square(jnp.sum(nz_a * beta, axis=-1))
+      + 4 * c * jnp.square(jnp.sum(nz_g * alpha, axis=-1))
+      + jnp.square(jnp.sum(nz_a & nz_g, axis=-1)), axis=1)
+  return rescale(sq), rescale(2.0 * (err + flush))
+
+
+def _pow2_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(x / 2^e, e) per row, 2^e about max |x_row| (|e| <= 126: exact)."""
+  peak = jnp.max(jnp.abs(x).reshape(x.shape[0], -1), axis=1)
+  ok = jnp.isfinite(peak) & (peak > 0)
+  e = jnp.where(ok, jnp.floor(jnp.log2(jnp.where(ok, peak, 1.0))), 0.0)
+  e = jnp.clip(e, -126, 126)
+  return x * jnp.exp2(-e).reshape((-1,) + (1,) * (x.ndim - 1)), e
 
 
 def _sum_sq(x: jax.Array) -> jax.Array:
@@ -651,20 +676,19 @@ def clipped_grad(
         in_axes=(None, 0, 0))(fb_leaves, zeros, chunk)
 
     sq = [None] * len(leaves)
-    direct = {}
-    tokens = []
+    direct, bias_grads = {}, {}
     for j, l in enumerate(layers):
-      a, g = _tokens(l, inputs[j], out_grads[j])
-      tokens.append((a, g))
+      a, g = inputs[j], out_grads[j]
+      if l.bias is not None:
+        bias_grads[j] = jnp.sum(g.reshape(m, l.tokens, l.features), axis=1)
+        sq[l.bias] = _sum_sq(bias_grads[j])
       if l.norm_route == 'direct':
-        direct[j] = _direct_grads(l, a, g)
+        direct[j] = direct_grads(l, a, g)
         sq[l.kernel] = _sum_sq(direct[j])
       else:
         estimate, error = ghost_sq_norms(l, a, g)
         # Clip to an upper bound of the exact norm: never above the bound.
         sq[l.kernel] = jnp.maximum(estimate, 0.0) + error
-      if l.bias is not None:
-        sq[l.bias] = _sum_sq(jnp.sum(g, axis=1))
     for i, gr in zip(plan.fallback, fb_grads):
       sq[i] = _sum_sq(gr)
     scales, clip_state = clipping.scales_from_norms(
@@ -676,9 +700,8 @@ def clipped_grad(
     for i, gr in zip(plan.fallback, fb_grads):
       total[i] = _weighted_sum(gr, scale[i], keep)
     for j, l in enumerate(layers):
-      a, g = tokens[j]
       if l.bias is not None:
-        total[l.bias] = _weighted_sum(jnp.sum(g, axis=1), scale[l.bias], keep)
+        total[l.bias] = _weighted_sum(bias_grads[j], scale[l.bias], keep)
       if l.norm_route == 'direct':
         total[l.kernel] = _weighted_sum(direct[j], scale[l.kernel], keep)
       else:
