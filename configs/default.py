@@ -53,6 +53,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.perf = ml_collections.ConfigDict()
   config.perf.microbatch_size = ml_collections.config_dict.placeholder(int)
   config.perf.pad_to_multiple_of = ml_collections.config_dict.placeholder(int)
+  # How per-example clipping is computed (same result every way):
+  # 'vmap' per-example gradients; 'bookkeeping' ghost norms / per-layer
+  # gradients and book-kept sums, fastest per layer; 'ghost' the same with
+  # the least memory per layer; 'auto' bookkeeping when possible.
+  config.perf.grad_route = 'auto'
+  # If set, microbatch_size is the largest that fits this many MiB (XLA's
+  # memory analysis of the compiled step); leave microbatch_size unset.
+  config.perf.memory_budget_mb = ml_collections.config_dict.placeholder(float)
 
   config.eval_every_steps = 0  # 0: ten evaluations per run
   config.log_every_steps = 10

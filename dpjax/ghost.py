@@ -54,7 +54,7 @@ from dpjax import clipping as clipping_lib
 from dpjax import per_example
 
 PyTree = Any
-NORM_ROUTES = ('mixed', 'ghost', 'direct')
+NORM_ROUTES = ('speed', 'memory', 'ghost', 'direct')
 # float32 unit roundoff, and the smallest normal number (XLA on CPU flushes
 # subnormals to zero, an absolute error of at most this per operation).
 _U = 2.0 ** -24
@@ -129,32 +129,48 @@ class GhostPlan:
 
 
 def choose_norm_route(tokens: int, fan_in: int, features: int,
-                      policy: str = 'mixed') -> str:
-  """'ghost' or 'direct' for one layer under ``policy``.
+                      policy: str = 'speed') -> str:
+  """'ghost' or 'direct' norms for one layer (per feature group) under policy.
 
-  'mixed' picks the cheaper in time under book-keeping: the direct route
-  costs T*K*C per example and reuses the per-example gradient for the sum;
-  the ghost route costs T^2 (K + C) for the norm plus T*K*C for the sum, so it
-  wins when T^2 (K + C) < K*C (always for a plain Dense, T = 1). 'ghost' uses
-  Gram matrices for every layer (memory B*T^2 instead of B*K*C); 'direct'
-  builds every per-example layer gradient.
+  Per example, the direct route builds the layer's gradient (T*K*C flops in
+  small per-example products, K*C memory, written, squared and summed) and
+  reuses it for the clipped sum; the ghost route builds Gram matrices
+  (T^2 (K + C) flops, T^2 memory) and then needs the book-kept sum (T*K*C
+  flops in ONE large product over the batch, about twice as fast per flop).
+  'speed' takes the ghost route when T^2 (K + C) + T*K*C / 2 < T*K*C +
+  13 K*C (the constants measured on CPU; always true for a plain Dense, T =
+  1); 'memory' when 2 T^2 < K*C (mixed ghost clipping, Bu et al. 2022);
+  'ghost' and 'direct' force one route. Gram norms are never used where
+  float32 rounding would make their error bound vacuous.
 
   Examples:
     >>> from dpjax import ghost
-    >>> ghost.choose_norm_route(1, 512, 32), ghost.choose_norm_route(
-    ...     1024, 288, 32)
-    ('ghost', 'direct')
+    >>> [ghost.choose_norm_route(t, 288, 32) for t in (1, 1024)]
+    ['ghost', 'direct']
+    >>> ghost.choose_norm_route(64, 1152, 128, 'memory')
+    'ghost'
+
+  Args:
+    tokens: T, rows of the per-example product (positions x output pixels).
+    fan_in: K, kernel rows per output feature in a group.
+    features: C, output features per group.
+    policy: 'speed', 'memory', 'ghost' or 'direct'.
+
+  Returns:
+    'ghost' or 'direct'.
   """
   if policy not in NORM_ROUTES:
     raise ValueError(
         f'norm route must be one of {NORM_ROUTES}, got {policy!r}.')
-  # Beyond this the float32 error bound of a Gram norm is vacuous.
   if max(tokens * tokens, fan_in, features) * _U > 0.01:
     return 'direct'
-  if policy != 'mixed':
+  if policy in ('ghost', 'direct'):
     return policy
-  return 'ghost' if tokens ** 2 * (fan_in + features) < fan_in * features \
-      else 'direct'
+  if policy == 'memory':
+    return 'ghost' if 2 * tokens ** 2 < fan_in * features else 'direct'
+  t, kc = tokens, fan_in * features
+  ghost_cost = t * t * (fan_in + features) + t * kc / 2
+  return 'ghost' if ghost_cost < t * kc + 13 * kc else 'direct'
 
 
 # ----------------------------------------------------------------------------
@@ -215,13 +231,28 @@ def conv_taps(x: jax.Array, geometry) -> list[jax.Array]:
   return taps
 
 
+# Below this many input channels per group, the taps are stacked into
+# patches: many products with a tiny contraction are slower than one.
+_MIN_TAP_CHANNELS = 16
+
+
 def _layer_taps(layer: Layer, a: jax.Array) -> list[jax.Array]:
-  """[m, T, G, C/G] per tap for a conv; [[m, T, 1, K]] for a Dense."""
+  """The layer input as a list of [m, T, G, c] blocks.
+
+  Each block's product with the matching rows of the kernel, summed over
+  blocks, is the layer's output: for a Dense one block (c = K); for a conv
+  one block per kernel tap (c = C/G), or one block of patches (c = K) when
+  C/G is small.
+  """
   m = a.shape[0]
   if not layer.is_conv:
     return [a.reshape(m, layer.tokens, 1, -1)]
-  return [x.reshape(m, layer.tokens, layer.groups, -1)
+  taps = [x.reshape(m, layer.tokens, layer.groups, -1)
           for x in conv_taps(a, layer.geometry)]
+  if taps[0].shape[-1] < _MIN_TAP_CHANNELS:
+    taps = [jnp.stack(taps, axis=-2).reshape(m, layer.tokens, layer.groups,
+                                             -1)]
+  return taps
 
 
 def _out_grads(layer: Layer, g: jax.Array) -> jax.Array:
@@ -229,9 +260,9 @@ def _out_grads(layer: Layer, g: jax.Array) -> jax.Array:
   return g.reshape(g.shape[0], layer.tokens, layer.groups, -1)
 
 
-def _kernel_taps(layer: Layer, kernel: jax.Array) -> jax.Array:
-  """The kernel as [taps, C/G, G, F/G]."""
-  return kernel.reshape(-1, kernel.shape[-2], layer.groups,
+def _kernel_blocks(layer: Layer, kernel: jax.Array, blocks: int) -> jax.Array:
+  """The kernel as [blocks, c, G, F/G], matching :func:`_layer_taps`."""
+  return kernel.reshape(blocks, -1, layer.groups,
                         kernel.shape[-1] // layer.groups)
 
 
@@ -241,13 +272,14 @@ def _geometry_reproduces_output(layer: Layer) -> bool:
     kx, kw, kb = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (1,) + layer.in_shape, jnp.float32)
     taps = _layer_taps(layer, x)
-    kshape = tuple(layer.geometry[0]) + (taps[0].shape[-1], layer.features)
+    kshape = tuple(layer.geometry[0]) + (layer.in_shape[-1] // layer.groups,
+                                         layer.features)
     w = {'kernel': jax.random.normal(kw, kshape, jnp.float32)}
     if layer.bias is not None:
       w['bias'] = jax.random.normal(kb, (layer.features,), jnp.float32)
     expected = layer.module.apply({'params': w}, x).reshape(
         1, layer.tokens, layer.features)
-    k = _kernel_taps(layer, w['kernel'])
+    k = _kernel_blocks(layer, w['kernel'], len(taps))
     got = sum(jnp.einsum('mtgc,cgo->mtgo', x_o, k[o])
               for o, x_o in enumerate(taps)).reshape(expected.shape)
     if 'bias' in w:
@@ -375,7 +407,7 @@ def _used_invars(jaxpr) -> set:
 
 def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
               args: Sequence[Any] = (), *, has_aux: bool = False,
-              norm_route: str = 'mixed') -> GhostPlan:
+              norm_route: str = 'speed') -> GhostPlan:
   """Finds the Dense/Conv layers whose norms can be computed by ghost norms.
 
   Traces ``loss_fn(params, example, *args)`` (no computation) and keeps the
@@ -391,7 +423,8 @@ def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
     example: ONE example (no batch axis; arrays or ShapeDtypeStructs).
     args: extra arguments of ``loss_fn``, shared by the whole batch.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    norm_route: 'mixed', 'ghost' or 'direct' (see :func:`choose_norm_route`).
+    norm_route: 'speed', 'memory', 'ghost' or 'direct' (see
+      :func:`choose_norm_route`).
 
   Returns:
     A :class:`GhostPlan`.
@@ -483,7 +516,7 @@ def direct_grads(layer: Layer, a: jax.Array, g: jax.Array) -> jax.Array:
   if not layer.is_conv:
     return grads.reshape(m, -1, layer.features)
   return grads.reshape((m,) + tuple(layer.geometry[0]) + (
-      grads.shape[2], layer.features))
+      layer.in_shape[-1] // layer.groups, layer.features))
 
 
 def ghost_sq_norms(layer: Layer, a: jax.Array,
@@ -493,17 +526,19 @@ def ghost_sq_norms(layer: Layer, a: jax.Array,
   ||a_i^T g_i||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s) from the Gram matrices
   P = a a^T (conv: summed over taps), Q = g g^T, never forming a_i^T g_i.
   With T > 1 the float32 sum can cancel (an example's gradient small while
-  its terms are huge), so a rounding-error bound is returned with it: each
-  Gram entry is off by at most gamma_K |a_t||a_s| (gamma_C |g_t||g_s|) and a
-  sum of n terms by gamma_n times the sum of their absolute values (in any
-  summation order), which bounds |estimate - exact| by gamma_K sum
-  |a_t||a_s||Q_ts| + gamma_C sum |P_ts||g_t||g_s| + gamma_K gamma_C W^2 +
-  gamma_{T^2+1} sum |P_ts Q_ts|, W = sum_t |a_t||g_t|, plus a term for
-  flushed subnormals; twice that covers the second-order terms and the
-  rounding of the bound itself. Both are computed after an exact
-  power-of-two rescaling of each example's a and g. For T = 1 the single outer product has no
-  cancellation and the bound is 0 (the estimate's relative error is that of
-  any norm computation).
+  its terms are huge), so a rounding-error bound is returned with it. A dot
+  or sum of n terms is off by at most gamma_n = n u / (1 - n u) times the sum
+  of the absolute values of its terms, in any summation order; so P_ts is
+  off by at most gamma_k |a_t||a_s| (k: the dot length plus the number of
+  taps summed), Q_ts by gamma_c |g_t||g_s|, and the total by gamma_k sum
+  |a_t||a_s||Q_ts| + gamma_c sum |P_ts||g_t||g_s| + gamma_k gamma_c W^2 +
+  gamma_2T sum |P_ts Q_ts| (W = sum_t |a_t||g_t|; the sum over s, then over
+  t, kept apart by an optimization barrier), plus a term for flushed
+  subnormals; twice that covers second-order terms and the rounding of the
+  bound itself. Everything is computed after an exact power-of-two rescaling
+  of each example's a and g. For T = 1 the single outer product cannot
+  cancel and the bound is 0 (the estimate's relative error is that of any
+  norm computation).
 
   Args:
     layer: the layer.
@@ -532,9 +567,11 @@ def ghost_sq_norms(layer: Layer, a: jax.Array,
   p = sum(jnp.einsum('mtgc,msgc->mgts', x, x) for x in taps)
   q = jnp.einsum('mtgc,msgc->mgts', go, go)
   pq = p * q
-  sq = jnp.sum(pq, axis=(1, 2, 3))
+  per_group = jnp.sum(jax.lax.optimization_barrier(jnp.sum(pq, axis=-1)), -1)
+  sq = jnp.sum(per_group, axis=1)
   gamma = lambda n: n * _U / (1 - n * _U)
-  k, c, n = layer.fan_in, go.shape[-1], layer.tokens ** 2 + 1
+  k = taps[0].shape[-1] + (len(taps) if len(taps) > 1 else 0)
+  c, n = go.shape[-1], 2 * layer.tokens
   alpha, beta = jnp.moveaxis(alpha, 2, 1), jnp.moveaxis(beta, 2, 1)
   outer = lambda x: x[..., :, None] * x[..., None, :]
   w = jnp.sum(alpha * beta, axis=-1)
@@ -542,7 +579,8 @@ def ghost_sq_norms(layer: Layer, a: jax.Array,
   err = (gamma(k) * total(outer(alpha) * jnp.abs(q))
          + gamma(c) * total(jnp.abs(p) * outer(beta))
          + gamma(k) * gamma(c) * jnp.sum(jnp.square(w), axis=1)
-         + gamma(n) * total(jnp.abs(pq)))
+         + gamma(n) * total(jnp.abs(pq))
+         + gamma(layer.groups) * jnp.sum(jnp.abs(per_group), axis=1))
   # Flushed subnormals (XLA on CPU): at most _TINY per product of two
   # nonzero entries (every entry is at most 2 after the rescaling).
   nz_a = jnp.moveaxis(sum(jnp.sum(jnp.abs(x), axis=-1) for x in taps) > 0, 2, 1)
@@ -597,7 +635,7 @@ def clipped_grad(
     *,
     microbatch_size: int | None = None,
     has_aux: bool = False,
-    norm_route: str = 'mixed',
+    norm_route: str = 'speed',
 ) -> Callable[..., per_example.ClippedGrad]:
   """:func:`dpjax.clipped_grad` by ghost norms and book-keeping.
 
@@ -632,9 +670,9 @@ def clipped_grad(
     microbatch_size: rows per chunk (None: the whole batch at once).
       Performance only.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    norm_route: per-layer norm computation, 'mixed' (the faster per layer,
-      book-keeping), 'ghost' (Gram matrices for every layer: least memory)
-      or 'direct' (per-example layer gradients for every layer).
+    norm_route: per-layer norm computation (:func:`choose_norm_route`):
+      'speed' (the faster route per layer), 'memory' (the smaller), or
+      'ghost' / 'direct' for every layer.
 
   Returns:
     A function returning :class:`dpjax.ClippedGrad`. Call it under jax.jit.
@@ -714,6 +752,9 @@ def clipped_grad(
         scales.num_nonfinite, scales.num_clipped)
     return out, clip_state, jnp.where(mask, losses, 0.0), aux
 
+  vmap_fn = per_example.clipped_grad(
+      loss_fn, clipping, microbatch_size=microbatch_size, has_aux=has_aux)
+
   def fn(params, batch, mask=None, *, clip_state=None, args=()):
     leaves, treedef = jax.tree.flatten(params)
     example = jax.tree.map(
@@ -721,8 +762,53 @@ def clipped_grad(
         batch)
     plan = make_plan(loss_fn, params, example, args, has_aux=has_aux,
                      norm_route=norm_route)
+    if not plan.layers:
+      return vmap_fn(params, batch, mask, clip_state=clip_state, args=args)
     run = functools.partial(chunk_fn, plan, leaves, treedef)
     return per_example.microbatched(run, params, batch, mask, clip_state,
                                     clipping, microbatch_size, args)
 
   return fn
+
+
+GRAD_ROUTES = ('auto', 'vmap', 'ghost', 'bookkeeping')
+
+
+def clipped_grad_for_route(
+    route: str,
+    loss_fn: Callable[..., Any],
+    clipping: clipping_lib.PerExampleClipping,
+    *,
+    microbatch_size: int | None = None,
+    has_aux: bool = False,
+) -> Callable[..., per_example.ClippedGrad]:
+  """The clipped-gradient function of a route named in ``config.perf``.
+
+  'vmap': per-example gradients by vmap (:func:`dpjax.clipped_grad`).
+  'bookkeeping': this module with the faster norm per layer ('speed').
+  'ghost': this module with the smaller norm per layer ('memory').
+  'auto': 'bookkeeping' when ``clipping`` can clip from norms, else 'vmap'
+  (a model without supported layers runs the vmap route either way). All
+  routes compute the same clipped sum: the route is a performance setting.
+
+  Examples:
+    >>> import dpjax
+    >>> from dpjax import ghost
+    >>> fn = ghost.clipped_grad_for_route('auto', lambda p, x: p * x,
+    ...                                   dpjax.clip_per_example(1.0))
+    >>> callable(fn)
+    True
+  """
+  if route not in GRAD_ROUTES:
+    raise ValueError(
+        f'grad_route must be one of {GRAD_ROUTES}, got {route!r}.')
+  if route == 'auto':
+    route = 'vmap' if getattr(clipping, 'scales_from_norms', None) is None \
+        else 'bookkeeping'
+  if route == 'vmap':
+    return per_example.clipped_grad(loss_fn, clipping,
+                                    microbatch_size=microbatch_size,
+                                    has_aux=has_aux)
+  return clipped_grad(loss_fn, clipping, microbatch_size=microbatch_size,
+                      has_aux=has_aux,
+                      norm_route='speed' if route == 'bookkeeping' else 'memory')

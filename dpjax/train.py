@@ -25,7 +25,9 @@ import optax
 import tqdm
 
 from dpjax import accounting
+from dpjax import autotune
 from dpjax import data as data_lib
+from dpjax import ghost
 from dpjax import models
 from dpjax import per_example
 from dpjax import plan as plan_lib
@@ -85,12 +87,14 @@ def create_train_state(model: nn.Module, key: jax.Array, image_shape,
 
 
 def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
-                    microbatch_size: int | None = None):
+                    microbatch_size: int | None = None,
+                    grad_route: str = 'auto'):
   """A jitted ``step(state, images, labels, indices, mask)``.
 
-  With a plan: DP-SGD (clipped sum of per-example gradients; the noise is in
-  ``state.tx``). Without one: the non-private step on the mean loss of the
-  real rows, the baseline of the same model and batch.
+  With a plan: DP-SGD (clipped sum of per-example gradients by
+  ``grad_route``, see :func:`dpjax.ghost.clipped_grad_for_route`; the noise
+  is in ``state.tx``). Without one: the non-private step on the mean loss of
+  the real rows, the baseline of the same model and batch.
   """
   loss_fn = example_loss(model)
 
@@ -104,8 +108,8 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
       loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, mask)
       return state.apply_gradients(grads=grads), {'loss': loss}
   else:
-    grad_fn = per_example.clipped_grad(
-        loss_fn, plan.clipping, microbatch_size=microbatch_size)
+    grad_fn = ghost.clipped_grad_for_route(
+        grad_route, loss_fn, plan.clipping, microbatch_size=microbatch_size)
 
     def step(state, images, labels, indices, mask):
       batch = {'image': images[indices], 'label': labels[indices]}
@@ -149,6 +153,24 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000):
     return {'accuracy': correct / n, 'loss': loss / n}
 
   return evaluate
+
+
+def tune_microbatch(model: nn.Module, plan: plan_lib.DPPlan, state: TrainState,
+                    train: data_lib.ArrayDataset, grad_route: str,
+                    budget_mb: float, microbatch_size: int | None) -> int:
+  """The largest microbatch whose step fits ``budget_mb`` (config.perf)."""
+  if microbatch_size is not None:
+    raise ValueError(
+        'Set config.perf.microbatch_size or config.perf.memory_budget_mb, not'
+        f' both (got {microbatch_size} and {budget_mb}).')
+  size = plan.sampler.max_batch_size
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+  args = (state, spec(train.images.shape, train.images.dtype),
+          spec(train.labels.shape, train.labels.dtype),
+          spec((size,), jnp.int32), spec((size,), jnp.bool_))
+  return autotune.microbatch_size(
+      lambda m: make_train_step(model, plan, m, grad_route), args, size,
+      int(budget_mb * 2**20))
 
 
 def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
@@ -210,7 +232,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   tx = optax.chain(plan.noise(noise_key), optimizer) if private else optimizer
   state = create_train_state(model, init_key, splits.train.images.shape[1:],
                              tx)
-  train_step = make_train_step(model, plan, config.perf.microbatch_size)
+  microbatch = config.perf.microbatch_size
+  grad_route = config.perf.get('grad_route', 'auto')
+  budget_mb = config.perf.get('memory_budget_mb')
+  if private and budget_mb:
+    microbatch = tune_microbatch(model, plan, state, splits.train, grad_route,
+                                 budget_mb, microbatch)
+  train_step = make_train_step(model, plan, microbatch, grad_route)
   evaluate = make_eval_fn(model)
 
   images = jnp.asarray(splits.train.images)
@@ -263,6 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'train_time_s': time.time() - start,
       'num_nonfinite_gradients': int(num_nonfinite),
       'compiled_batch_sizes': sorted(padded_sizes),
+      'microbatch_size': microbatch,
       'config': config.to_dict(),
   })
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
