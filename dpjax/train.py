@@ -82,8 +82,11 @@ def create_train_state(model: nn.Module, key: jax.Array, image_shape,
         ' BatchNorm statistics). They depend on the data of every example in'
         ' a batch, so per-example clipping no longer bounds one example\'s'
         ' influence. Use GroupNorm/LayerNorm instead.')
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           tx=tx)
+  state = TrainState.create(apply_fn=model.apply,
+                            params=variables['params'], tx=tx)
+  # An int32 array, not the Python int 0: the first step's output then has
+  # the input's type and the step compiles once per padded batch size.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
