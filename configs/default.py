@@ -41,6 +41,27 @@ def get_config() -> ml_collections.ConfigDict:
   config.privacy.epochs = 20.0
   config.privacy.steps = ml_collections.config_dict.placeholder(int)
   config.privacy.accountant = 'rdp'
+  # The clipping mode fixes sampler, relation and accountant event
+  # (dpjax/plan.py, ClippingConfig): 'flat' | 'per_layer' | 'automatic' |
+  # 'adaptive' per example with Poisson sampling; 'batch' (batch clipping of
+  # groups of group_size) with shuffling and Gaussian DP (accountant 'gdp').
+  config.privacy.clipping = ml_collections.ConfigDict()
+  config.privacy.clipping.mode = 'flat'
+  # 'none' | 'equal' | 'size' | 'sqrt_size' | 'alc' (public-data thresholds;
+  # needs data.public_fraction > 0).
+  config.privacy.clipping.layers = 'none'
+  config.privacy.clipping.layer_groups = 'tensor'  # or 'module'
+  config.privacy.clipping.layer_noise = 'isotropic'  # or 'per_layer'
+  config.privacy.clipping.alc_every_epoch = False
+  config.privacy.clipping.alc_decay = 1.0
+  config.privacy.clipping.alc_public_examples = 1024
+  config.privacy.clipping.gamma = 0.01  # automatic; 0: normalization
+  config.privacy.clipping.target_quantile = 0.5  # adaptive
+  config.privacy.clipping.quantile_learning_rate = 0.2
+  config.privacy.clipping.count_noise_std = (
+      ml_collections.config_dict.placeholder(float))  # None: batch / 20
+  config.privacy.clipping.adaptive_accounting = 'sigma_eff'  # or 'compose'
+  config.privacy.clipping.group_size = 1  # batch
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'sgd'
@@ -49,10 +70,32 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.nesterov = False
   config.optimizer.schedule = 'constant'
 
+  # ModelMix (Xiao, Wan, Devadas 2022; dpjax/modelmix.py): each step mixes
+  # the last two model states with a secret per-coordinate alpha, the two
+  # kept >= tau = tau_over_lr * learning_rate apart; clipping becomes L2 to
+  # clip_norm then each coordinate to clip_norm / sqrt(p). Reports the
+  # ModelMix epsilon (`epsilon_modelmix`) beside the standard one.
+  config.modelmix = ml_collections.ConfigDict()
+  config.modelmix.enabled = False
+  config.modelmix.tau_over_lr = 0.15
+  config.modelmix.p = 100.0
+
   # Performance only: never changes the guarantee.
   config.perf = ml_collections.ConfigDict()
   config.perf.microbatch_size = ml_collections.config_dict.placeholder(int)
   config.perf.pad_to_multiple_of = ml_collections.config_dict.placeholder(int)
+  # Devices of the data-parallel mesh (0: all); rows per device call, the
+  # clipped sums of a logical batch's physical batches are accumulated and
+  # noised once (None: the whole batch in one call); checkpoints every k
+  # steps (None: at every evaluation; 0: never); jax.distributed.initialize()
+  # first (multi-host).
+  config.perf.num_devices = 1
+  config.perf.physical_batch_size = ml_collections.config_dict.placeholder(
+      int)
+  config.perf.checkpoint_every_steps = (
+      ml_collections.config_dict.placeholder(int))
+  config.perf.distributed = False
+
   # How per-example clipping is computed (same result every way):
   # 'vmap' per-example gradients; 'bookkeeping' ghost norms / per-layer
   # gradients and book-kept sums, fastest per layer; 'ghost' the same with
@@ -61,6 +104,18 @@ def get_config() -> ml_collections.ConfigDict:
   # If set, microbatch_size is the largest that fits this many MiB (XLA's
   # memory analysis of the compiled step); leave microbatch_size unset.
   config.perf.memory_budget_mb = ml_collections.config_dict.placeholder(float)
+  # Parameter averages evaluated beside the raw parameters (post-processing:
+  # no privacy cost). ema_decay None: no EMA.
+  config.averaging = ml_collections.ConfigDict()
+  config.averaging.ema_decay = ml_collections.config_dict.placeholder(float)
+  config.averaging.polyak = False
+  config.averaging.polyak_start_step = 0
+
+  # Augmentation multiplicity (De et al. 2022): per-example gradients averaged
+  # over num_views augmented views before clipping (0: no augmentation).
+  config.augmult = ml_collections.ConfigDict()
+  config.augmult.num_views = 0
+  config.augmult.augmentations = ('shift',)
 
   config.eval_every_steps = 0  # 0: ten evaluations per run
   config.log_every_steps = 10

@@ -7,15 +7,25 @@ sampling, and accounting on dp-accounting, tied together by :func:`make_plan`.
 
 from dpjax.accounting import calibrate_noise_multiplier
 from dpjax.accounting import PrivacyLedger
+from dpjax.clipping import clip_automatic
+from dpjax.clipping import clip_normalized
 from dpjax.clipping import clip_per_example
+from dpjax.clipping import clip_per_layer
 from dpjax.clipping import ClipOutput
 from dpjax.clipping import PerExampleClipping
+from dpjax.modelmix import clip_l2_then_linf
+from dpjax.modelmix import mix_model_states
+from dpjax.modelmix import ModelMixState
+from dpjax.modelmix import modelmix_epsilon
 from dpjax.noise import add_gaussian_noise
+from dpjax.noise import add_gaussian_noise_from_state
 from dpjax.noise import GaussianNoiseState
+from dpjax.noise import private_aggregate
 from dpjax.per_example import clipped_grad
 from dpjax.per_example import ClippedGrad
 from dpjax.per_example import per_example_grads
 from dpjax.per_example import PerExampleStats
+from dpjax.plan import ClippingConfig
 from dpjax.plan import DPPlan
 from dpjax.plan import make_plan
 from dpjax.plan import PrivacyConfig

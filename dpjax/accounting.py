@@ -4,7 +4,9 @@ DP-SGD with Poisson sampling at rate q and noise multiplier sigma is, per step,
 the Poisson-subsampled Gaussian mechanism; T steps compose. Epsilon comes from
 Renyi DP (Mironov 2017; Mironov, Talwar, Zhang 2019) or from privacy loss
 distributions (Koskela et al. 2020; Doroshenko et al. 2022), both as
-implemented in Google's dp-accounting.
+implemented in Google's dp-accounting. Compositions of Gaussian mechanisms
+without subsampling (batch clipping with shuffling) also have the closed form
+of Gaussian DP (Dong, Roth, Su 2022), accountant ``'gdp'``.
 
 Privacy invariant owned here (DESIGN.md, 4 and 5): the event composed is the
 one of the sampler really used, and every extra data-dependent release is
@@ -24,11 +26,15 @@ from absl import logging as absl_logging
 import dp_accounting
 from dp_accounting import pld
 from dp_accounting import rdp
+from scipy import optimize
+from scipy import stats
 
 from dpjax import _validation
 
-Accountant = Literal['rdp', 'pld']
+Accountant = Literal['rdp', 'pld', 'gdp']
 ACCOUNTANTS: tuple[str, ...] = ('rdp', 'pld')
+# 'gdp' (closed form, Gaussian compositions without subsampling) is accepted
+# by epsilon() and calibrate_gaussian_composition() only.
 DEFAULT_PLD_DISCRETIZATION = 1e-4
 
 
@@ -159,6 +165,8 @@ def epsilon(
   check_delta(delta)
   if _has_zero_noise(event):
     return math.inf
+  if accountant == 'gdp':
+    return gdp_epsilon(gaussian_composition_mu(event), delta)
   acc = make_accountant(accountant, relation, pld_discretization)
   if not acc.supports(event):
     raise ValueError(
@@ -237,3 +245,202 @@ class PrivacyLedger:
     if not self.entries:
       return 0.0
     return epsilon(self.event(), delta, accountant, **kwargs)
+
+
+# Gaussian differential privacy (Dong, Roth, Su 2022), for mechanisms that
+# compose plain Gaussian releases without subsampling amplification: batch
+# clipping with shuffling (van Dijk et al. 2022; Nguyen et al. 2023).
+
+
+def gdp_delta(mu: float, epsilon: float) -> float:
+  """delta(eps) of mu-GDP: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2).
+
+  Examples:
+    >>> from dpjax import accounting
+    >>> round(accounting.gdp_delta(1.0, 0.0), 4)  # = 2 Phi(1/2) - 1
+    0.3829
+
+  Args:
+    mu: the GDP parameter (> 0).
+    epsilon: epsilon >= 0.
+
+  Returns:
+    The smallest delta for which mu-GDP implies (epsilon, delta)-DP.
+
+  References:
+    Dong, Roth, Su, 2022. Gaussian Differential Privacy, Corollary 2.13.
+    https://arxiv.org/abs/1905.02383
+  """
+  mu = _validation.positive('mu', mu)
+  epsilon = _validation.non_negative('epsilon', epsilon)
+  a = -epsilon / mu + mu / 2
+  b = -epsilon / mu - mu / 2
+  # e^eps Phi(b) in logs, so large epsilon neither overflows nor cancels.
+  return float(stats.norm.cdf(a) - math.exp(epsilon + stats.norm.logcdf(b)))
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+  """Smallest epsilon with mu-GDP => (epsilon, delta)-DP.
+
+  Examples:
+    >>> from dpjax import accounting
+    >>> round(accounting.gdp_epsilon(1.666, 1e-5), 2)
+    8.0
+
+  Args:
+    mu: the GDP parameter (> 0).
+    delta: target delta in (0, 1).
+
+  Returns:
+    Epsilon (0 when mu is small enough that delta(0) <= delta).
+
+  References:
+    Dong, Roth, Su, 2022. Gaussian Differential Privacy.
+    https://arxiv.org/abs/1905.02383
+  """
+  mu = _validation.positive('mu', mu)
+  delta = _validation.open_unit('delta', delta)
+  if gdp_delta(mu, 0.0) <= delta:
+    return 0.0
+  hi = 1.0
+  while gdp_delta(mu, hi) > delta:
+    hi *= 2
+  return float(optimize.brentq(lambda e: gdp_delta(mu, e) - delta, 0.0, hi,
+                               xtol=1e-12, rtol=1e-12))
+
+
+def gdp_mu(epsilon: float, delta: float) -> float:
+  """The largest mu whose mu-GDP guarantee implies (epsilon, delta)-DP.
+
+  Examples:
+    >>> from dpjax import accounting
+    >>> round(accounting.gdp_mu(8.0, 1e-5), 3)
+    1.666
+
+  Args:
+    epsilon: target epsilon > 0.
+    delta: target delta in (0, 1).
+
+  Returns:
+    mu > 0.
+
+  References:
+    Dong, Roth, Su, 2022. Gaussian Differential Privacy.
+    https://arxiv.org/abs/1905.02383
+  """
+  epsilon = _validation.positive('epsilon', epsilon)
+  delta = _validation.open_unit('delta', delta)
+  hi = 1.0
+  while gdp_delta(hi, epsilon) < delta:
+    hi *= 2
+  return float(optimize.brentq(lambda m: gdp_delta(m, epsilon) - delta,
+                               1e-6, hi, xtol=1e-12, rtol=1e-12))
+
+
+def gaussian_composition_mu(event: dp_accounting.DpEvent) -> float:
+  """mu of a composition of Gaussian mechanisms without subsampling.
+
+  GaussianDpEvent(z) is (1/z)-GDP and mu's compose as sqrt(sum mu_i^2). Any
+  other event (in particular a Poisson-subsampled one, whose amplification
+  GDP's closed form does not cover) is refused.
+  """
+  if isinstance(event, dp_accounting.GaussianDpEvent):
+    z = event.noise_multiplier
+    return math.inf if z == 0 else 1.0 / z
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return math.sqrt(event.count) * gaussian_composition_mu(event.event)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return math.sqrt(sum(gaussian_composition_mu(e) ** 2
+                         for e in event.events))
+  raise ValueError(
+      "the 'gdp' accountant covers compositions of Gaussian mechanisms"
+      f' without subsampling (batch clipping with shuffling); got {event}.'
+      " Use 'rdp' or 'pld' for Poisson-sampled DP-SGD.")
+
+
+def gaussian_composition_event(noise_multiplier: float,
+                               count: int) -> dp_accounting.DpEvent:
+  """``count`` Gaussian releases of noise multiplier z (no subsampling)."""
+  noise_multiplier = _validation.non_negative(
+      'noise_multiplier', noise_multiplier)
+  count = _validation.positive_int('count', count)
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.GaussianDpEvent(noise_multiplier), count)
+
+
+def calibrate_gaussian_composition(
+    target_epsilon: float,
+    delta: float,
+    count: int,
+    accountant: str = 'gdp',
+    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+    tol: float = 1e-4,
+) -> float:
+  """Smallest noise multiplier z whose ``count``-fold composition meets eps.
+
+  With ``'gdp'`` this is the closed form z = sqrt(count) / mu(eps, delta)
+  (e.g. eps = 8, delta = 1e-5: mu = 1.666, and count = 10 / 50 / 100 epochs
+  need z = 1.90 / 4.24 / 6.00); ``'pld'`` and ``'rdp'`` search numerically.
+  """
+  target_epsilon = _validation.positive('target_epsilon', target_epsilon)
+  check_delta(delta)
+  count = _validation.positive_int('count', count)
+  if accountant == 'gdp':
+    return math.sqrt(count) / gdp_mu(target_epsilon, delta)
+  check_accountant(accountant)
+  make_event = lambda z: gaussian_composition_event(z, count)
+  guess = math.sqrt(count) / gdp_mu(target_epsilon, delta)
+  with _quiet_dp_accounting():
+    return float(dp_accounting.calibrate_dp_mechanism(
+        functools.partial(make_accountant, accountant,
+                          pld_discretization=pld_discretization),
+        make_event, target_epsilon, delta,
+        dp_accounting.LowerEndpointAndGuess(0.25 * guess, guess), tol=tol))
+
+
+def batch_clipping_mu(noise_multiplier: float, epochs: int,
+                      group_privacy: int = 1,
+                      groups_per_step: int = 1) -> float:
+  """GDP mu of batch clipping with shuffling, for a group of g examples.
+
+  Each example is in at most one step per epoch, and a step's release is a
+  Gaussian mechanism with sensitivity 2C per clipped group the changed
+  examples fall into. For one example: mu = sqrt(E) / sigma. For g examples
+  the worst case puts them into as few steps and as many distinct groups as
+  possible: with K groups per step, sum over steps of (groups touched)^2 is
+  at most floor(g/K) K^2 + (g mod K)^2. With K = 1 (the whole batch clipped
+  once) that is g, the paper's sqrt(g E) / sigma; with g <= K it is g^2, so
+  mu = g sqrt(E) / sigma (the paper's formula would understate it).
+
+  Examples:
+    >>> from dpjax import accounting
+    >>> round(accounting.batch_clipping_mu(6.0, 100), 4)
+    1.6667
+    >>> round(accounting.batch_clipping_mu(6.0, 100, group_privacy=4), 4)
+    3.3333
+    >>> round(accounting.batch_clipping_mu(6.0, 100, 4, groups_per_step=16), 4)
+    6.6667
+
+  Args:
+    noise_multiplier: sigma (noise std 2 C sigma on the sum of clipped
+      groups).
+    epochs: E, the number of epochs started.
+    group_privacy: g, the number of examples that may change together.
+    groups_per_step: K = s / m, clipped groups per step.
+
+  Returns:
+    mu (inf without noise).
+
+  References:
+    Nguyen, Nguyen, Nguyen, van Dijk, 2023. Batch Clipping and Adaptive
+    Layerwise Clipping for Differential Private Stochastic Gradient Descent.
+    https://arxiv.org/abs/2307.11939
+  """
+  sigma = _validation.non_negative('noise_multiplier', noise_multiplier)
+  epochs = _validation.positive_int('epochs', epochs)
+  g = _validation.positive_int('group_privacy', group_privacy)
+  k = _validation.positive_int('groups_per_step', groups_per_step)
+  if sigma == 0:
+    return math.inf
+  per_epoch = (g // k) * k * k + (g % k) ** 2
+  return math.sqrt(epochs * per_epoch) / sigma

@@ -1,11 +1,12 @@
 """Per-example clipping as optax transforms that return the clipped SUM.
 
 Implements the clipping step of DP-SGD (Abadi et al. 2016, "Deep Learning with
-Differential Privacy"). Every transform here takes per-example gradients (a
-pytree whose leaves carry a leading batch axis), bounds each example's
-contribution and returns the sum over examples. It declares the L2
-sensitivity of that sum for each neighbouring relation, so the noise added
-downstream can be scaled to it.
+Differential Privacy") and its variants: per-layer clipping (McMahan et al.
+2018), automatic clipping (Bu et al. 2023) and normalization (De et al. 2022).
+Every transform here takes per-example gradients (a pytree whose leaves carry
+a leading batch axis), bounds each example's contribution and returns the sum
+over examples. It declares the L2 sensitivity of that sum for each
+neighbouring relation, so the noise added downstream can be scaled to it.
 
 Privacy invariant owned here (DESIGN.md, invariants 1 and 6): for ANY input,
 including NaN, Inf, huge values and padding rows, one example changes the
@@ -15,6 +16,7 @@ gradients and padding rows contribute exactly zero.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import dp_accounting
@@ -99,27 +101,96 @@ class PerExampleClipping(optax.GradientTransformationExtraArgs):
   clip: ClipFn
   l2_bound: float
   name: str
+  # Clipping whose thresholds live in its state (per-layer, adaptive) reads
+  # them here; the defaults describe a fixed bound ``l2_bound``.
+  bound_fn: Callable[[Any], jax.Array] | None = None
+  noise_scale_fn: Callable[[Any], PyTree] | None = None
+  end_step_fn: Callable[[Any], Any] | None = None
   scales_from_norms: NormScalesFn | None = None
 
-  def sensitivity(
+  def relation_factor(
       self,
       relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
   ) -> float:
-    """L2 sensitivity of the clipped sum under ``relation``.
-
-    Adding or removing one example moves the sum by at most the per-example
-    bound; replacing one example by another moves it by at most twice that
-    (both vectors lie in the same ball).
-    """
+    """Sensitivity under ``relation`` over the per-row bound (1 or 2)."""
     relation = NeighboringRelation(relation)
     if relation in (
         NeighboringRelation.ADD_OR_REMOVE_ONE,
         NeighboringRelation.REPLACE_SPECIAL,
     ):
-      return self.l2_bound
+      return 1.0
     if relation == NeighboringRelation.REPLACE_ONE:
-      return 2.0 * self.l2_bound
+      return 2.0
     raise ValueError(f'Unknown neighbouring relation {relation!r}.')
+
+  def sensitivity(
+      self,
+      relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
+      state: Any = None,
+  ):
+    """L2 sensitivity of the clipped sum under ``relation``.
+
+    Adding or removing one example moves the sum by at most the per-example
+    bound; replacing one example by another moves it by at most twice that
+    (both vectors lie in the same ball). With ``state``, the bound is the one
+    of the thresholds in that state (a traced value for per-layer and
+    adaptive clipping); without it, the bound the transform was built with.
+    """
+    factor = self.relation_factor(relation)
+    if state is None or self.bound_fn is None:
+      return factor * self.l2_bound
+    return factor * self.bound_fn(state)
+
+  def noise_scale(
+      self,
+      state: Any = None,
+      relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
+  ) -> PyTree:
+    """Noise std per unit of noise multiplier, on the clipped SUM.
+
+    A scalar (isotropic noise: the sensitivity) or a pytree prefix of the
+    parameters with one scale per clip group (per-group noise). Gaussian
+    noise of std ``noise_multiplier * noise_scale`` makes the release a
+    Gaussian mechanism of that noise multiplier (sensitivity 1 after dividing
+    each group by its scale), so the accountant's event needs nothing else.
+    """
+    factor = self.relation_factor(relation)
+    if self.noise_scale_fn is None:
+      return factor * self.sensitivity(NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                       state)
+    return jax.tree.map(lambda s: factor * s, self.noise_scale_fn(state))
+
+  def end_step(self, state: Any) -> Any:
+    """The once-per-logical-step update of the state (identity if stateless).
+
+    Call it once after every logical step, after the noise: adaptive clipping
+    releases its noised counts here and moves its thresholds.
+    """
+    return state if self.end_step_fn is None else self.end_step_fn(state)
+
+
+def _is_number(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.number)
+
+
+def state_increment(old: Any, new: Any) -> Any:
+  """What a clipping call added to the numeric leaves of its state.
+
+  Within a logical step a clip state only accumulates statistics (adaptive
+  clipping's counts); thresholds and PRNG keys change in ``end_step``. So the
+  increments of the pieces of one step (physical batches, devices) add up:
+  ``add_state_increment(start, sum of increments)`` is the state after the
+  whole step. Non-numeric leaves (keys) get a zero placeholder.
+  """
+  return jax.tree.map(
+      lambda o, n: n - o if _is_number(o) else jnp.zeros((), jnp.int32),
+      old, new)
+
+
+def add_state_increment(state: Any, increment: Any) -> Any:
+  """``state`` plus an (accumulated) :func:`state_increment`."""
+  return jax.tree.map(lambda s, d: s + d if _is_number(s) else s, state,
+                      increment)
 
 
 def make_per_example_clipping(
@@ -127,10 +198,20 @@ def make_per_example_clipping(
     clip_fn: ClipFn,
     l2_bound: float,
     name: str,
+    *,
+    bound_fn: Callable[[Any], jax.Array] | None = None,
+    noise_scale_fn: Callable[[Any], PyTree] | None = None,
+    end_step_fn: Callable[[Any], Any] | None = None,
+    cls: type[PerExampleClipping] = PerExampleClipping,
     scales_from_norms: NormScalesFn | None = None,
 ) -> PerExampleClipping:
   """Wraps a clip function into a :class:`PerExampleClipping` transform.
 
+  ``bound_fn(state)`` (the add/remove sensitivity of the thresholds in
+  ``state``), ``noise_scale_fn(state)`` (see
+  :meth:`PerExampleClipping.noise_scale`) and ``end_step_fn(state)`` (the
+  once-per-step state update) are for clipping whose thresholds live in its
+  state; leave them None for a fixed bound ``l2_bound``.
   ``scales_from_norms``, when given, must clip exactly as ``clip_fn`` does,
   from per-example squared norms instead of gradients (see
   :class:`PerExampleClipping`).
@@ -141,10 +222,13 @@ def make_per_example_clipping(
     out, state = clip_fn(updates, state, mask)
     return out.grad_sum, state
 
-  tx = PerExampleClipping.__new__(PerExampleClipping, init_fn, update_fn)
+  tx = cls.__new__(cls, init_fn, update_fn)
   tx.clip = clip_fn
   tx.l2_bound = float(l2_bound)
   tx.name = name
+  tx.bound_fn = bound_fn
+  tx.noise_scale_fn = noise_scale_fn
+  tx.end_step_fn = end_step_fn
   tx.scales_from_norms = scales_from_norms
   return tx
 
@@ -203,6 +287,35 @@ def scale_and_sum(
   return jax.tree.map(one, per_example_grads)
 
 
+def global_norm_scales(
+    sq_norms: PyTree, mask: jax.Array | None,
+    scale_of: Callable[[jax.Array], jax.Array],
+    clipped_of: Callable[[jax.Array], jax.Array],
+) -> NormScales:
+  """:class:`NormScales` of a rule on each example's global norm.
+
+  ``sq_norms`` holds per-example squared norms of the gradient's parts;
+  ``scale_of(norms)`` is the rule's [B] factor, ``clipped_of(norms)`` which
+  rows count as clipped. Padding and non-finite rows are not kept. Upper
+  bounds of the norms (ghost norms) keep the bound R of a rule with
+  ``n * scale_of(n) <= R`` that does not grow with n: the true norm n' <= n
+  then gives ``n' * scale_of(n) <= n * scale_of(n) <= R``.
+  """
+  sq = [x.astype(jnp.float32) for x in jax.tree.leaves(sq_norms)]
+  norms = jnp.sqrt(sum(sq))
+  mask = as_mask(mask, norms.shape[0])
+  finite = jnp.isfinite(norms)
+  keep = mask & finite
+  scale = scale_of(norms)
+  return NormScales(
+      scales=jax.tree.map(lambda _: scale, sq_norms),
+      keep=keep,
+      norms=jnp.where(mask, jnp.where(finite, norms, jnp.inf), 0.0),
+      num_nonfinite=jnp.sum(mask & ~finite),
+      num_clipped=jnp.sum(keep & clipped_of(norms)),
+  )
+
+
 def clip_per_example(l2_norm_clip: float) -> PerExampleClipping:
   """Clips each example's gradient to global L2 norm ``l2_norm_clip`` and sums.
 
@@ -250,22 +363,347 @@ def clip_per_example(l2_norm_clip: float) -> PerExampleClipping:
     return out, state
 
   def scales_fn(sq_norms, state, mask):
-    # The same rule as clip_fn, from squared norms of the gradient's parts.
-    sq = [x.astype(jnp.float32) for x in jax.tree.leaves(sq_norms)]
-    norms = jnp.sqrt(sum(sq))
+    return global_norm_scales(
+        sq_norms, mask, lambda n: bound / jnp.maximum(n, bound),
+        lambda n: n > bound), state
+
+  return make_per_example_clipping(
+      optax.init_empty_state, clip_fn, bound, 'flat',
+      scales_from_norms=scales_fn)
+
+
+# Per-layer clipping (McMahan et al. 2018; Andrew et al. 2021, per layer).
+#
+# A clip group is a node of the parameter pytree: every leaf of a *prefix*
+# tree of thresholds names the subtree it covers (a single tensor, a whole
+# module, or the root for flat clipping). Each example's gradient is clipped
+# group by group, so its contribution has norm at most sqrt(sum_i C_i^2).
+
+LAYER_RULES: tuple[str, ...] = ('equal', 'size', 'sqrt_size')
+LAYER_GROUPS: tuple[str, ...] = ('tensor', 'module')
+LAYER_NOISE: tuple[str, ...] = ('isotropic', 'per_layer')
+
+
+class LayerClipState(NamedTuple):
+  """Per-group thresholds: a pytree prefix of the parameters, float32 leaves."""
+
+  clip_norms: PyTree
+
+
+def _group_subtrees(clip_norms: PyTree, tree: PyTree, fn) -> PyTree:
+  """``fn(threshold, subtree)`` for each group; clip_norms is a prefix of tree."""
+  try:
+    return jax.tree.map(fn, clip_norms, tree)
+  except ValueError as e:
+    raise ValueError(
+        'the per-layer clip norms must be a pytree prefix of the gradients'
+        ' (one positive threshold per parameter group); got thresholds with'
+        f' structure {jax.tree.structure(clip_norms)} for gradients with'
+        f' structure {jax.tree.structure(tree)}.') from e
+
+
+def group_sq_norms(per_example_grads: PyTree, clip_norms: PyTree) -> PyTree:
+  """[B] squared L2 norm of each example's gradient, group by group."""
+  batch = batch_size_of(per_example_grads)
+
+  def sq(_, sub):
+    return sum(
+        jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(batch, -1), axis=1)
+        for x in jax.tree.leaves(sub))
+
+  return _group_subtrees(clip_norms, per_example_grads, sq)
+
+
+def clip_groups(
+    per_example_grads: PyTree, clip_norms: PyTree, mask: jax.Array | None
+) -> tuple[ClipOutput, PyTree, jax.Array]:
+  """Clips every group of every example to its threshold and sums.
+
+  Returns the :class:`ClipOutput`, the per-group norms (a tree shaped like
+  ``clip_norms`` with [B] leaves) and the [B] mask of kept rows (real and
+  finite). A row with any non-finite group (or whose global squared norm
+  overflows) contributes exactly zero.
+  """
+  sq = group_sq_norms(per_example_grads, clip_norms)
+  sq_leaves = jax.tree.leaves(sq)
+  batch = sq_leaves[0].shape[0]
+  mask = as_mask(mask, batch)
+  total = jnp.sqrt(sum(sq_leaves))
+  finite = jnp.isfinite(total)
+  keep = mask & finite
+  norms = jax.tree.map(jnp.sqrt, sq)
+  scales = jax.tree.map(lambda c, n: c / jnp.maximum(n, c), clip_norms, norms)
+  grad_sum = _group_subtrees(
+      scales, per_example_grads, lambda s, sub: scale_and_sum(sub, s, keep))
+  clipped = functools.reduce(
+      jnp.logical_or,
+      jax.tree.leaves(jax.tree.map(lambda c, n: n > c, clip_norms, norms)))
+  out = ClipOutput(
+      grad_sum=grad_sum,
+      norms=jnp.where(mask, jnp.where(finite, total, jnp.inf), 0.0),
+      num_nonfinite=jnp.sum(mask & ~finite),
+      num_clipped=jnp.sum(keep & clipped),
+  )
+  return out, norms, keep
+
+
+def _check_clip_norms(clip_norms: PyTree) -> list[float]:
+  leaves = jax.tree.leaves(clip_norms)
+  if not leaves:
+    raise ValueError('clip_norms must hold at least one threshold.')
+  return [_validation.positive('per-layer clip norm', float(c))
+          for c in leaves]
+
+
+def _group_sizes(params: PyTree, groups: str) -> PyTree:
+  """Parameter count of each group: per leaf, or per top-level module."""
+  if groups not in LAYER_GROUPS:
+    raise ValueError(f'groups must be one of {LAYER_GROUPS}, got {groups!r}.')
+  size = lambda sub: sum(int(jnp.size(x)) for x in jax.tree.leaves(sub))
+  if groups == 'tensor':
+    return jax.tree.map(size, params)
+  if not hasattr(params, 'items'):
+    raise ValueError(
+        "groups='module' needs parameters that are a mapping of module name"
+        f' to subtree (a flax params dict); got {type(params).__name__}.')
+  return {k: size(v) for k, v in params.items()}
+
+
+def per_layer_clip_norms(
+    params: PyTree, clip_norm: float, rule: str = 'equal',
+    groups: str = 'tensor',
+) -> PyTree:
+  """Per-group thresholds C_i with sum_i C_i^2 = C^2, by a data-free rule.
+
+  Rules: ``'equal'``, C_i = C / sqrt(K) for K groups; ``'size'``, C_i
+  proportional to the group's parameter count n_i; ``'sqrt_size'``, C_i
+  proportional to sqrt(n_i) (every coordinate gets the same share of C^2).
+  Whatever the rule, the clipped sum's sensitivity stays C.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dpjax import clipping
+    >>> params = {'a': jnp.zeros(3), 'b': jnp.zeros(1)}
+    >>> norms = clipping.per_layer_clip_norms(params, 2.0, 'sqrt_size')
+    >>> {k: round(v, 4) for k, v in norms.items()}
+    {'a': 1.7321, 'b': 1.0}
+
+  Args:
+    params: the parameters (or any tree with their structure and shapes).
+    clip_norm: the total bound C.
+    rule: ``'equal'``, ``'size'`` or ``'sqrt_size'``.
+    groups: ``'tensor'`` (one group per parameter array) or ``'module'`` (one
+      per top-level entry of the params dict, e.g. a flax layer).
+
+  Returns:
+    A pytree prefix of ``params`` with one float threshold per group.
+
+  References:
+    McMahan et al., 2018. A General Approach to Adding Differential Privacy
+    to Iterative Training Procedures. https://arxiv.org/abs/1812.06210
+  """
+  clip_norm = _validation.positive('clip_norm', clip_norm)
+  if rule not in LAYER_RULES:
+    raise ValueError(f'rule must be one of {LAYER_RULES}, got {rule!r}.')
+  sizes = _group_sizes(params, groups)
+  weight = {'equal': lambda n: 1.0, 'size': float,
+            'sqrt_size': lambda n: float(n) ** 0.5}[rule]
+  weights = jax.tree.map(weight, sizes)
+  total = sum(w * w for w in jax.tree.leaves(weights)) ** 0.5
+  return jax.tree.map(lambda w: clip_norm * w / total, weights)
+
+
+def clip_per_layer(
+    clip_norms: PyTree | None = None,
+    *,
+    clip_norm: float | None = None,
+    rule: str = 'equal',
+    groups: str = 'tensor',
+    noise: str = 'isotropic',
+) -> PerExampleClipping:
+  """Clips each parameter group of each example to its own norm, and sums.
+
+  Give the thresholds either explicitly (``clip_norms``, a pytree prefix of
+  the parameters with a positive float per group) or by a rule
+  (``clip_norm`` and ``rule``, see :func:`per_layer_clip_norms`; resolved by
+  ``init(params)``). The thresholds live in the state
+  (:class:`LayerClipState`), so a public schedule may replace them between
+  steps. One example's contribution has norm <= sqrt(sum_i C_i^2), the
+  add/remove sensitivity; non-finite and padding rows contribute zero.
+
+  ``noise`` picks how the noise is shaped (it never changes the sum):
+  ``'isotropic'`` (std sigma x sqrt(sum_i C_i^2) everywhere) or
+  ``'per_layer'`` (std sigma x sqrt(K) x C_i on group i: the same Gaussian
+  mechanism, i.e. the same epsilon for noise multiplier sigma, since each of
+  the K groups divided by its scale has sensitivity 1 / sqrt(K); a user who
+  wants std sigma' C_i per group pays noise multiplier sigma' / sqrt(K)).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import dpjax
+    >>> clip = dpjax.clip_per_layer({'a': 1.0, 'b': 0.5})
+    >>> grads = {'a': jnp.array([[3.0, 4.0]]), 'b': jnp.array([[0.3]])}
+    >>> summed, state = clip.update(grads, clip.init(grads))
+    >>> [round(float(v), 4) for v in summed['a']], float(summed['b'][0])
+    ([0.6, 0.8], 0.30000001192092896)
+    >>> round(clip.sensitivity(), 4)
+    1.118
+
+  Args:
+    clip_norms: explicit per-group thresholds, or None to use a rule.
+    clip_norm: the total bound C of a rule (exclusive with ``clip_norms``).
+    rule: ``'equal'``, ``'size'`` or ``'sqrt_size'``.
+    groups: ``'tensor'`` or ``'module'`` (see :func:`per_layer_clip_norms`).
+    noise: ``'isotropic'`` or ``'per_layer'``.
+
+  Returns:
+    A :class:`PerExampleClipping` with :class:`LayerClipState`.
+
+  References:
+    McMahan et al., 2018. A General Approach to Adding Differential Privacy
+    to Iterative Training Procedures. https://arxiv.org/abs/1812.06210
+  """
+  if (clip_norms is None) == (clip_norm is None):
+    raise ValueError(
+        'give exactly one of clip_norms (explicit thresholds) and clip_norm'
+        f' (with a rule); got clip_norms={clip_norms!r},'
+        f' clip_norm={clip_norm!r}.')
+  if noise not in LAYER_NOISE:
+    raise ValueError(f'noise must be one of {LAYER_NOISE}, got {noise!r}.')
+  if clip_norms is not None:
+    bound = sum(c * c for c in _check_clip_norms(clip_norms)) ** 0.5
+  else:
+    bound = _validation.positive('clip_norm', clip_norm)
+    if rule not in LAYER_RULES:
+      raise ValueError(f'rule must be one of {LAYER_RULES}, got {rule!r}.')
+
+  def init_fn(params):
+    norms = clip_norms
+    if norms is None:
+      norms = per_layer_clip_norms(params, bound, rule, groups)
+    return LayerClipState(jax.tree.map(
+        lambda c: jnp.asarray(c, jnp.float32), norms))
+
+  def clip_fn(per_example_grads, state, mask):
+    out, _, _ = clip_groups(per_example_grads, state.clip_norms, mask)
+    return out, state
+
+  def bound_fn(state):
+    return jnp.sqrt(sum(jnp.square(c)
+                        for c in jax.tree.leaves(state.clip_norms)))
+
+  def noise_scale_fn(state):
+    if noise == 'isotropic':
+      return bound_fn(state)
+    num_groups = len(jax.tree.leaves(state.clip_norms))
+    return jax.tree.map(lambda c: num_groups ** 0.5 * c, state.clip_norms)
+
+  return make_per_example_clipping(
+      init_fn, clip_fn, bound, 'per_layer', bound_fn=bound_fn,
+      noise_scale_fn=noise_scale_fn)
+
+
+# Automatic clipping (Bu et al. 2023) and normalization (De et al. 2022).
+
+DEFAULT_MIN_NORM = 1e-6
+
+
+def _normalizing_clipping(bound: float, denominator, name: str):
+
+  def clip_fn(per_example_grads, state, mask):
+    norms = per_example_global_norms(per_example_grads)
     mask = as_mask(mask, norms.shape[0])
     finite = jnp.isfinite(norms)
     keep = mask & finite
-    scale = bound / jnp.maximum(norms, bound)
-    out = NormScales(
-        scales=jax.tree.map(lambda _: scale, sq_norms),
-        keep=keep,
+    # The scale is bounded by bound / floor, so a row whose float32 norm
+    # underflows (true norm ~1e-19) stays far below the bound.
+    scale = bound / denominator(norms)
+    out = ClipOutput(
+        grad_sum=scale_and_sum(per_example_grads, scale, keep),
         norms=jnp.where(mask, jnp.where(finite, norms, jnp.inf), 0.0),
         num_nonfinite=jnp.sum(mask & ~finite),
-        num_clipped=jnp.sum(keep & (norms > bound)),
+        num_clipped=jnp.sum(keep),
     )
     return out, state
 
+  def scales_fn(sq_norms, state, mask):
+    return global_norm_scales(
+        sq_norms, mask, lambda n: bound / denominator(n),
+        lambda n: jnp.ones_like(n, bool)), state
+
   return make_per_example_clipping(
-      optax.init_empty_state, clip_fn, bound, 'flat', scales_fn
-  )
+      optax.init_empty_state, clip_fn, bound, name,
+      scales_from_norms=scales_fn)
+
+
+def clip_automatic(l2_norm_clip: float, gamma: float = 0.01
+                   ) -> PerExampleClipping:
+  """Automatic clipping: each row becomes g R / (||g|| + gamma), then sums.
+
+  Every row is rescaled (none passes unchanged), to norm R ||g|| / (||g|| +
+  gamma) < R, so the sum's sensitivity is R (2R under replace-one); rows with
+  tiny norms are scaled by at most R / gamma and stay tiny. Non-finite and
+  padding rows contribute exactly zero.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import dpjax
+    >>> clip = dpjax.clip_automatic(1.0, gamma=0.01)
+    >>> grads = {'w': jnp.array([[3.0, 4.0], [0.0, 0.0]])}
+    >>> summed, _ = clip.update(grads, clip.init(None))
+    >>> [round(float(v), 4) for v in summed['w']]
+    [0.5988, 0.7984]
+
+  Args:
+    l2_norm_clip: R > 0, the norm every row is rescaled towards.
+    gamma: stability constant > 0 (Bu et al. use 0.01). For De et al.'s exact
+      normalization use :func:`clip_normalized`.
+
+  Returns:
+    A :class:`PerExampleClipping` transform.
+
+  References:
+    Bu, Wang, Zha, Karypis, 2023. Automatic Clipping: Differentially Private
+    Deep Learning Made Easier and Stronger. https://arxiv.org/abs/2206.07136
+  """
+  bound = _validation.positive('l2_norm_clip', l2_norm_clip)
+  gamma = _validation.positive(
+      'gamma', gamma, ' For exact normalization use clip_normalized.')
+  return _normalizing_clipping(bound, lambda n: n + gamma, 'automatic')
+
+
+def clip_normalized(l2_norm_clip: float,
+                    min_norm: float = DEFAULT_MIN_NORM) -> PerExampleClipping:
+  """Normalizes each row to norm R (g R / ||g||), then sums.
+
+  Rows with norm below ``min_norm`` are scaled by R / ``min_norm`` instead
+  (their norm stays below R), which keeps an all-zero or underflowing row
+  bounded. Sensitivity R (2R under replace-one); non-finite and padding rows
+  contribute exactly zero.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import dpjax
+    >>> clip = dpjax.clip_normalized(2.0)
+    >>> grads = {'w': jnp.array([[3.0, 4.0], [0.0, 0.0], [0.03, 0.04]])}
+    >>> summed, _ = clip.update(grads, clip.init(None))
+    >>> [round(float(v), 4) for v in summed['w']]
+    [2.4, 3.2]
+
+  Args:
+    l2_norm_clip: R > 0, the norm of every normalized row.
+    min_norm: rows below this norm are not normalized but scaled by
+      R / min_norm.
+
+  Returns:
+    A :class:`PerExampleClipping` transform.
+
+  References:
+    De, Berrada, Hayes, Smith, Balle, 2022. Unlocking High-Accuracy
+    Differentially Private Image Classification through Scale.
+    https://arxiv.org/abs/2204.13650
+  """
+  bound = _validation.positive('l2_norm_clip', l2_norm_clip)
+  min_norm = _validation.positive('min_norm', min_norm)
+  return _normalizing_clipping(
+      bound, lambda n: jnp.maximum(n, min_norm), 'normalized')

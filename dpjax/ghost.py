@@ -437,12 +437,19 @@ def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
 
   def discover(leaves, example):
     index = {id(x): i for i, x in enumerate(leaves)}
+    top = jax.tree.leaves((example, leaves))[0]._trace
 
     def interceptor(next_fun, call_args, kwargs, context):
       out = next_fun(*call_args, **kwargs)
       if _supported_call(context):
-        found.append((tuple(context.module.scope.path), _inspect_call(
-            context.module, call_args, kwargs, out, index, len(found))))
+        # Under an inner transformation (a vmap over augmented views, a
+        # remat, a scan) the captured input would be that trace's value.
+        inner = not call_args or getattr(call_args[0], '_trace',
+                                         None) is not top
+        found.append((tuple(context.module.scope.path), (
+            'called inside a transformation (vmap, remat, scan)' if inner
+            else _inspect_call(context.module, call_args, kwargs, out, index,
+                               len(found)))))
       return out
 
     with nn.intercept_methods(interceptor):

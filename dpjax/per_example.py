@@ -199,8 +199,10 @@ def microbatched(
       lambda x: _pad_rows(jnp.asarray(x), extra).reshape(
           (num_chunks, m) + jnp.shape(x)[1:]), batch)
   chunk_masks = _pad_rows(mask, extra).reshape(num_chunks, m)
+  # zeros_like keeps the inputs' device-varying type under jax.shard_map,
+  # where the scan's initial carry must match its body's outputs.
   zeros = jax.tree.map(
-      lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(
+      lambda p: jnp.zeros_like(p, jnp.promote_types(
           jnp.result_type(p), jnp.float32)), params)
 
   def body(carry, xs):
@@ -212,8 +214,8 @@ def microbatched(
              clipped + out.num_clipped)
     return carry, (losses, out.norms, aux)
 
-  init = (zeros, clip_state, jnp.zeros((), jnp.int32),
-          jnp.zeros((), jnp.int32))
+  count = jnp.zeros_like(chunk_masks[0, 0], jnp.int32)
+  init = (zeros, clip_state, count, count)
   (grad_sum, clip_state, nonfinite, clipped), ys = jax.lax.scan(
       body, init, (chunks, chunk_masks))
   losses, norms, aux = jax.tree.map(

@@ -127,3 +127,58 @@ class PoissonSampler:
     indices[:size] = selected
     mask = np.arange(padded) < size
     return PaddedBatch(indices, mask, size)
+
+
+class ShuffleSampler:
+  """Shuffling: each epoch a fresh permutation, cut into fixed-size batches.
+
+  Every example is in exactly one batch per epoch (the last N mod B examples
+  of each permutation sit the epoch out), so it takes part in at most one
+  step per epoch. That, and not subsampling amplification, is what the
+  accounting of batch clipping uses (Gaussian DP, ``mu = sqrt(E) / sigma``
+  after E epochs): pair it with :func:`dpjax.accounting.
+  gaussian_composition_event` under the replace-one relation, never with a
+  Poisson event. Batches are a pure function of ``(seed, step)``.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dpjax.sampling import ShuffleSampler
+    >>> sampler = ShuffleSampler(10, 4, seed=0)
+    >>> sampler.steps_per_epoch
+    2
+    >>> seen = np.concatenate([sampler.sample(s).indices for s in (0, 1)])
+    >>> len(set(seen.tolist())), sampler.sample(0).size
+    (8, 4)
+
+  Args:
+    dataset_size: N, the number of (private) training examples.
+    batch_size: B, the fixed (public) batch size.
+    seed: sampler seed; batch t depends only on (seed, t).
+  """
+
+  def __init__(self, dataset_size: int, batch_size: int, *, seed: int = 0):
+    self.dataset_size = _validation.positive_int('dataset_size', dataset_size)
+    self.batch_size = _validation.positive_int(
+        'batch_size', batch_size, ' Shuffling uses a fixed batch size.')
+    if self.batch_size > self.dataset_size:
+      raise ValueError(
+          f'batch_size={self.batch_size} is larger than the dataset'
+          f' (N={self.dataset_size}); choose a batch size <= N.')
+    self.steps_per_epoch = self.dataset_size // self.batch_size
+    self.seed = int(seed)
+
+  @property
+  def padded_sizes(self) -> tuple[int, ...]:
+    return (self.batch_size,)
+
+  def epoch_of(self, step: int) -> int:
+    return int(step) // self.steps_per_epoch
+
+  def sample(self, step: int) -> PaddedBatch:
+    """The batch of logical step ``step`` (no padding: the mask is all True)."""
+    epoch, k = divmod(int(step), self.steps_per_epoch)
+    order = np.random.default_rng([self.seed, epoch]).permutation(
+        self.dataset_size)
+    indices = order[k * self.batch_size:(k + 1) * self.batch_size]
+    return PaddedBatch(indices.astype(np.int32),
+                       np.ones(self.batch_size, bool), self.batch_size)

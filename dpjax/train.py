@@ -10,10 +10,9 @@ epsilon shown and written is always the one of what actually ran.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from flax.training import train_state as train_state_lib
 import flax.linen as nn
@@ -25,18 +24,50 @@ import optax
 import tqdm
 
 from dpjax import accounting
+from dpjax import accumulation
+from dpjax import augmult as augmult_lib
 from dpjax import autotune
+from dpjax import averaging
+from dpjax import checkpoint
+from dpjax import clipping as clipping_lib
+from dpjax import config_validation
 from dpjax import data as data_lib
+from dpjax import distributed
 from dpjax import ghost
+from dpjax import modelmix as modelmix_lib
 from dpjax import models
-from dpjax import per_example
 from dpjax import plan as plan_lib
 from dpjax import plots
 from dpjax import sampling
 
 
 class TrainState(train_state_lib.TrainState):
-  """Flax TrainState; ``tx`` is ``optax.chain(noise, optimizer)`` under DP."""
+  """Flax TrainState; ``tx`` is ``optax.chain(noise, optimizer)`` under DP.
+
+  ``clip_state`` is the clipping's state (per-layer thresholds, adaptive
+  thresholds and counts), carried across steps and checkpointed with the rest.
+  """
+
+  clip_state: Any = None
+
+
+class RunKeys(NamedTuple):
+  """Independent PRNG streams of one run, all derived from ``config.seed``.
+
+  Each randomness source gets its own stream: a released noise (gradient noise,
+  adaptive clip counts) must never share bits with a secret one (ModelMix's
+  mixing weights) or with another release.
+  """
+
+  init: jax.Array
+  noise: jax.Array
+  clip: jax.Array
+  mix: jax.Array
+
+  @classmethod
+  def from_seed(cls, seed: int) -> 'RunKeys':
+    root = jax.random.key(seed)
+    return cls(*(jax.random.fold_in(root, i) for i in range(4)))
 
 
 def example_loss(model: nn.Module) -> Callable[..., Any]:
@@ -74,7 +105,8 @@ def make_optimizer(config: ml_collections.ConfigDict,
 
 def create_train_state(model: nn.Module, key: jax.Array, image_shape,
                        tx: optax.GradientTransformation) -> TrainState:
-  variables = model.init(key, jnp.zeros((1,) + tuple(image_shape)))
+  # One compilation instead of one per initializer op.
+  variables = jax.jit(model.init)(key, jnp.zeros((1,) + tuple(image_shape)))
   extra = set(variables) - {'params'}
   if extra:
     raise ValueError(
@@ -82,50 +114,120 @@ def create_train_state(model: nn.Module, key: jax.Array, image_shape,
         ' BatchNorm statistics). They depend on the data of every example in'
         ' a batch, so per-example clipping no longer bounds one example\'s'
         ' influence. Use GroupNorm/LayerNorm instead.')
-  state = TrainState.create(apply_fn=model.apply,
-                            params=variables['params'], tx=tx)
-  # An int32 array, not the Python int 0: the first step's output then has
-  # the input's type and the step compiles once per padded batch size.
-  return state.replace(step=jnp.zeros((), jnp.int32))
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           tx=tx)
 
 
 def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
-                    microbatch_size: int | None = None,
+                    microbatch_size: int | None = None, *,
+                    mesh: jax.sharding.Mesh | None = None,
+                    physical_batch_size: int | None = None,
+                    augmult: augmult_lib.AugMult | None = None,
                     grad_route: str = 'auto'):
-  """A jitted ``step(state, images, labels, indices, mask)``.
+  """``step(state, images, labels, indices, mask) -> (state, metrics)``.
 
-  With a plan: DP-SGD (clipped sum of per-example gradients by
-  ``grad_route``, see :func:`dpjax.ghost.clipped_grad_for_route`; the noise
-  is in ``state.tx``). Without one: the non-private step on the mean loss of
-  the real rows, the baseline of the same model and batch.
+  One logical step. With a plan: DP-SGD (clipped sum of per-example
+  gradients, computed by ``grad_route``: see :func:`clipped_grad_fn`; the
+  noise is in ``state.tx``). Without one: the non-private step
+  on the mean loss of the real rows, the baseline of the same model and batch.
+
+  The padded batch is cut into physical batches of ``physical_batch_size``
+  rows, each one's gradient sum computed by its own device call (over the
+  ``mesh``'s data axis when given), the sums accumulated and the update (noise
+  first) applied once (:mod:`dpjax.accumulation`). With ``augmult``, each
+  example's gradient is averaged over its augmented views before clipping.
+  With a ``mesh``, put the state and the data on it first
+  (:func:`dpjax.distributed.put_replicated`).
   """
   loss_fn = example_loss(model)
+  if augmult is not None:
+    loss_fn = augmult.loss(loss_fn)
+
+  def gather(data, indices):
+    images, labels = data
+    batch = {'image': images[indices], 'label': labels[indices]}
+    if augmult is not None:
+      batch['index'] = indices
+    return batch
+
+  def loss_args(state):
+    return () if augmult is None else (augmult.step_key(state.step),)
 
   if plan is None:
-    def mean_loss(params, batch, mask):
-      losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
-      return jnp.sum(jnp.where(mask, losses, 0)) / jnp.maximum(mask.sum(), 1)
+    def sum_loss(params, batch, mask, *args):
+      in_axes = (None, 0) + (None,) * len(args)
+      losses = jax.vmap(loss_fn, in_axes=in_axes)(params, batch, *args)
+      return jnp.sum(jnp.where(mask, losses, 0))
 
-    def step(state, images, labels, indices, mask):
-      batch = {'image': images[indices], 'label': labels[indices]}
-      loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, mask)
-      return state.apply_gradients(grads=grads), {'loss': loss}
+    sum_grad = (jax.value_and_grad(sum_loss) if mesh is None
+                else distributed.summed_grad(sum_loss, mesh))
+
+    def grad_step(state, data, indices, mask):
+      loss_sum, grads = sum_grad(state.params, gather(data, indices), mask,
+                                 *loss_args(state))
+      return grads, {'loss_sum': loss_sum, 'count': mask.sum()}
+
+    def apply_step(state, grads, sums):
+      count = jnp.maximum(sums['count'], 1)
+      return state.apply_gradients(
+          grads=jax.tree.map(lambda g: g / count, grads))
   else:
-    grad_fn = ghost.clipped_grad_for_route(
-        grad_route, loss_fn, plan.clipping, microbatch_size=microbatch_size)
+    if mesh is None:
+      grad_fn = clipped_grad_fn(plan, loss_fn, microbatch_size, grad_route)
+    elif plan.mode == 'batch':
+      raise ValueError(
+          "clipping.mode='batch' does not run on a device mesh; set"
+          ' perf.num_devices=1 (physical batches work: perf.physical_batch_size'
+          ' a multiple of the group size).')
+    else:
+      grad_fn = distributed.clipped_grad(
+          loss_fn, plan.clipping, mesh, microbatch_size=microbatch_size)
 
-    def step(state, images, labels, indices, mask):
-      batch = {'image': images[indices], 'label': labels[indices]}
-      out = grad_fn(state.params, batch, mask)
-      state = state.apply_gradients(grads=out.grad_sum)
-      metrics = {
-          'loss': out.stats.losses.sum() / jnp.maximum(mask.sum(), 1),
+    def grad_step(state, data, indices, mask):
+      out = grad_fn(state.params, gather(data, indices), mask,
+                    clip_state=state.clip_state, args=loss_args(state))
+      return out.grad_sum, {
+          # Per-group losses in 'batch' mode are means over m rows.
+          'loss_sum': out.stats.losses.sum() * plan.group_size,
+          'count': mask.sum(),
           'num_nonfinite': out.stats.num_nonfinite,
           'num_clipped': out.stats.num_clipped,
+          # Statistics the clipping accumulated (adaptive: counts); they add
+          # up over physical batches like the gradient sums.
+          'clip_increment': clipping_lib.state_increment(
+              state.clip_state, out.clip_state),
       }
-      return state, metrics
 
-  return jax.jit(step, donate_argnums=(0,))
+    def apply_step(state, grads, sums):
+      clip_state = clipping_lib.add_state_increment(
+          state.clip_state, sums['clip_increment'])
+      # The noise is scaled to the thresholds the sum was clipped with and
+      # divides by the PUBLIC batch size; then the clipping's state advances
+      # once per logical step (adaptive: noised counts).
+      updates, opt_state = state.tx.update(
+          grads, state.opt_state, state.params, clip_state=clip_state)
+      return state.replace(
+          step=state.step + 1,
+          params=optax.apply_updates(state.params, updates),
+          opt_state=opt_state,
+          clip_state=plan.clipping.end_step(clip_state))
+
+  place = None if mesh is None else (
+      lambda x: distributed.put_sharded(x, mesh))
+  logical_step = accumulation.make_logical_step(
+      grad_step, apply_step, physical_batch_size=physical_batch_size,
+      place_batch=place)
+
+  def step(state, images, labels, indices, mask):
+    if plan is not None and state.clip_state is None:
+      # A state made by create_train_state alone: the clipping starts fresh.
+      state = state.replace(clip_state=plan.clipping.init(state.params))
+    state, sums = logical_step(state, (images, labels), indices, mask)
+    sums.pop('clip_increment', None)
+    metrics = dict(sums, loss=sums['loss_sum'] / jnp.maximum(sums['count'], 1))
+    return state, metrics
+
+  return step
 
 
 def make_eval_fn(model: nn.Module, batch_size: int = 1000):
@@ -158,22 +260,73 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000):
   return evaluate
 
 
-def tune_microbatch(model: nn.Module, plan: plan_lib.DPPlan, state: TrainState,
-                    train: data_lib.ArrayDataset, grad_route: str,
-                    budget_mb: float, microbatch_size: int | None) -> int:
-  """The largest microbatch whose step fits ``budget_mb`` (config.perf)."""
-  if microbatch_size is not None:
+def clipped_grad_fn(plan: plan_lib.DPPlan, loss_fn: Callable[..., Any],
+                    microbatch_size: int | None = None,
+                    grad_route: str = 'auto') -> Callable[..., Any]:
+  """The clipped-gradient engine of ``plan`` on one device, by ``grad_route``.
+
+  Per-example modes go through :func:`dpjax.ghost.clipped_grad_for_route`
+  ('auto': ghost norms and book-keeping when the clipping can clip from
+  norms, as flat clipping can; else vmap). 'batch' mode has its own engine
+  (:meth:`DPPlan.clipped_grad`), on the 'auto' and 'vmap' routes. Every route
+  computes the same clipped sum: the route is a performance setting.
+  """
+  if grad_route not in ghost.GRAD_ROUTES:
     raise ValueError(
-        'Set config.perf.microbatch_size or config.perf.memory_budget_mb, not'
-        f' both (got {microbatch_size} and {budget_mb}).')
-  size = plan.sampler.max_batch_size
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
-  args = (state, spec(train.images.shape, train.images.dtype),
-          spec(train.labels.shape, train.labels.dtype),
-          spec((size,), jnp.int32), spec((size,), jnp.bool_))
+        f'perf.grad_route must be one of {ghost.GRAD_ROUTES}, got'
+        f' {grad_route!r}.')
+  if plan.mode == 'batch':
+    if grad_route not in ('auto', 'vmap'):
+      raise ValueError(
+          f"perf.grad_route={grad_route!r} clips per example; clipping.mode="
+          "'batch' clips groups by vmap: set perf.grad_route='auto'.")
+    return plan.clipped_grad(loss_fn, microbatch_size=microbatch_size)
+  return ghost.clipped_grad_for_route(
+      grad_route, loss_fn, plan.clipping, microbatch_size=microbatch_size)
+
+
+def tune_microbatch(model: nn.Module, plan: plan_lib.DPPlan, state: TrainState,
+                    train: data_lib.ArrayDataset, batch_size: int, *,
+                    budget_mb: float, grad_route: str = 'auto',
+                    augmult: augmult_lib.AugMult | None = None) -> int:
+  """The largest microbatch whose clipped gradient fits ``budget_mb``.
+
+  The budget (config.perf.memory_budget_mb) covers one device call on a
+  physical batch of ``batch_size`` rows: parameters, clip state, the batch
+  and XLA's temporaries (:func:`dpjax.autotune.peak_bytes`), not the
+  training set kept on the device.
+  """
+  loss_fn = example_loss(model)
+  spec = jax.ShapeDtypeStruct
+  batch = {'image': spec((batch_size,) + train.images.shape[1:],
+                        train.images.dtype),
+           'label': spec((batch_size,), train.labels.dtype)}
+  args = ()
+  if augmult is not None:
+    loss_fn = augmult.loss(loss_fn)
+    batch['index'] = spec((batch_size,), jnp.int32)
+    args = (augmult.step_key(state.step),)
+
+  def make(m):
+    fn = clipped_grad_fn(plan, loss_fn, m, grad_route)
+    return jax.jit(lambda params, batch, mask, clip_state, args: fn(
+        params, batch, mask, clip_state=clip_state, args=args))
+
   return autotune.microbatch_size(
-      lambda m: make_train_step(model, plan, m, grad_route), args, size,
-      int(budget_mb * 2**20))
+      make, (state.params, batch, spec((batch_size,), jnp.bool_),
+             state.clip_state, args), batch_size, int(budget_mb * 2**20))
+
+
+def layerwise_thresholds(plan: plan_lib.DPPlan, model: nn.Module,
+                         splits: data_lib.DataSplits):
+  """The run's ALC schedule (None unless clipping.layers = 'alc').
+
+  It sees ``splits.public`` only: the private split never sets a threshold.
+  """
+  public = None if splits.public is None else {
+      'image': jnp.asarray(splits.public.images),
+      'label': jnp.asarray(splits.public.labels)}
+  return plan.layerwise_thresholds(example_loss(model), public)
 
 
 def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
@@ -185,17 +338,53 @@ def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
   p = config.privacy
   steps_given = p.steps is not None
   sigma_given = p.noise_multiplier is not None
+  clipping = plan_lib.ClippingConfig(**p.clipping.to_dict()) if (
+      'clipping' in p) else plan_lib.ClippingConfig()
   return plan_lib.PrivacyConfig(
       clip_norm=p.clip_norm, noise_multiplier=p.noise_multiplier,
       target_epsilon=None if sigma_given else p.target_epsilon,
       delta=p.delta, expected_batch_size=p.expected_batch_size,
       epochs=None if steps_given else p.epochs, steps=p.steps,
-      accountant=p.accountant)
+      accountant=p.accountant, clipping=clipping)
+
+
+def _optimizer_chain(config: ml_collections.ConfigDict,
+                     plan: plan_lib.DPPlan | None, keys: RunKeys,
+                     num_steps: int) -> optax.GradientTransformation:
+  """noise -> optimizer -> ModelMix -> parameter averages.
+
+  ModelMix acts on the parameters the optimizer produced; the averages come
+  last so that they see the parameters the step really ends with.
+  """
+  optimizer = make_optimizer(config.optimizer, num_steps)
+  tx = optax.chain(plan.noise(keys.noise), optimizer) if plan else optimizer
+  if config.get('modelmix') is not None and config.modelmix.enabled:
+    tau = config.modelmix.tau_over_lr * config.optimizer.learning_rate
+    tx = optax.chain(tx, modelmix_lib.mix_model_states(tau, keys.mix))
+  averages = []
+  if config.averaging.ema_decay is not None:
+    averages.append(averaging.ema_params(config.averaging.ema_decay))
+  if config.averaging.polyak:
+    averages.append(
+        averaging.polyak_params(config.averaging.polyak_start_step))
+  return optax.chain(tx, *averages) if averages else tx
+
+
+def _augmult(config: ml_collections.ConfigDict) -> augmult_lib.AugMult | None:
+  if not config.augmult.num_views:
+    return None
+  return augmult_lib.AugMult(
+      augmult_lib.get_augmentation(tuple(config.augmult.augmentations)),
+      config.augmult.num_views, config.seed)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains with DP-SGD as ``config`` says; writes summary.json and a plot.
+
+  Resumes from the newest good checkpoint in ``workdir/checkpoints`` (if its
+  run had the same privacy settings; else a clear error), and checkpoints
+  every ``config.perf.checkpoint_every_steps`` steps.
 
   Args:
     config: an ml_collections config (see ``configs/default.py``).
@@ -205,102 +394,202 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The summary written to ``workdir/summary.json``.
   """
   start = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  config_validation.validate_config(config)
+  if config.perf.distributed and not jax.distributed.is_initialized():
+    jax.distributed.initialize()  # auto-detects SLURM, Open MPI, TPU pods
   splits = data_lib.load(config.data.name, manual_dir=config.data.manual_dir,
                          tfds_data_dir=config.data.tfds_data_dir,
                          public_fraction=config.data.public_fraction)
-  data_lib.check_dataset(splits.train, splits.num_classes, 'train split')
-  data_lib.check_dataset(splits.test, splits.num_classes, 'test split')
+  config_validation.check_splits(splits)
   n = len(splits.train)
-
-  private = config.privacy.enabled
-  if private:
-    plan = plan_lib.make_plan(
-        privacy_config(config), n,
-        pad_to_multiple_of=config.perf.pad_to_multiple_of,
-        sampler_seed=config.seed)
-    sampler, num_steps = plan.sampler, plan.num_steps
-  else:
-    plan = None
-    sampler = sampling.PoissonSampler(
-        n, config.privacy.expected_batch_size,
-        pad_to_multiple_of=config.perf.pad_to_multiple_of, seed=config.seed)
-    num_steps = privacy_config(config).steps or accounting.steps_for_epochs(
-        config.privacy.epochs, sampler.sampling_rate)
 
   model = models.get_model(config.model.name, splits.num_classes,
                            config.model.activation)
-  init_key, noise_key = jax.random.split(jax.random.key(config.seed))
-  optimizer = make_optimizer(config.optimizer, num_steps)
-  tx = optax.chain(plan.noise(noise_key), optimizer) if private else optimizer
-  state = create_train_state(model, init_key, splits.train.images.shape[1:],
+  keys = RunKeys.from_seed(config.seed)
+  num_devices = config.perf.num_devices or jax.device_count()
+  mesh = distributed.make_mesh(num_devices) if num_devices != 1 else None
+  physical = config.perf.physical_batch_size
+  pad = config.perf.pad_to_multiple_of
+  if mesh is not None or physical is not None:
+    pad = distributed.batch_multiple(
+        num_devices, physical, pad or sampling.PoissonSampler(
+            n, config.privacy.expected_batch_size).pad_to_multiple_of)
+
+  private = config.privacy.enabled
+  mixing = config.get('modelmix') is not None and config.modelmix.enabled
+  if private:
+    params_shape = jax.eval_shape(
+        model.init, jax.random.key(0),
+        jnp.zeros((1,) + splits.train.images.shape[1:]))['params']
+    plan = plan_lib.make_plan(
+        privacy_config(config), n, pad_to_multiple_of=pad,
+        sampler_seed=config.seed, params=params_shape, clip_key=keys.clip)
+    sampler, num_steps = plan.sampler, plan.num_steps
+    if mixing:
+      plan = modelmix_lib.with_refined_clipping(plan, config.modelmix.p)
+  else:
+    plan = None
+    sampler = sampling.PoissonSampler(
+        n, config.privacy.expected_batch_size, pad_to_multiple_of=pad,
+        seed=config.seed)
+    num_steps = privacy_config(config).steps or accounting.steps_for_epochs(
+        config.privacy.epochs, sampler.sampling_rate)
+
+  tx = _optimizer_chain(config, plan, keys, num_steps)
+  if mixing:
+    mixing_report = _modelmix_report(
+        config, plan, config.modelmix.tau_over_lr
+        * config.optimizer.learning_rate)
+  state = create_train_state(model, keys.init, splits.train.images.shape[1:],
                              tx)
+  alc = None
+  if private:
+    state = state.replace(clip_state=plan.clipping.init(state.params))
+    alc = layerwise_thresholds(plan, model, splits)
   microbatch = config.perf.microbatch_size
   grad_route = config.perf.get('grad_route', 'auto')
   budget_mb = config.perf.get('memory_budget_mb')
   if private and budget_mb:
-    microbatch = tune_microbatch(model, plan, state, splits.train, grad_route,
-                                 budget_mb, microbatch)
-  train_step = make_train_step(model, plan, microbatch, grad_route)
+    if microbatch is not None or mesh is not None:
+      raise ValueError(
+          'perf.memory_budget_mb picks perf.microbatch_size on one device: set'
+          ' one of the two, and perf.num_devices=1 (got microbatch_size='
+          f'{microbatch}, num_devices={num_devices}).')
+    microbatch = tune_microbatch(
+        model, plan, state, splits.train, physical or sampler.max_batch_size,
+        budget_mb=budget_mb, grad_route=grad_route, augmult=_augmult(config))
+  train_step = make_train_step(model, plan, microbatch,
+                               mesh=mesh, physical_batch_size=physical,
+                               augmult=_augmult(config), grad_route=grad_route)
   evaluate = make_eval_fn(model)
-
   images = jnp.asarray(splits.train.images)
   labels = jnp.asarray(splits.train.labels)
-  ledger = accounting.PrivacyLedger()
+  if mesh is not None:
+    state, images, labels = distributed.put_replicated(
+        (state, images, labels), mesh)
+
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpoint.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      checkpoint.privacy_fields(config, n))
+  restored = checkpointer.restore(state)
+  meta: dict[str, Any] = {
+      'step': 0, 'ledger': [], 'num_nonfinite': 0, 'train_time_s': 0.0,
+      'compiled_batch_sizes': [], 'resumed_from': [],
+      'history': {'step': [], 'test_accuracy': [], 'test_loss': [],
+                  'epsilon': []}}
+  if restored is not None:
+    state, meta = restored
+    meta['resumed_from'] = meta['resumed_from'] + [meta['step']]
+  start_step = meta['step']
+  ledger = checkpoint.ledger_from_json(meta['ledger'])
+  history: dict[str, list[float]] = meta['history']
+  padded_sizes = set(meta['compiled_batch_sizes'])
+  num_nonfinite = jnp.asarray(meta['num_nonfinite'], jnp.int32)
+
   delta = config.privacy.delta
   eval_every = config.eval_every_steps or max(1, num_steps // 10)
-  history: dict[str, list[float]] = {'step': [], 'test_accuracy': [],
-                                     'epsilon': []}
-  padded_sizes = set()
-  num_nonfinite = jnp.zeros((), jnp.int32)
-  eps, final = 0.0, None
-  bar = tqdm.trange(num_steps, desc='DP-SGD' if private else 'SGD',
+  ckpt_every = config.perf.checkpoint_every_steps
+  ckpt_every = eval_every if ckpt_every is None else ckpt_every
+  eps = 0.0
+  if mixing:
+    history.setdefault('epsilon_modelmix', [])
+  bar = tqdm.trange(start_step, num_steps,
+                    desc='DP-SGD' if private else 'SGD',
+                    initial=start_step, total=num_steps,
                     disable=not config.progress_bar, dynamic_ncols=True)
   for step in bar:
+    if alc is not None and alc.due(step):
+      state = state.replace(clip_state=state.clip_state._replace(
+          clip_norms=alc(state.params, step)))
     batch = sampler.sample(step)
     padded_sizes.add(len(batch.indices))
     state, metrics = train_step(state, images, labels, batch.indices,
                                 batch.mask)
     if private:
-      ledger.record(plan.step_event())
+      plan.record_step(ledger, step)
       num_nonfinite += metrics['num_nonfinite']
     last = step + 1 == num_steps
     log_now = (step + 1) % config.log_every_steps == 0 or last
     eval_now = (step + 1) % eval_every == 0 or last
     if private and (log_now or eval_now):
       eps = ledger.epsilon(delta, config.privacy.accountant)
+      if mixing:
+        mixing_report.update(ledger)
     if log_now:
-      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", eps=f'{eps:.3f}')
+      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", eps=f'{eps:.3f}',
+                      **(mixing_report.postfix() if mixing else {}))
     if eval_now:
-      final = evaluate(state.params, splits.test)
+      result = evaluate(state.params, splits.test)
       history['step'].append(step + 1)
-      history['test_accuracy'].append(final['accuracy'])
+      history['test_accuracy'].append(result['accuracy'])
+      history['test_loss'].append(result['loss'])
       history['epsilon'].append(eps if private else float('inf'))
+      if mixing:
+        history['epsilon_modelmix'].append(mixing_report.plot_value())
+      for name, params in averaging.averaged_params(state.opt_state).items():
+        history.setdefault(f'test_accuracy_{name}', []).append(
+            evaluate(params, splits.test)['accuracy'])
+    if ckpt_every and ((step + 1) % ckpt_every == 0 or last):
+      checkpointer.save(step + 1, state, dict(
+          meta, ledger=checkpoint.ledger_to_json(ledger), history=history,
+          num_nonfinite=int(num_nonfinite),
+          compiled_batch_sizes=sorted(padded_sizes),
+          train_time_s=meta['train_time_s'] + time.time() - start))
   bar.close()
+  checkpointer.close()
 
-  summary: dict[str, Any] = plan.summary() if private else {
+  summary: dict[str, Any] = plan.summary(state.clip_state) if private else {
       'epsilon': float('inf'), 'delta': None, 'noise_multiplier': 0.0,
       'accountant': None, 'steps': num_steps,
       'sampling_rate': sampler.sampling_rate, 'clip_norm': None}
   if private:
-    summary['epsilon'] = eps
+    summary['epsilon'] = ledger.epsilon(delta, config.privacy.accountant)
+  if mixing:
+    mixing_report.update(ledger)
+    summary.update(mixing_report.summary())
   summary.update({
       'private': private,
       'dataset': splits.name,
       'public_examples': 0 if splits.public is None else len(splits.public),
       'model': config.model.name,
-      'test_accuracy': final['accuracy'],
-      'test_loss': final['loss'],
-      'train_time_s': time.time() - start,
+      'test_accuracy': history['test_accuracy'][-1],
+      'test_loss': history['test_loss'][-1],
+      'train_time_s': meta['train_time_s'] + time.time() - start,
       'num_nonfinite_gradients': int(num_nonfinite),
       'compiled_batch_sizes': sorted(padded_sizes),
+      'num_devices': num_devices,
+      'physical_batch_size': physical,
+      'augmult_views': config.augmult.num_views,
+      'resumed_from_steps': meta['resumed_from'],
       'microbatch_size': microbatch,
       'config': config.to_dict(),
   })
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=str)
-  with open(os.path.join(workdir, 'history.json'), 'w') as f:
-    json.dump(history, f, indent=2)
-  plots.plot_training(history, os.path.join(workdir, 'training.png'),
-                      title=f'{splits.name} / {config.model.name}')
+  for name in ('ema', 'polyak'):
+    if f'test_accuracy_{name}' in history:
+      summary[f'test_accuracy_{name}'] = history[f'test_accuracy_{name}'][-1]
+  if jax.process_index() == 0:
+    checkpoint.write_json_atomic(os.path.join(workdir, 'summary.json'),
+                                 summary)
+    checkpoint.write_json_atomic(os.path.join(workdir, 'history.json'),
+                                 history)
+    plots.plot_training(history, os.path.join(workdir, 'training.png'),
+                        title=f'{splits.name} / {config.model.name}')
   return summary
+
+
+def _modelmix_report(config: ml_collections.ConfigDict,
+                     plan: plan_lib.DPPlan | None,
+                     tau: float) -> modelmix_lib.ModelMixReport:
+  """The ModelMix epsilon's tracker, with the assumptions ``config`` breaks."""
+  if plan is None:
+    return modelmix_lib.ModelMixReport(None, tau)
+  failures = modelmix_lib.failed_assumptions(
+      optimizer=config.optimizer.name, momentum=config.optimizer.momentum,
+      constant_learning_rate=config.optimizer.schedule == 'constant',
+      clipping=plan.clipping,
+      poisson_sampling=isinstance(plan.sampler, sampling.PoissonSampler),
+      relation=plan.relation)
+  accountant = modelmix_lib.ModelMixAccountant(plan,
+                                               config.modelmix.tau_over_lr)
+  return modelmix_lib.ModelMixReport(accountant, tau, failures)

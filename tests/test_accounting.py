@@ -142,3 +142,62 @@ class TestCli:
     with pytest.raises(SystemExit):
       privacy_cli.main(args)
     assert match in capsys.readouterr().err
+
+
+class TestGaussianDp:
+  """Closed-form GDP (Dong, Roth, Su 2022) for batch clipping (PAPERS.md 2)."""
+
+  def test_eps8_delta1e5_needs_mu_1666(self):
+    assert accounting.gdp_mu(8.0, 1e-5) == pytest.approx(1.666, abs=5e-4)
+
+  @pytest.mark.parametrize('epochs,sigma', [(10, 1.90), (50, 4.24),
+                                            (100, 6.00)])
+  def test_noise_for_epochs_matches_the_paper(self, epochs, sigma):
+    got = accounting.calibrate_gaussian_composition(8.0, 1e-5, epochs, 'gdp')
+    assert got == pytest.approx(sigma, abs=0.005)
+
+  def test_delta_closed_form(self):
+    from scipy import stats  # pylint: disable=g-import-not-at-top
+    for mu, eps in [(0.5, 0.0), (1.0, 1.0), (2.0, 3.0), (1.666, 8.0)]:
+      expected = (stats.norm.cdf(-eps / mu + mu / 2)
+                  - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2))
+      assert accounting.gdp_delta(mu, eps) == pytest.approx(expected,
+                                                            rel=1e-9)
+    assert accounting.gdp_delta(1.666, 8.0) == pytest.approx(1e-5, rel=2e-3)
+
+  def test_epsilon_and_mu_are_inverse(self):
+    for mu in (0.3, 1.0, 4.0):
+      eps = accounting.gdp_epsilon(mu, 1e-5)
+      assert accounting.gdp_delta(mu, eps) == pytest.approx(1e-5, rel=1e-6)
+      assert accounting.gdp_mu(eps, 1e-5) == pytest.approx(mu, rel=1e-6)
+
+  def test_composition_matches_pld_and_is_tighter_than_rdp(self):
+    event = accounting.gaussian_composition_event(3.0, 20)
+    gdp = accounting.epsilon(event, 1e-5, 'gdp')
+    assert gdp == pytest.approx(
+        accounting.gdp_epsilon(math.sqrt(20) / 3.0, 1e-5), rel=1e-9)
+    assert accounting.epsilon(event, 1e-5, 'pld') == pytest.approx(gdp,
+                                                                    rel=1e-2)
+    assert accounting.epsilon(event, 1e-5, 'rdp') > gdp
+
+  def test_refuses_subsampled_events(self):
+    with pytest.raises(ValueError, match="'rdp' or 'pld'"):
+      accounting.epsilon(accounting.dpsgd_event(1.0, 0.01, 10), 1e-5, 'gdp')
+
+  @pytest.mark.parametrize('kind', ['pld', 'rdp'])
+  def test_numerical_calibration_round_trip(self, kind):
+    sigma = accounting.calibrate_gaussian_composition(4.0, 1e-5, 30, kind)
+    eps = accounting.epsilon(accounting.gaussian_composition_event(sigma, 30),
+                             1e-5, kind)
+    assert eps <= 4.0 and eps == pytest.approx(4.0, rel=1e-2)
+
+  def test_group_privacy_of_batch_clipping(self):
+    # One clipped group per step: the paper's sqrt(g E) / sigma.
+    assert accounting.batch_clipping_mu(2.0, 9, group_privacy=4) == (
+        pytest.approx(math.sqrt(4 * 9) / 2.0))
+    # K groups per step: g <= K examples in one step add up linearly.
+    assert accounting.batch_clipping_mu(2.0, 9, 4, groups_per_step=8) == (
+        pytest.approx(4 * 3 / 2.0))
+    assert accounting.batch_clipping_mu(2.0, 9, 5, groups_per_step=2) == (
+        pytest.approx(math.sqrt(9 * (2 * 4 + 1)) / 2.0))
+    assert accounting.batch_clipping_mu(2.0, 9) == pytest.approx(1.5)

@@ -1,5 +1,7 @@
 """Tests for dpjax/autotune.py and the bounded compile count of a DP step."""
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,6 +66,7 @@ def _dp_setup(grad_route, n=60):
   plan = dpjax.make_plan(config, n, pad_to_multiple_of=4)
   tx = optax.chain(plan.noise(0), optax.sgd(0.1))
   state = train.create_train_state(model, jax.random.key(0), (5, 5, 1), tx)
+  state = state.replace(clip_state=plan.clipping.init(state.params))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(n, 5, 5, 1)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 3, n), jnp.int32)
@@ -72,16 +75,22 @@ def _dp_setup(grad_route, n=60):
 
 
 @pytest.mark.parametrize('grad_route', ['vmap', 'auto'])
-def test_one_compilation_per_padded_size_under_poisson_sampling(grad_route):
+def test_one_compilation_per_padded_size_under_poisson_sampling(
+    grad_route, caplog):
   plan, state, images, labels, step = _dp_setup(grad_route)
   sizes = set()
-  for t in range(plan.num_steps):
-    batch = plan.sampler.sample(t)
-    sizes.add(len(batch.indices))
-    state, _ = step(state, images, labels, batch.indices, batch.mask)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    for t in range(plan.num_steps):
+      batch = plan.sampler.sample(t)
+      sizes.add(len(batch.indices))
+      state, _ = step(state, images, labels, batch.indices, batch.mask)
+  compiled = lambda name: sum(
+      f'jit({name})' in r.getMessage() and 'Finished' not in r.getMessage()
+      for r in caplog.records)
   assert len(sizes) >= 2  # the sampler really produced several sizes
-  assert step._cache_size() == len(sizes)
   assert sizes <= set(plan.sampler.padded_sizes)
+  assert compiled('grad_step') == len(sizes)
+  assert compiled('apply_step') == 1
 
 
 def test_routes_give_the_same_step():
@@ -101,19 +110,23 @@ def test_routes_give_the_same_step():
 
 def test_train_tunes_microbatch_to_budget():
   plan, state, images, labels, _ = _dp_setup('auto')
-  train_data = data_lib.ArrayDataset(np.asarray(images),
-                                    np.asarray(labels))
-  args = dict(model=_Tiny(), plan=plan, state=state, train=train_data,
-              grad_route='auto')
+  train_data = data_lib.ArrayDataset(np.asarray(images), np.asarray(labels))
   size = plan.sampler.max_batch_size
   below = autotune.candidate_sizes(size)[-2]
-  step = train.make_train_step(_Tiny(), plan, below, 'auto')
+  loss_fn = train.example_loss(_Tiny())
   spec = jax.ShapeDtypeStruct
+  grad = train.clipped_grad_fn(plan, loss_fn, below)
   budget = autotune.peak_bytes(
-      step, state, images, labels, spec((size,), jnp.int32),
-      spec((size,), jnp.bool_))
-  m = train.tune_microbatch(budget_mb=budget / 2**20, microbatch_size=None,
-                            **args)
+      jax.jit(lambda p, b, m, s: grad(p, b, m, clip_state=s)), state.params,
+      {'image': spec((size, 5, 5, 1), jnp.float32),
+       'label': spec((size,), jnp.int32)},
+      spec((size,), jnp.bool_), state.clip_state)
+  m = train.tune_microbatch(_Tiny(), plan, state, train_data, size,
+                            budget_mb=budget / 2**20)
   assert m == below
-  with pytest.raises(ValueError, match='not both'):
-    train.tune_microbatch(budget_mb=1e6, microbatch_size=8, **args)
+
+
+def test_grad_route_is_checked():
+  plan, *_ = _dp_setup('auto')
+  with pytest.raises(ValueError, match='grad_route'):
+    train.clipped_grad_fn(plan, train.example_loss(_Tiny()), None, 'fast')

@@ -270,3 +270,62 @@ def test_sensitivity_add_remove_one(route, j, scale, seed):
                       with_j.grad_sum, without.grad_sum)
   dist = np.sqrt(sum(np.sum(d ** 2) for d in jax.tree.leaves(diff)))
   assert dist <= 0.7 * (1 + TOL)
+
+
+@pytest.mark.parametrize('norm_route', ['speed', 'ghost'])
+def test_clipped_sum_matches_vmap_with_padding_and_nonfinite(norm_route):
+  # A sequence model (Gram norms on the 'ghost' route) with rows that are
+  # NaN, Inf, huge (clipped hard) and a NaN padding row: the same clipped sum,
+  # norms and counts as the vmap route.
+  params, batch, loss_fn = _setup(SeqNet(), (7, 4), batch_size=8)
+  images = np.array(batch['image'])
+  images[1] = np.nan
+  images[2] *= 1e30
+  images[3, 0, 0] = np.inf
+  images[7] = np.nan
+  batch = {'image': jnp.asarray(images), 'label': batch['label']}
+  mask = jnp.arange(8) < 7
+  out, ref = _both(loss_fn, dpjax.clip_per_example(0.3), params, batch, mask,
+                   norm_route)
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4)
+  finite = np.isfinite(ref.stats.norms)
+  assert not finite[1] and not finite[3]
+  np.testing.assert_allclose(out.stats.norms[finite], ref.stats.norms[finite],
+                             rtol=1e-3)
+  np.testing.assert_array_equal(np.isfinite(out.stats.norms), finite)
+  assert int(out.stats.num_nonfinite) == int(ref.stats.num_nonfinite) == 2
+  assert int(out.stats.num_clipped) == int(ref.stats.num_clipped)
+  assert float(out.stats.norms[7]) == 0.0
+
+
+@pytest.mark.parametrize('clip', [dpjax.clip_automatic(0.3, gamma=0.01),
+                                  dpjax.clip_normalized(0.3)],
+                         ids=['automatic', 'normalized'])
+def test_normalizing_clippings_match_vmap(clip):
+  params, batch, loss_fn = _setup(ConvNet(), (9, 8, 2), batch_size=5)
+  mask = jnp.arange(5) < 4
+  out, ref = _both(loss_fn, clip, params, batch, mask)
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4)
+  np.testing.assert_allclose(out.stats.norms, ref.stats.norms, rtol=1e-5)
+  assert int(out.stats.num_clipped) == int(ref.stats.num_clipped) == 4
+
+
+def test_layers_under_an_inner_vmap_fall_back():
+  # A loss that averages over views with its own vmap (as augmult does): the
+  # layers see that vmap's values, so they must take the vmap route.
+  params, batch, loss_fn = _setup(SeqNet(), (7, 4))
+
+  def views_loss(p, example):
+    one = lambda s: loss_fn(p, {'image': example['image'] * s,
+                                'label': example['label']})
+    return jnp.mean(jax.vmap(one)(jnp.array([1.0, 0.5])))
+
+  example = jax.tree.map(lambda x: x[0], batch)
+  plan = ghost.make_plan(views_loss, params, example)
+  assert plan.layers == ()
+  assert {why for _, why in plan.skipped} == {
+      'called inside a transformation (vmap, remat, scan)'}
+  mask = jnp.arange(6) < 5
+  out, ref = _both(views_loss, dpjax.clip_per_example(0.3), params, batch,
+                   mask)
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-5)

@@ -125,3 +125,84 @@ def test_rejects_bad_arguments(kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     dpjax.add_gaussian_noise(**args)
+
+
+class TestNoiseFromClipState:
+  """Noise scaled to the thresholds in the clipping's state."""
+
+  def _noise(self, clip, state, sigma=1.3, batch=8.0, key=0):
+    tx = dpjax.add_gaussian_noise_from_state(sigma, clip, batch, key)
+    zeros = {'a': jnp.zeros(20000), 'b': jnp.zeros(20000)}
+    out, _ = tx.update(zeros, tx.init(None), clip_state=state)
+    return out
+
+  def test_isotropic_std_is_sigma_times_current_bound(self):
+    clip = dpjax.clip_per_layer({'a': 0.6, 'b': 0.8})
+    state = clip.init(None)._replace(
+        clip_norms={'a': jnp.float32(3.0), 'b': jnp.float32(4.0)})
+    out = self._noise(clip, state)
+    for leaf in ('a', 'b'):
+      std = 1.3 * 5.0 / 8.0
+      assert stats.kstest(np.asarray(out[leaf]) / std, 'norm').pvalue > 1e-3
+      assert stats.kstest(np.asarray(out[leaf]) / (1.5 * std),
+                          'norm').pvalue < 1e-6
+
+  def test_per_layer_std_is_sigma_sqrt_l_times_c_i(self):
+    clip = dpjax.clip_per_layer({'a': 0.3, 'b': 2.0}, noise='per_layer')
+    out = self._noise(clip, clip.init(None))
+    for leaf, c in (('a', 0.3), ('b', 2.0)):
+      std = 1.3 * np.sqrt(2) * c / 8.0
+      assert stats.kstest(np.asarray(out[leaf]) / std, 'norm').pvalue > 1e-3
+      for wrong in (2 / 3, 3 / 2):
+        assert stats.kstest(np.asarray(out[leaf]) / (wrong * std),
+                            'norm').pvalue < 1e-6
+
+  def test_refuses_a_call_without_the_clip_state(self):
+    clip = dpjax.clip_per_layer({'a': 1.0})
+    tx = dpjax.add_gaussian_noise_from_state(1.0, clip, 1.0, 0)
+    with pytest.raises(ValueError, match='clip_state'):
+      tx.update({'a': jnp.zeros(3)}, tx.init(None))
+
+
+def _every_mode():
+  from dpjax import adaptive_clipping, batch_clipping  # pylint: disable=g-import-not-at-top
+  return {
+      'flat': dpjax.clip_per_example(1.0),
+      'per_layer': dpjax.clip_per_layer(clip_norm=1.0, rule='sqrt_size'),
+      'per_layer_noise': dpjax.clip_per_layer(clip_norm=1.0,
+                                              noise='per_layer'),
+      'automatic': dpjax.clip_automatic(1.0),
+      'normalized': dpjax.clip_normalized(1.0),
+      'adaptive': adaptive_clipping.clip_quantile(
+          1.0, count_noise_std=0.5, expected_batch_size=6, key=1),
+      'adaptive_per_layer': adaptive_clipping.clip_quantile(
+          1.0, rule='equal', count_noise_std=0.5, expected_batch_size=6,
+          key=1),
+      'batch_rows': batch_clipping.clip_groups_of(
+          dpjax.clip_per_example(1.0), 4),
+  }
+
+
+@pytest.mark.parametrize('mode', sorted(_every_mode()))
+def test_every_mode_composes_with_optax_chain(mode):
+  clip = _every_mode()[mode]
+  params = {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
+  tx = optax.chain(dpjax.private_aggregate(clip, 0.0, 6.0, key=0),
+                   optax.sgd(1.0))
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  grads = {'w': jnp.asarray(rng.normal(size=(6, 3, 2)), jnp.float32) * 3,
+           'b': jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)}
+  grads['b'] = grads['b'].at[5].set(jnp.nan)
+  mask = jnp.arange(6) < 5
+  updates, new_state = jax.jit(
+      lambda g, s: tx.update(g, s, params, mask=mask))(grads, state)
+  out, _ = clip.clip(grads, state[0].clip_state, mask)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(out.grad_sum)):
+    np.testing.assert_allclose(a, -np.asarray(b) / 6.0, rtol=1e-5)
+  thresholds = lambda s: jax.tree.leaves(getattr(s[0].clip_state,
+                                                  'clip_norms', ()))
+  moved = [not np.array_equal(a, b) for a, b in zip(thresholds(state),
+                                                     thresholds(new_state))]
+  # Adaptive thresholds move once per call; nothing else has moving state.
+  assert any(moved) == mode.startswith('adaptive')

@@ -152,3 +152,130 @@ def test_mnist_config_loads_from_any_directory(tmp_path):
       cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ['mnist', '512']
+
+
+# Every clipping mode through config fields; summary.json names the guarantee.
+CLIPPING_RUNS = {
+    'per_layer': dict(mode='per_layer', layers='alc', layer_noise='per_layer'),
+    'automatic': dict(mode='automatic', gamma=0.0),
+    'adaptive': dict(mode='adaptive', layers='equal',
+                     adaptive_accounting='compose'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CLIPPING_RUNS))
+def test_clipping_modes_run_from_config(tmp_path, name):
+  config = default.get_config()
+  config.progress_bar = False
+  config.privacy.steps = 3
+  config.privacy.noise_multiplier = 1.0
+  config.privacy.expected_batch_size = 64
+  config.data.public_fraction = 0.1
+  for key, value in CLIPPING_RUNS[name].items():
+    config.privacy.clipping[key] = value
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['clipping_mode'] == name
+  assert summary['sampler'] == 'poisson'
+  assert summary['neighbouring_relation'] == 'add_or_remove_one'
+  assert summary['accountant'] == 'rdp'
+  assert np.isfinite(summary['sensitivity'])
+  assert summary['epsilon'] > 0
+  if name == 'per_layer':
+    assert summary['sensitivity'] == pytest.approx(
+        np.sqrt(np.sum(np.square(summary['layer_clip_norms']))), rel=1e-5)
+    assert max(summary['layer_clip_norms']) == pytest.approx(1.0)
+    assert summary['per_layer_noise_multiplier'] == pytest.approx(
+        np.sqrt(summary['num_clip_groups']))
+  if name == 'adaptive':
+    assert summary['noise_multiplier'] < summary['gradient_noise_multiplier']
+    assert summary['num_counts'] == summary['num_clip_groups'] == 6
+
+
+def test_batch_clipping_runs_from_the_command_line(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dpjax.main', '--workdir', str(workdir),
+       '--config', os.path.join(REPO, 'configs', 'default.py'),
+       '--config.privacy.steps=6', '--config.progress_bar=False',
+       '--config.privacy.expected_batch_size=64',
+       '--config.privacy.accountant=gdp', '--config.data.public_fraction=0.1',
+       '--config.privacy.clipping.mode=batch',
+       '--config.privacy.clipping.group_size=16',
+       '--config.privacy.clipping.layers=alc',
+       '--config.privacy.clipping.alc_every_epoch=True',
+       '--config.privacy.clipping.alc_decay=0.5'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['clipping_mode'] == 'batch'
+  assert summary['sampler'] == 'shuffle'
+  assert summary['neighbouring_relation'] == 'replace_one'
+  assert summary['accountant'] == 'gdp'
+  assert summary['groups_per_batch'] == 4
+  # 1294 private digits / 64 = 20 steps per epoch: 6 steps are 1 epoch.
+  assert summary['epochs_accounted'] == 1
+  assert summary['gdp_mu'] == pytest.approx(1 / summary['noise_multiplier'])
+  # Rescaled ALC thresholds: sum C_i^2 = C^2, so the replace-one bound is 2C.
+  assert summary['sensitivity'] == pytest.approx(2.0, rel=1e-5)
+
+
+def test_scale_features_from_config_fields(tmp_path):
+  """Averages, augmentation multiplicity and physical batches via config."""
+  config = default.get_config()
+  config.progress_bar = False
+  config.privacy.steps = 4
+  config.privacy.noise_multiplier = 1.0
+  config.eval_every_steps = 2
+  config.averaging.ema_decay = 0.9
+  config.averaging.polyak = True
+  config.augmult.num_views = 2
+  config.perf.physical_batch_size = 96
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  for key in ('test_accuracy', 'test_accuracy_ema', 'test_accuracy_polyak'):
+    assert 0 <= summary[key] <= 1, key
+  assert summary['augmult_views'] == 2
+  assert all(size % 96 == 0 for size in summary['compiled_batch_sizes'])
+  plan = dpjax.make_plan(train.privacy_config(config), summary['dataset_size'])
+  assert summary['epsilon'] == pytest.approx(plan.epsilon(), rel=1e-9)
+  history = json.loads((tmp_path / 'history.json').read_text())
+  assert len(history['test_accuracy_ema']) == len(history['step']) == 2
+  assert os.path.getsize(tmp_path / 'training.png') > 1000
+  assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
+
+
+def test_adaptive_clipping_counts_add_up_over_physical_batches():
+  """Physical batches change nothing, also for a clipping with state.
+
+  Adaptive clipping counts examples under its threshold during the step; the
+  counts of the physical batches must add up before the (once-per-step)
+  noised threshold update, so the two runs end in the same state.
+  """
+  config = dpjax.PrivacyConfig(
+      clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=64, steps=2,
+      clipping=dpjax.plan.ClippingConfig(mode='adaptive'))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(200, 8, 8, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 200))
+  model = models.SmallCNN()
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 8, 8, 1)))['params']
+  indices = np.arange(96, dtype=np.int32)
+  mask = np.arange(96) < 70
+
+  def run(physical):
+    plan = dpjax.make_plan(config, 200, params=shapes,
+                           clip_key=jax.random.key(4))
+    tx = optax.chain(plan.noise(0), optax.sgd(0.5))
+    state = train.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
+    state = state.replace(clip_state=plan.clipping.init(state.params))
+    step = train.make_train_step(model, plan, physical_batch_size=physical)
+    for _ in range(2):
+      state, _ = step(state, images, labels, indices, mask)
+    return state
+
+  whole, pieces = run(None), run(32)
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(pieces.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(whole.clip_state.clip_norms,
+                             pieces.clip_state.clip_norms, rtol=1e-6)
+  assert float(whole.clip_state.clip_norms) != 1.0  # the threshold moved
