@@ -779,6 +779,10 @@ def clipped_grad(
 
 
 GRAD_ROUTES = ('auto', 'vmap', 'ghost', 'bookkeeping')
+# 'auto' takes the vmap route below this many parameters: there the B x P
+# per-example gradients are small and one vmapped backward beats the
+# captured layer tensors (measured: docs/BENCHMARKS.md, issue 8).
+AUTO_MIN_PARAMS = 100_000
 
 
 def clipped_grad_for_route(
@@ -794,28 +798,40 @@ def clipped_grad_for_route(
   'vmap': per-example gradients by vmap (:func:`dpjax.clipped_grad`).
   'bookkeeping': this module with the faster norm per layer ('speed').
   'ghost': this module with the smaller norm per layer ('memory').
-  'auto': 'bookkeeping' when ``clipping`` can clip from norms, else 'vmap'
-  (a model without supported layers runs the vmap route either way). All
-  routes compute the same clipped sum: the route is a performance setting.
+  'auto': 'bookkeeping' when ``clipping`` can clip from norms and the model
+  has at least :data:`AUTO_MIN_PARAMS` parameters, else 'vmap' (a model
+  without supported layers runs the vmap route either way). All routes
+  compute the same clipped sum: the route is a performance setting.
 
   Examples:
+    >>> import jax.numpy as jnp
     >>> import dpjax
     >>> from dpjax import ghost
-    >>> fn = ghost.clipped_grad_for_route('auto', lambda p, x: p * x,
+    >>> fn = ghost.clipped_grad_for_route('auto', lambda p, x: p @ x['x'],
     ...                                   dpjax.clip_per_example(1.0))
-    >>> callable(fn)
-    True
+    >>> out = fn(jnp.ones(3), {'x': jnp.eye(3)})
+    >>> [round(float(v), 4) for v in out.grad_sum]
+    [1.0, 1.0, 1.0]
   """
   if route not in GRAD_ROUTES:
     raise ValueError(
         f'grad_route must be one of {GRAD_ROUTES}, got {route!r}.')
-  if route == 'auto':
-    route = 'vmap' if getattr(clipping, 'scales_from_norms', None) is None \
-        else 'bookkeeping'
-  if route == 'vmap':
-    return per_example.clipped_grad(loss_fn, clipping,
-                                    microbatch_size=microbatch_size,
-                                    has_aux=has_aux)
-  return clipped_grad(loss_fn, clipping, microbatch_size=microbatch_size,
-                      has_aux=has_aux,
-                      norm_route='speed' if route == 'bookkeeping' else 'memory')
+  vmap_fn = per_example.clipped_grad(loss_fn, clipping,
+                                     microbatch_size=microbatch_size,
+                                     has_aux=has_aux)
+  if route == 'vmap' or getattr(clipping, 'scales_from_norms', None) is None:
+    if route in ('ghost', 'bookkeeping'):
+      clipped_grad(loss_fn, clipping)  # raises the clear error
+    return vmap_fn
+  ghost_fn = clipped_grad(
+      loss_fn, clipping, microbatch_size=microbatch_size, has_aux=has_aux,
+      norm_route='memory' if route == 'ghost' else 'speed')
+  if route != 'auto':
+    return ghost_fn
+
+  def fn(params, batch, mask=None, *, clip_state=None, args=()):
+    size = sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
+    chosen = vmap_fn if size < AUTO_MIN_PARAMS else ghost_fn
+    return chosen(params, batch, mask, clip_state=clip_state, args=args)
+
+  return fn

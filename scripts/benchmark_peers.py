@@ -292,9 +292,9 @@ def bench_model(model, args):
     proc.stdin.flush()
     done = json.loads(proc.stdout.readline()[5:])
     proc.wait()
-    rows[v] = dict(infos[v], **done,
-                   wall_ms=1e3 * statistics.median(times[v][0]),
-                   cpu_ms=1e3 * statistics.median(times[v][1]))
+    med = lambda x: 1e3 * statistics.median(x) if x else None
+    rows[v] = dict(infos[v], **done, wall_ms=med(times[v][0]),
+                   cpu_ms=med(times[v][1]))
   return rows
 
 
@@ -303,16 +303,21 @@ def _fmt(x, spec='.1f'):
 
 
 def report(model, rows, batch_size):
-  base = rows.get('jax-nonprivate')
-  best = min((r['wall_ms'], v) for v, r in rows.items()
+  timed = {v: r for v, r in rows.items() if r['wall_ms'] is not None}
+  base = timed.get('jax-nonprivate')
+  best = min((r['wall_ms'], v) for v, r in timed.items()
              if v.startswith('dpjax-')) if any(
-                 v.startswith('dpjax-') for v in rows) else None
+                 v.startswith('dpjax-') for v in timed) else None
   print(f'\n### {model}, B={batch_size}\n')
   print('| variant | ms/step (wall) | ms/step (CPU) | / JAX non-private'
         ' (wall, CPU) | fastest dpjax speed-up (wall, CPU) | XLA peak MB |'
         ' peak RSS growth MB |')
   print('|---|---|---|---|---|---|---|')
   for v, r in rows.items():
+    if r['wall_ms'] is None:  # --iters 0: memory only
+      print(f"| {VARIANTS[v][1]} | - | - | - | - | {_fmt(r['xla_peak_mb'])} |"
+            ' - |', flush=True)
+      continue
     rel = '-' if base is None else (
         f"{r['wall_ms'] / base['wall_ms']:.2f}x,"
         f" {r['cpu_ms'] / base['cpu_ms']:.2f}x")
@@ -334,7 +339,8 @@ def main():
                       choices=list(VARIANTS))
   parser.add_argument('--batch-size', type=int, default=256)
   parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--iters', type=int, default=20)
+  parser.add_argument('--iters', type=int, default=20,
+                      help='timed steps per variant (0: XLA memory only)')
   parser.add_argument('--peer-python',
                       default=os.environ.get('DPJAX_PEER_PYTHON',
                                              '/work/venv-peers/bin/python'),

@@ -74,7 +74,7 @@ def _dp_setup(grad_route, n=60):
   return plan, state, images, labels, step
 
 
-@pytest.mark.parametrize('grad_route', ['vmap', 'auto'])
+@pytest.mark.parametrize('grad_route', ['vmap', 'bookkeeping'])
 def test_one_compilation_per_padded_size_under_poisson_sampling(
     grad_route, caplog):
   plan, state, images, labels, step = _dp_setup(grad_route)
