@@ -46,7 +46,7 @@ MODELS = {
 VARIANTS = {
     'jax-nonprivate': (False, 'JAX non-private'),
     'dpjax-vmap': (False, 'dpjax vmap'),
-    'dpjax-bookkeeping': (False, 'dpjax bookkeeping (default)'),
+    'dpjax-bookkeeping': (False, 'dpjax bookkeeping'),
     'dpjax-ghost': (False, 'dpjax ghost'),
     'optax-dpsgd': (False, 'optax.contrib.dpsgd'),
     'jax_privacy': (True, 'jax_privacy 2 clipped_grad'),
