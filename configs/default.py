@@ -139,6 +139,14 @@ def get_config() -> ml_collections.ConfigDict:
       ml_collections.config_dict.placeholder(int))
   config.perf.distributed = False
 
+  # How per-example clipping is computed (same result every way):
+  # 'vmap' per-example gradients; 'bookkeeping' ghost norms / per-layer
+  # gradients and book-kept sums, fastest per layer; 'ghost' the same with
+  # the least memory per layer; 'auto' bookkeeping when possible.
+  config.perf.grad_route = 'auto'
+  # If set, microbatch_size is the largest that fits this many MiB (XLA's
+  # memory analysis of the compiled step); leave microbatch_size unset.
+  config.perf.memory_budget_mb = ml_collections.config_dict.placeholder(float)
   # Parameter averages evaluated beside the raw parameters (post-processing:
   # no privacy cost). ema_decay None: no EMA.
   config.averaging = ml_collections.ConfigDict()

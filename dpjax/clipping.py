@@ -51,6 +51,33 @@ class ClipOutput(NamedTuple):
 ClipFn = Callable[[PyTree, Any, jax.Array], tuple[ClipOutput, Any]]
 
 
+class NormScales(NamedTuple):
+  """Per-example clip factors computed from per-example norms alone.
+
+  What a clipping returns when the gradients themselves were never
+  materialized (ghost norms, :mod:`dpjax.ghost`): the caller forms
+  ``sum_b where(keep_b, scales[leaf]_b * g_b[leaf], 0)`` for every leaf.
+
+  Attributes:
+    scales: a pytree with the structure of the squared norms it was given,
+      each leaf a [B] factor for that part of the gradient.
+    keep: [B] bool, False on padding rows and non-finite rows, which must
+      contribute exactly zero.
+    norms: [B] as in :class:`ClipOutput`.
+    num_nonfinite: as in :class:`ClipOutput`.
+    num_clipped: as in :class:`ClipOutput`.
+  """
+
+  scales: PyTree
+  keep: jax.Array
+  norms: jax.Array
+  num_nonfinite: jax.Array
+  num_clipped: jax.Array
+
+
+NormScalesFn = Callable[[PyTree, Any, jax.Array], tuple[NormScales, Any]]
+
+
 class PerExampleClipping(optax.GradientTransformationExtraArgs):
   """An optax transform over per-example gradients that knows its sensitivity.
 
@@ -61,7 +88,12 @@ class PerExampleClipping(optax.GradientTransformationExtraArgs):
   * ``clip(per_example_grads, state, mask) -> (ClipOutput, state)``, the same
     computation with per-example norms and counts, which the microbatching
     engine (:mod:`dpjax.per_example`) calls once per microbatch;
-  * ``sensitivity(relation)``, the L2 sensitivity of the clipped sum.
+  * ``sensitivity(relation)``, the L2 sensitivity of the clipped sum;
+  * ``scales_from_norms(sq_norms, state, mask) -> (NormScales, state)`` or
+    None: the same clipping computed from per-example SQUARED norms of each
+    part of the gradient (a pytree of [B] arrays, e.g. one per parameter),
+    for routes that never build per-example gradients (:mod:`dpjax.ghost`).
+    Clippings without it run on the vmap route only.
   """
 
   # A NamedTuple subclass without __slots__ has a __dict__, which is where the
@@ -74,6 +106,7 @@ class PerExampleClipping(optax.GradientTransformationExtraArgs):
   bound_fn: Callable[[Any], jax.Array] | None = None
   noise_scale_fn: Callable[[Any], PyTree] | None = None
   end_step_fn: Callable[[Any], Any] | None = None
+  scales_from_norms: NormScalesFn | None = None
 
   def relation_factor(
       self,
@@ -170,6 +203,7 @@ def make_per_example_clipping(
     noise_scale_fn: Callable[[Any], PyTree] | None = None,
     end_step_fn: Callable[[Any], Any] | None = None,
     cls: type[PerExampleClipping] = PerExampleClipping,
+    scales_from_norms: NormScalesFn | None = None,
 ) -> PerExampleClipping:
   """Wraps a clip function into a :class:`PerExampleClipping` transform.
 
@@ -178,6 +212,9 @@ def make_per_example_clipping(
   :meth:`PerExampleClipping.noise_scale`) and ``end_step_fn(state)`` (the
   once-per-step state update) are for clipping whose thresholds live in its
   state; leave them None for a fixed bound ``l2_bound``.
+  ``scales_from_norms``, when given, must clip exactly as ``clip_fn`` does,
+  from per-example squared norms instead of gradients (see
+  :class:`PerExampleClipping`).
   """
 
   def update_fn(updates, state, params=None, *, mask=None, **extra_args):
@@ -192,6 +229,7 @@ def make_per_example_clipping(
   tx.bound_fn = bound_fn
   tx.noise_scale_fn = noise_scale_fn
   tx.end_step_fn = end_step_fn
+  tx.scales_from_norms = scales_from_norms
   return tx
 
 
@@ -249,6 +287,35 @@ def scale_and_sum(
   return jax.tree.map(one, per_example_grads)
 
 
+def global_norm_scales(
+    sq_norms: PyTree, mask: jax.Array | None,
+    scale_of: Callable[[jax.Array], jax.Array],
+    clipped_of: Callable[[jax.Array], jax.Array],
+) -> NormScales:
+  """:class:`NormScales` of a rule on each example's global norm.
+
+  ``sq_norms`` holds per-example squared norms of the gradient's parts;
+  ``scale_of(norms)`` is the rule's [B] factor, ``clipped_of(norms)`` which
+  rows count as clipped. Padding and non-finite rows are not kept. Upper
+  bounds of the norms (ghost norms) keep the bound R of a rule with
+  ``n * scale_of(n) <= R`` that does not grow with n: the true norm n' <= n
+  then gives ``n' * scale_of(n) <= n * scale_of(n) <= R``.
+  """
+  sq = [x.astype(jnp.float32) for x in jax.tree.leaves(sq_norms)]
+  norms = jnp.sqrt(sum(sq))
+  mask = as_mask(mask, norms.shape[0])
+  finite = jnp.isfinite(norms)
+  keep = mask & finite
+  scale = scale_of(norms)
+  return NormScales(
+      scales=jax.tree.map(lambda _: scale, sq_norms),
+      keep=keep,
+      norms=jnp.where(mask, jnp.where(finite, norms, jnp.inf), 0.0),
+      num_nonfinite=jnp.sum(mask & ~finite),
+      num_clipped=jnp.sum(keep & clipped_of(norms)),
+  )
+
+
 def clip_per_example(l2_norm_clip: float) -> PerExampleClipping:
   """Clips each example's gradient to global L2 norm ``l2_norm_clip`` and sums.
 
@@ -295,9 +362,14 @@ def clip_per_example(l2_norm_clip: float) -> PerExampleClipping:
     )
     return out, state
 
+  def scales_fn(sq_norms, state, mask):
+    return global_norm_scales(
+        sq_norms, mask, lambda n: bound / jnp.maximum(n, bound),
+        lambda n: n > bound), state
+
   return make_per_example_clipping(
-      optax.init_empty_state, clip_fn, bound, 'flat'
-  )
+      optax.init_empty_state, clip_fn, bound, 'flat',
+      scales_from_norms=scales_fn)
 
 
 # Per-layer clipping (McMahan et al. 2018; Andrew et al. 2021, per layer).
@@ -554,8 +626,14 @@ def _normalizing_clipping(bound: float, denominator, name: str):
     )
     return out, state
 
+  def scales_fn(sq_norms, state, mask):
+    return global_norm_scales(
+        sq_norms, mask, lambda n: bound / denominator(n),
+        lambda n: jnp.ones_like(n, bool)), state
+
   return make_per_example_clipping(
-      optax.init_empty_state, clip_fn, bound, name)
+      optax.init_empty_state, clip_fn, bound, name,
+      scales_from_norms=scales_fn)
 
 
 def clip_automatic(l2_norm_clip: float, gamma: float = 0.01

@@ -16,6 +16,7 @@ afterwards, by :mod:`dpjax.noise`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -133,15 +134,7 @@ def clipped_grad(
     A function returning :class:`ClippedGrad` ``(grad_sum, clip_state,
     stats)``. Call it under ``jax.jit``.
   """
-  if microbatch_size is not None and (
-      isinstance(microbatch_size, bool)
-      or not isinstance(microbatch_size, int)
-      or microbatch_size <= 0
-  ):
-    raise ValueError(
-        f'microbatch_size must be a positive integer or None, got'
-        f' {microbatch_size!r}.'
-    )
+  _check_microbatch_size(microbatch_size)
   grads_fn = per_example_grads(loss_fn, has_aux=has_aux)
 
   def chunk_fn(params, chunk, chunk_mask, clip_state, args):
@@ -152,47 +145,80 @@ def clipped_grad(
     return out, clip_state, losses, aux
 
   def fn(params, batch, mask=None, *, clip_state=None, args=()) -> ClippedGrad:
-    size = batch_size_of(batch)
-    mask = clipping_lib.as_mask(mask, size)
-    if clip_state is None:
-      clip_state = clipping.init(params)
-    m = size if microbatch_size is None else min(microbatch_size, size)
-    num_chunks = -(-size // m)
-
-    if num_chunks == 1:
-      out, clip_state, losses, aux = chunk_fn(
-          params, batch, mask, clip_state, args)
-      stats = PerExampleStats(
-          losses, out.norms, out.num_nonfinite, out.num_clipped, aux)
-      return ClippedGrad(out.grad_sum, clip_state, stats)
-
-    extra = num_chunks * m - size
-    chunks = jax.tree.map(
-        lambda x: _pad_rows(jnp.asarray(x), extra).reshape(
-            (num_chunks, m) + jnp.shape(x)[1:]), batch)
-    chunk_masks = _pad_rows(mask, extra).reshape(num_chunks, m)
-    # zeros_like keeps the inputs' device-varying type under jax.shard_map,
-    # where the scan's initial carry must match its body's outputs.
-    zeros = jax.tree.map(
-        lambda p: jnp.zeros_like(p, jnp.promote_types(
-            jnp.result_type(p), jnp.float32)), params)
-
-    def body(carry, xs):
-      acc, state, nonfinite, clipped = carry
-      chunk, chunk_mask = xs
-      out, state, losses, aux = chunk_fn(params, chunk, chunk_mask, state, args)
-      acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, out.grad_sum)
-      carry = (acc, state, nonfinite + out.num_nonfinite,
-               clipped + out.num_clipped)
-      return carry, (losses, out.norms, aux)
-
-    count = jnp.zeros_like(chunk_masks[0, 0], jnp.int32)
-    init = (zeros, clip_state, count, count)
-    (grad_sum, clip_state, nonfinite, clipped), ys = jax.lax.scan(
-        body, init, (chunks, chunk_masks))
-    losses, norms, aux = jax.tree.map(
-        lambda y: y.reshape((num_chunks * m,) + y.shape[2:])[:size], ys)
-    stats = PerExampleStats(losses, norms, nonfinite, clipped, aux)
-    return ClippedGrad(grad_sum, clip_state, stats)
+    return microbatched(functools.partial(chunk_fn, params), params, batch,
+                        mask, clip_state, clipping, microbatch_size, args)
 
   return fn
+
+
+def _check_microbatch_size(microbatch_size: int | None) -> None:
+  if microbatch_size is not None and (
+      isinstance(microbatch_size, bool)
+      or not isinstance(microbatch_size, int)
+      or microbatch_size <= 0
+  ):
+    raise ValueError(
+        f'microbatch_size must be a positive integer or None, got'
+        f' {microbatch_size!r}.'
+    )
+
+
+def microbatched(
+    chunk_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    mask: jax.Array | None,
+    clip_state: Any,
+    clipping: clipping_lib.PerExampleClipping,
+    microbatch_size: int | None,
+    args: tuple[Any, ...],
+) -> ClippedGrad:
+  """Runs ``chunk_fn`` over microbatches and sums the clipped chunks.
+
+  ``chunk_fn(chunk, chunk_mask, clip_state, args) -> (ClipOutput, clip_state,
+  losses, aux)`` clips one chunk of m rows; the clip state is threaded
+  through the chunks, the sums accumulate in float32 and the per-example
+  statistics are concatenated (rows of the padded last chunk dropped).
+  """
+  size = batch_size_of(batch)
+  mask = clipping_lib.as_mask(mask, size)
+  if clip_state is None:
+    clip_state = clipping.init(params)
+  m = size if microbatch_size is None else min(microbatch_size, size)
+  num_chunks = -(-size // m)
+
+  if num_chunks == 1:
+    out, clip_state, losses, aux = chunk_fn(
+        batch, mask, clip_state, args)
+    stats = PerExampleStats(
+        losses, out.norms, out.num_nonfinite, out.num_clipped, aux)
+    return ClippedGrad(out.grad_sum, clip_state, stats)
+
+  extra = num_chunks * m - size
+  chunks = jax.tree.map(
+      lambda x: _pad_rows(jnp.asarray(x), extra).reshape(
+          (num_chunks, m) + jnp.shape(x)[1:]), batch)
+  chunk_masks = _pad_rows(mask, extra).reshape(num_chunks, m)
+  # zeros_like keeps the inputs' device-varying type under jax.shard_map,
+  # where the scan's initial carry must match its body's outputs.
+  zeros = jax.tree.map(
+      lambda p: jnp.zeros_like(p, jnp.promote_types(
+          jnp.result_type(p), jnp.float32)), params)
+
+  def body(carry, xs):
+    acc, state, nonfinite, clipped = carry
+    chunk, chunk_mask = xs
+    out, state, losses, aux = chunk_fn(chunk, chunk_mask, state, args)
+    acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, out.grad_sum)
+    carry = (acc, state, nonfinite + out.num_nonfinite,
+             clipped + out.num_clipped)
+    return carry, (losses, out.norms, aux)
+
+  count = jnp.zeros_like(chunk_masks[0, 0], jnp.int32)
+  init = (zeros, clip_state, count, count)
+  (grad_sum, clip_state, nonfinite, clipped), ys = jax.lax.scan(
+      body, init, (chunks, chunk_masks))
+  losses, norms, aux = jax.tree.map(
+      lambda y: y.reshape((num_chunks * m,) + y.shape[2:])[:size], ys)
+  stats = PerExampleStats(losses, norms, nonfinite, clipped, aux)
+  return ClippedGrad(grad_sum, clip_state, stats)

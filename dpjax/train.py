@@ -27,6 +27,7 @@ import tqdm
 from dpjax import accounting
 from dpjax import accumulation
 from dpjax import augmult as augmult_lib
+from dpjax import autotune
 from dpjax import averaging
 from dpjax import batch_clipping
 from dpjax import checkpoint
@@ -34,6 +35,7 @@ from dpjax import clipping as clipping_lib
 from dpjax import config_validation
 from dpjax import data as data_lib
 from dpjax import distributed
+from dpjax import ghost
 from dpjax import modelmix as modelmix_lib
 from dpjax import models
 from dpjax import normalization
@@ -144,13 +146,15 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
                     pruner: pruning.Pruner | None = None,
                     public_split: Any = None,
                     normalizer: normalization.Normalizer | None = None,
-                    stats_key: jax.Array | None = None):
+                    stats_key: jax.Array | None = None,
+                    grad_route: str = 'auto'):
   """``step(state, images, labels, indices, mask, public=None)``.
 
   One logical step, returning ``(state, metrics)``. With a plan: DP-SGD
-  (clipped sum of per-example gradients; the noise is in ``state.tx``).
-  Without one: the non-private step on the mean loss of the real rows, the
-  baseline of the same model and batch.
+  (clipped sum of per-example gradients, computed by ``grad_route``: see
+  :func:`clipped_grad_fn`; the noise is in ``state.tx``). Without one: the
+  non-private step on the mean loss of the real rows, the baseline of the
+  same model and batch.
 
   The padded batch is cut into physical batches of ``physical_batch_size``
   rows, each one's gradient sum computed by its own device call (over the
@@ -279,9 +283,18 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
           plan.clipping, has_aux=True,
           microbatch_size=None if microbatch_size is None else max(
               1, microbatch_size // plan.group_size))
-    elif mesh is None:
+    elif mesh is None and (norm is not None or pruner is not None):
+      # Ghost norms see the layers' own inputs; a parameter mask or policy
+      # statistics in the loss need the per-example (vmap) route.
+      if grad_route not in ('auto', 'vmap'):
+        raise ValueError(
+            f'perf.grad_route={grad_route!r} does not combine with'
+            ' config.pruning or a normalization policy; set'
+            " perf.grad_route='auto' (or 'vmap').")
       grad_fn = plan.clipped_grad(loss_fn, microbatch_size=microbatch_size,
                                   has_aux=privatized)
+    elif mesh is None:
+      grad_fn = clipped_grad_fn(plan, loss_fn, microbatch_size, grad_route)
     elif plan.mode == 'batch':
       raise ValueError(
           "clipping.mode='batch' does not run on a device mesh; set"
@@ -402,6 +415,63 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000,
     return {'accuracy': correct / n, 'loss': loss / n}
 
   return evaluate
+
+
+def clipped_grad_fn(plan: plan_lib.DPPlan, loss_fn: Callable[..., Any],
+                    microbatch_size: int | None = None,
+                    grad_route: str = 'auto') -> Callable[..., Any]:
+  """The clipped-gradient engine of ``plan`` on one device, by ``grad_route``.
+
+  Per-example modes go through :func:`dpjax.ghost.clipped_grad_for_route`
+  ('auto': ghost norms and book-keeping when the clipping can clip from
+  norms, as flat clipping can; else vmap). 'batch' mode has its own engine
+  (:meth:`DPPlan.clipped_grad`), on the 'auto' and 'vmap' routes. Every route
+  computes the same clipped sum: the route is a performance setting.
+  """
+  if grad_route not in ghost.GRAD_ROUTES:
+    raise ValueError(
+        f'perf.grad_route must be one of {ghost.GRAD_ROUTES}, got'
+        f' {grad_route!r}.')
+  if plan.mode == 'batch':
+    if grad_route not in ('auto', 'vmap'):
+      raise ValueError(
+          f"perf.grad_route={grad_route!r} clips per example; clipping.mode="
+          "'batch' clips groups by vmap: set perf.grad_route='auto'.")
+    return plan.clipped_grad(loss_fn, microbatch_size=microbatch_size)
+  return ghost.clipped_grad_for_route(
+      grad_route, loss_fn, plan.clipping, microbatch_size=microbatch_size)
+
+
+def tune_microbatch(model: nn.Module, plan: plan_lib.DPPlan, state: TrainState,
+                    train: data_lib.ArrayDataset, batch_size: int, *,
+                    budget_mb: float, grad_route: str = 'auto',
+                    augmult: augmult_lib.AugMult | None = None) -> int:
+  """The largest microbatch whose clipped gradient fits ``budget_mb``.
+
+  The budget (config.perf.memory_budget_mb) covers one device call on a
+  physical batch of ``batch_size`` rows: parameters, clip state, the batch
+  and XLA's temporaries (:func:`dpjax.autotune.peak_bytes`), not the
+  training set kept on the device.
+  """
+  loss_fn = example_loss(model)
+  spec = jax.ShapeDtypeStruct
+  batch = {'image': spec((batch_size,) + train.images.shape[1:],
+                        train.images.dtype),
+           'label': spec((batch_size,), train.labels.dtype)}
+  args = ()
+  if augmult is not None:
+    loss_fn = augmult.loss(loss_fn)
+    batch['index'] = spec((batch_size,), jnp.int32)
+    args = (augmult.step_key(state.step),)
+
+  def make(m):
+    fn = clipped_grad_fn(plan, loss_fn, m, grad_route)
+    return jax.jit(lambda params, batch, mask, clip_state, args: fn(
+        params, batch, mask, clip_state=clip_state, args=args))
+
+  return autotune.microbatch_size(
+      make, (state.params, batch, spec((batch_size,), jnp.bool_),
+             state.clip_state, args), batch_size, int(budget_mb * 2**20))
 
 
 def layerwise_thresholds(plan: plan_lib.DPPlan, model: nn.Module,
@@ -611,11 +681,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                                  public_split)
     state = state.replace(params=params, opt_state=tx.init(params),
                           pruning=pruning_state)
-  train_step = make_train_step(model, plan, config.perf.microbatch_size,
+  microbatch = config.perf.microbatch_size
+  grad_route = config.perf.get('grad_route', 'auto')
+  budget_mb = config.perf.get('memory_budget_mb')
+  if private and budget_mb:
+    if microbatch is not None or mesh is not None:
+      raise ValueError(
+          'perf.memory_budget_mb picks perf.microbatch_size on one device: set'
+          ' one of the two, and perf.num_devices=1 (got microbatch_size='
+          f'{microbatch}, num_devices={num_devices}).')
+    if state.model_state:
+      raise ValueError(
+          'perf.memory_budget_mb does not tune models with BatchNorm'
+          ' statistics yet; set perf.microbatch_size instead.')
+    microbatch = tune_microbatch(
+        model, plan, state, splits.train, physical or sampler.max_batch_size,
+        budget_mb=budget_mb, grad_route=grad_route, augmult=_augmult(config))
+  train_step = make_train_step(model, plan, microbatch,
                                mesh=mesh, physical_batch_size=physical,
                                augmult=_augmult(config), pruner=pruner,
                                public_split=public_split,
-                               normalizer=normalizer, stats_key=keys.stats)
+                               normalizer=normalizer, stats_key=keys.stats,
+                               grad_route=grad_route)
   evaluate = make_eval_fn(model, normalizer=normalizer)
   images = jnp.asarray(splits.train.images)
   labels = jnp.asarray(splits.train.labels)
@@ -721,6 +808,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'pruning': (None if pruner is None else pruning.summary(
           pruning_config(config), state.params)),
       'resumed_from_steps': meta['resumed_from'],
+      'microbatch_size': microbatch,
       'config': config.to_dict(),
   })
   for name in ('ema', 'polyak'):

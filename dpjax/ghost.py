@@ -1,0 +1,837 @@
+"""Clipped sums without per-example gradients: ghost norms and book-keeping.
+
+Implements ghost clipping (Goodfellow 2015, "Efficient Per-Example Gradient
+Computations"; Li et al. 2022, "Large Language Models Can Be Strong
+Differentially Private Learners"), its per-layer mix with per-example layer
+gradients (Bu et al. 2022, "Scalable and Efficient Training of Large
+Convolutional Neural Networks with Differential Privacy", mixed ghost
+clipping) and book-keeping (Bu et al. 2023, "Differentially Private
+Optimization on Large Model at Small Cost"), in JAX for Flax ``nn.Dense`` and
+``nn.Conv`` layers.
+
+One batched forward and backward captures, for every supported layer, its
+input ``a`` and the gradient ``g`` of the example's loss with respect to its
+output (a zero perturbation added to the output by a Flax method interceptor).
+A layer's per-example kernel gradient is ``a_i^T g_i`` (conv: patches of
+``a_i``), so its squared norm comes either from Gram matrices,
+``<a_i a_i^T, g_i g_i^T>`` (the "ghost" norm: no per-example gradient is ever
+built), or from the per-example layer gradient itself ("direct"). Clip factors
+``c_i`` follow from the norms, and the clipped sum is book-kept from the same
+tensors, without a second backward: ``sum_i c_i a_i^T g_i`` is one layer
+weight-gradient with the output gradient scaled row by row, or the weighted
+sum of the direct per-example gradients. Parameters of any other layer
+(normalization, embeddings, custom modules) get per-example gradients by
+``vmap`` in the same pass.
+
+Privacy invariants owned here (DESIGN.md 1 and 6), shared with
+:mod:`dpjax.per_example`: padding rows and rows whose norm is not finite
+contribute exactly zero (``where`` on both ``a`` and ``g``, never a
+multiplication by zero), and each example's contribution has norm at most the
+clip bound. Ghost norms of sequences are float32 sums that can cancel, so they
+are replaced by a rigorous upper bound of the exact norm (the computed value
+plus a bound on its rounding error): clipping to an upper bound never lets an
+example exceed the bound. Supported layers are found by tracing, and a layer
+is used only if its kernel is a leaf of ``params`` used by nothing else
+(checked on the jaxpr) and its patch geometry reproduces its output (checked
+numerically), so a model this module misreads falls back to ``vmap`` instead
+of giving wrong norms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.extend.core as jax_core
+import jax.numpy as jnp
+
+from dpjax import clipping as clipping_lib
+from dpjax import per_example
+
+PyTree = Any
+NORM_ROUTES = ('speed', 'memory', 'ghost', 'direct')
+# float32 unit roundoff, and the smallest normal number (XLA on CPU flushes
+# subnormals to zero, an absolute error of at most this per operation).
+_U = 2.0 ** -24
+_TINY = 2.0 ** -126
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """A Dense or Conv call whose norms and clipped sum this module computes.
+
+  Attributes:
+    path: the Flax module path.
+    module: an unbound copy of the module (applied to captured inputs).
+    call: index of this call among the model's Dense/Conv calls.
+    kernel: index of the kernel among ``jax.tree.leaves(params)``.
+    bias: index of the bias, or None.
+    in_shape: per-example input shape.
+    out_shape: per-example output shape.
+    tokens: T, rows of the per-example layer gradient product (sequence
+      positions times output pixels); 1 for a plain Dense.
+    fan_in: K, kernel rows per output feature (d_in, or kh*kw*c_in/groups).
+    features: C, output features.
+    groups: conv feature groups (1 for Dense).
+    geometry: for a conv, (kernel_size, strides, pads, dilation).
+    norm_route: 'ghost' (Gram matrices) or 'direct' (per-example layer
+      gradient).
+  """
+
+  path: tuple[str, ...]
+  module: nn.Module
+  call: int
+  kernel: int
+  bias: int | None
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  tokens: int
+  fan_in: int
+  features: int
+  groups: int
+  geometry: tuple | None
+  norm_route: str
+
+  @property
+  def is_conv(self) -> bool:
+    return self.geometry is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostPlan:
+  """Which parameters take which route for one model, loss and input shape.
+
+  Attributes:
+    layers: the layers handled by ghost norms / book-keeping.
+    fallback: indices (in ``jax.tree.leaves(params)``) of the parameters
+      whose per-example gradients come from ``vmap``.
+    num_calls: number of Dense/Conv calls seen (supported or not).
+    skipped: (path, reason) for each Dense/Conv call left to ``vmap``.
+  """
+
+  layers: tuple[Layer, ...]
+  fallback: tuple[int, ...]
+  num_calls: int
+  skipped: tuple[tuple[tuple[str, ...], str], ...]
+
+  def describe(self) -> str:
+    """One line per layer: its route and why a skipped layer was skipped."""
+    lines = [f"{'/'.join(l.path)}: {l.norm_route} norm (T={l.tokens},"
+             f' K={l.fan_in}, C={l.features})' for l in self.layers]
+    lines += [f"{'/'.join(p)}: vmap ({why})" for p, why in self.skipped]
+    lines.append(f'{len(self.fallback)} parameter arrays by vmap')
+    return '\n'.join(lines)
+
+
+def choose_norm_route(tokens: int, fan_in: int, features: int,
+                      policy: str = 'speed') -> str:
+  """'ghost' or 'direct' norms for one layer (per feature group) under policy.
+
+  Per example, the direct route builds the layer's gradient (T*K*C flops in
+  small per-example products, K*C memory, written, squared and summed) and
+  reuses it for the clipped sum; the ghost route builds Gram matrices
+  (T^2 (K + C) flops, T^2 memory) and then needs the book-kept sum (T*K*C
+  flops in ONE large product over the batch, about twice as fast per flop).
+  'speed' takes the ghost route when T^2 (K + C) + T*K*C / 2 < T*K*C +
+  13 K*C (the constants measured on CPU; always true for a plain Dense, T =
+  1); 'memory' when 2 T^2 < K*C (mixed ghost clipping, Bu et al. 2022);
+  'ghost' and 'direct' force one route. Gram norms are never used where
+  float32 rounding would make their error bound vacuous.
+
+  Examples:
+    >>> from dpjax import ghost
+    >>> [ghost.choose_norm_route(t, 288, 32) for t in (1, 1024)]
+    ['ghost', 'direct']
+    >>> ghost.choose_norm_route(64, 1152, 128, 'memory')
+    'ghost'
+
+  Args:
+    tokens: T, rows of the per-example product (positions x output pixels).
+    fan_in: K, kernel rows per output feature in a group.
+    features: C, output features per group.
+    policy: 'speed', 'memory', 'ghost' or 'direct'.
+
+  Returns:
+    'ghost' or 'direct'.
+  """
+  if policy not in NORM_ROUTES:
+    raise ValueError(
+        f'norm route must be one of {NORM_ROUTES}, got {policy!r}.')
+  if max(tokens * tokens, fan_in, features) * _U > 0.01:
+    return 'direct'
+  if policy in ('ghost', 'direct'):
+    return policy
+  if policy == 'memory':
+    return 'ghost' if 2 * tokens ** 2 < fan_in * features else 'direct'
+  t, kc = tokens, fan_in * features
+  ghost_cost = t * t * (fan_in + features) + t * kc / 2
+  return 'ghost' if ghost_cost < t * kc + 13 * kc else 'direct'
+
+
+# ----------------------------------------------------------------------------
+# Conv geometry: patches whose product with the kernel is the conv output.
+
+
+def _conv_geometry(module: nn.Conv, in_shape: Sequence[int]):
+  """(kernel_size, strides, pads, dilation) of a flax Conv, or a reason."""
+  ks = module.kernel_size
+  ks = (ks,) if isinstance(ks, int) else tuple(ks)
+  n = len(ks)
+
+  def bcast(x):
+    x = 1 if x is None else x
+    return (x,) * n if isinstance(x, int) else tuple(x)
+
+  if bcast(module.input_dilation) != (1,) * n:
+    return 'input_dilation != 1'
+  strides, dilation = bcast(module.strides), bcast(module.kernel_dilation)
+  padding = nn.linear.canonicalize_padding(module.padding, n)
+  if isinstance(padding, str):
+    if padding not in ('SAME', 'VALID'):
+      return f'padding {padding!r}'
+    dilated = [(k - 1) * d + 1 for k, d in zip(ks, dilation)]
+    padding = jax.lax.padtype_to_pads(
+        tuple(in_shape[-n - 1:-1]), dilated, strides, padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return ks, strides, pads, dilation
+
+
+def conv_taps(x: jax.Array, geometry) -> list[jax.Array]:
+  """The conv's input as one slice per kernel tap (no patch tensor).
+
+  For x [..., *spatial, C] returns prod(kernel_size) arrays [...,
+  *out_spatial, C], ordered like the kernel's spatial axes, such that the
+  convolution with a kernel of shape (*kernel_size, C, F) is ``sum_o
+  taps[o] @ kernel.reshape(-1, C, F)[o]``. Patches would stack them (K/C
+  times the input, written with a strided layout that is slow on CPU);
+  every product here is taken tap by tap instead.
+  """
+  ks, strides, pads, dilation = geometry
+  n = len(ks)
+  lead = x.ndim - n - 1
+  zero = jnp.zeros((), x.dtype)
+  x = jax.lax.pad(x, zero, [(0, 0, 0)] * lead + [(lo, hi, 0) for lo, hi in pads]
+                  + [(0, 0, 0)])
+  spatial = x.shape[lead:lead + n]
+  out = [(s - (k - 1) * d - 1) // st + 1
+         for s, k, d, st in zip(spatial, ks, dilation, strides)]
+  taps = []
+  for offset in itertools.product(*(range(k) for k in ks)):
+    start = [0] * lead + [o * d for o, d in zip(offset, dilation)] + [0]
+    limit = list(x.shape[:lead]) + [
+        o * d + (m - 1) * st + 1
+        for o, d, m, st in zip(offset, dilation, out, strides)] + [x.shape[-1]]
+    taps.append(jax.lax.slice(x, start, limit,
+                              [1] * lead + list(strides) + [1]))
+  return taps
+
+
+# Below this many input channels per group, the taps are stacked into
+# patches: many products with a tiny contraction are slower than one.
+_MIN_TAP_CHANNELS = 16
+
+
+def _layer_taps(layer: Layer, a: jax.Array) -> list[jax.Array]:
+  """The layer input as a list of [m, T, G, c] blocks.
+
+  Each block's product with the matching rows of the kernel, summed over
+  blocks, is the layer's output: for a Dense one block (c = K); for a conv
+  one block per kernel tap (c = C/G), or one block of patches (c = K) when
+  C/G is small.
+  """
+  m = a.shape[0]
+  if not layer.is_conv:
+    return [a.reshape(m, layer.tokens, 1, -1)]
+  taps = [x.reshape(m, layer.tokens, layer.groups, -1)
+          for x in conv_taps(a, layer.geometry)]
+  if taps[0].shape[-1] < _MIN_TAP_CHANNELS:
+    taps = [jnp.stack(taps, axis=-2).reshape(m, layer.tokens, layer.groups,
+                                             -1)]
+  return taps
+
+
+def _out_grads(layer: Layer, g: jax.Array) -> jax.Array:
+  """[m, T, G, F/G]."""
+  return g.reshape(g.shape[0], layer.tokens, layer.groups, -1)
+
+
+def _kernel_blocks(layer: Layer, kernel: jax.Array, blocks: int) -> jax.Array:
+  """The kernel as [blocks, c, G, F/G], matching :func:`_layer_taps`."""
+  return kernel.reshape(blocks, -1, layer.groups,
+                        kernel.shape[-1] // layer.groups)
+
+
+def _geometry_reproduces_output(layer: Layer) -> bool:
+  """Whether the taps times the kernel equal the module's own output."""
+  with jax.ensure_compile_time_eval():
+    kx, kw, kb = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (1,) + layer.in_shape, jnp.float32)
+    taps = _layer_taps(layer, x)
+    kshape = tuple(layer.geometry[0]) + (layer.in_shape[-1] // layer.groups,
+                                         layer.features)
+    w = {'kernel': jax.random.normal(kw, kshape, jnp.float32)}
+    if layer.bias is not None:
+      w['bias'] = jax.random.normal(kb, (layer.features,), jnp.float32)
+    expected = layer.module.apply({'params': w}, x).reshape(
+        1, layer.tokens, layer.features)
+    k = _kernel_blocks(layer, w['kernel'], len(taps))
+    got = sum(jnp.einsum('mtgc,cgo->mtgo', x_o, k[o])
+              for o, x_o in enumerate(taps)).reshape(expected.shape)
+    if 'bias' in w:
+      got = got + w['bias']
+    scale = float(jnp.max(jnp.abs(expected))) + 1.0
+    return bool(jnp.max(jnp.abs(got - expected)) <= 1e-4 * scale)
+
+
+# ----------------------------------------------------------------------------
+# Finding the layers: one trace records every Dense/Conv call, a second checks
+# that each candidate's parameters reach the loss through that call only.
+
+
+def _is_float32(x) -> bool:
+  return jnp.result_type(x) == jnp.float32
+
+
+def _inspect_call(module, args, kwargs, out, leaf_index, call):
+  """A :class:`Layer` for one intercepted call, or a reason to skip it."""
+  if kwargs or len(args) != 1:
+    return 'called with extra arguments'
+  x = args[0]
+  params = module.variables.get('params', {})
+  kernel = leaf_index.get(id(params.get('kernel')))
+  if kernel is None:
+    return 'kernel is not a leaf of params (transformed or lifted)'
+  bias = None
+  if module.use_bias:
+    bias = leaf_index.get(id(params.get('bias')))
+    if bias is None:
+      return 'bias is not a leaf of params'
+  if not (_is_float32(x) and _is_float32(out)
+          and _is_float32(params['kernel'])
+          and module.dtype in (None, jnp.float32)):
+    return 'not float32'
+  unbound = module.clone(parent=None)
+  in_shape, out_shape = tuple(x.shape), tuple(out.shape)
+  features = out_shape[-1]
+  if isinstance(module, nn.Conv):
+    if module.mask is not None:
+      return 'masked conv'
+    if module.conv_general_dilated is not None or (
+        module.conv_general_dilated_cls is not None):
+      return 'custom conv_general_dilated'
+    geometry = _conv_geometry(module, in_shape)
+    if isinstance(geometry, str):
+      return geometry
+    kernel_shape = params['kernel'].shape
+    groups = module.feature_group_count
+    fan_in = math.prod(kernel_shape[:-1])
+    tokens = math.prod(out_shape[:-1])
+  else:
+    if module.dot_general is not None or module.dot_general_cls is not None:
+      return 'custom dot_general'
+    if params['kernel'].ndim != 2:
+      return 'kernel is not 2-D'
+    geometry, groups = None, 1
+    fan_in = in_shape[-1]
+    tokens = math.prod(in_shape[:-1])
+  if features == 0 or fan_in == 0:
+    return 'empty layer'
+  return Layer(path=tuple(module.scope.path), module=unbound, call=call,
+               kernel=kernel, bias=bias, in_shape=in_shape,
+               out_shape=out_shape, tokens=tokens, fan_in=fan_in,
+               features=features, groups=groups, geometry=geometry,
+               norm_route='')
+
+
+def _supported_call(context) -> bool:
+  return context.method_name == '__call__' and type(context.module) in (
+      nn.Dense, nn.Conv)
+
+
+class _Capture:
+  """Method interceptor that runs owned layers from given weights.
+
+  Owned layer ``j`` computes ``module.apply({'params': weights[j]}, x) +
+  perturbations[j]`` and records ``x``; other calls run unchanged.
+  """
+
+  def __init__(self, layers, weights, perturbations):
+    self.by_call = {l.call: j for j, l in enumerate(layers)}
+    self.layers, self.weights, self.perturbations = (layers, weights,
+                                                     perturbations)
+    self.inputs = [None] * len(layers)
+    self.calls = 0
+    self.inside = False
+
+  def __call__(self, next_fun, args, kwargs, context):
+    if self.inside or not _supported_call(context):
+      return next_fun(*args, **kwargs)
+    call, self.calls = self.calls, self.calls + 1
+    j = self.by_call.get(call)
+    if j is None:
+      return next_fun(*args, **kwargs)
+    layer = self.layers[j]
+    if tuple(context.module.scope.path) != layer.path:
+      raise RuntimeError(
+          f'ghost clipping: call {call} reached {context.module.scope.path},'
+          f' traced as {layer.path}; the model must call its layers in the'
+          ' same order for every example.')
+    self.inside = True
+    try:
+      y = layer.module.apply({'params': self.weights[j]}, args[0])
+    finally:
+      self.inside = False
+    self.inputs[j] = args[0]
+    return y + self.perturbations[j]
+
+
+def _layer_weights(layer: Layer, leaves) -> dict[str, jax.Array]:
+  w = {'kernel': leaves[layer.kernel]}
+  if layer.bias is not None:
+    w['bias'] = leaves[layer.bias]
+  return w
+
+
+def _used_invars(jaxpr) -> set:
+  used = set()
+  for eqn in jaxpr.eqns:
+    used.update(v for v in eqn.invars if not isinstance(v, jax_core.Literal))
+  used.update(v for v in jaxpr.outvars if not isinstance(v, jax_core.Literal))
+  return used
+
+
+def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
+              args: Sequence[Any] = (), *, has_aux: bool = False,
+              norm_route: str = 'speed') -> GhostPlan:
+  """Finds the Dense/Conv layers whose norms can be computed by ghost norms.
+
+  Traces ``loss_fn(params, example, *args)`` (no computation) and keeps the
+  ``nn.Dense`` and ``nn.Conv`` calls that are float32, take their kernel and
+  bias straight from ``params`` and are the only users of those leaves (a
+  weight shared with another layer or used by a regularizer in the loss goes
+  to the vmap fallback, since its per-example gradient has other terms).
+
+  Args:
+    loss_fn: ``loss_fn(params, example, *args)`` for ONE example, as for
+      :func:`dpjax.clipped_grad`.
+    params: the parameters (arrays or ShapeDtypeStructs).
+    example: ONE example (no batch axis; arrays or ShapeDtypeStructs).
+    args: extra arguments of ``loss_fn``, shared by the whole batch.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    norm_route: 'speed', 'memory', 'ghost' or 'direct' (see
+      :func:`choose_norm_route`).
+
+  Returns:
+    A :class:`GhostPlan`.
+  """
+  choose_norm_route(1, 1, 1, norm_route)  # validates the name
+  leaves, treedef = jax.tree.flatten(params)
+  leaves = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+            for x in leaves]
+  found: list = []
+
+  def discover(leaves, example):
+    index = {id(x): i for i, x in enumerate(leaves)}
+    top = jax.tree.leaves((example, leaves))[0]._trace
+
+    def interceptor(next_fun, call_args, kwargs, context):
+      out = next_fun(*call_args, **kwargs)
+      if _supported_call(context):
+        # Under an inner transformation (a vmap over augmented views, a
+        # remat, a scan) the captured input would be that trace's value.
+        inner = not call_args or getattr(call_args[0], '_trace',
+                                         None) is not top
+        found.append((tuple(context.module.scope.path), (
+            'called inside a transformation (vmap, remat, scan)' if inner
+            else _inspect_call(context.module, call_args, kwargs, out, index,
+                               len(found)))))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      return loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
+
+  jax.make_jaxpr(discover)(leaves, example)
+  candidates = [l for _, l in found if isinstance(l, Layer)]
+  skipped = {l.call if isinstance(l, Layer) else i: (p, l)
+             for i, (p, l) in enumerate(found) if not isinstance(l, Layer)}
+
+  # A module called twice shares its weights between calls.
+  counts: dict = {}
+  for l in candidates:
+    counts[l.path] = counts.get(l.path, 0) + 1
+  for l in list(candidates):
+    if counts[l.path] > 1:
+      candidates.remove(l)
+      skipped[l.call] = (l.path, 'called more than once')
+  for l in list(candidates):
+    if l.is_conv and not _geometry_reproduces_output(l):
+      candidates.remove(l)
+      skipped[l.call] = (l.path, 'patch geometry does not match the output')
+
+  # Owned leaves must be unused once owned layers read their own copies.
+  while candidates:
+    def check(leaves, weights, example):
+      capture = _Capture(candidates, weights, [0.0] * len(candidates))
+      with nn.intercept_methods(capture):
+        value = loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
+      return value
+    weights = [_layer_weights(l, leaves) for l in candidates]
+    closed = jax.make_jaxpr(check)(leaves, weights, example)
+    used = _used_invars(closed.jaxpr)
+    invars = closed.jaxpr.invars[:len(leaves)]
+    bad = [l for l in candidates
+           if invars[l.kernel] in used
+           or (l.bias is not None and invars[l.bias] in used)]
+    if not bad:
+      break
+    for l in bad:
+      candidates.remove(l)
+      skipped[l.call] = (l.path, 'its parameters are also used elsewhere')
+
+  del has_aux  # the plan does not depend on the loss's outputs
+  layers = tuple(
+      dataclasses.replace(l, norm_route=choose_norm_route(
+          l.tokens, l.fan_in, l.features // l.groups, norm_route))
+      for l in candidates)
+  owned = {i for l in layers for i in (l.kernel, l.bias) if i is not None}
+  fallback = tuple(i for i in range(len(leaves)) if i not in owned)
+  return GhostPlan(layers, fallback, len(found),
+                   tuple(skipped[k] for k in sorted(skipped)))
+
+
+# ----------------------------------------------------------------------------
+# Norms and book-kept sums of one layer from its captured (a, g).
+
+
+def direct_grads(layer: Layer, a: jax.Array, g: jax.Array) -> jax.Array:
+  """Per-example kernel gradients [m, *kernel_shape], tap by tap.
+
+  Args:
+    layer: the layer.
+    a: [m, *in_shape] the layer's inputs.
+    g: [m, *out_shape] gradients of each example's loss w.r.t. its output.
+  """
+  m = a.shape[0]
+  go = _out_grads(layer, g)
+  grads = jnp.stack([jnp.einsum('mtgc,mtgo->mcgo', x, go)
+                     for x in _layer_taps(layer, a)], axis=1)
+  if not layer.is_conv:
+    return grads.reshape(m, -1, layer.features)
+  return grads.reshape((m,) + tuple(layer.geometry[0]) + (
+      layer.in_shape[-1] // layer.groups, layer.features))
+
+
+def ghost_sq_norms(layer: Layer, a: jax.Array,
+                   g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Ghost squared norms of per-example kernel gradients, and their error.
+
+  ||a_i^T g_i||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s) from the Gram matrices
+  P = a a^T (conv: summed over taps), Q = g g^T, never forming a_i^T g_i.
+  With T > 1 the float32 sum can cancel (an example's gradient small while
+  its terms are huge), so a rounding-error bound is returned with it. A dot
+  or sum of n terms is off by at most gamma_n = n u / (1 - n u) times the sum
+  of the absolute values of its terms, in any summation order; so P_ts is
+  off by at most gamma_k |a_t||a_s| (k: the dot length plus the number of
+  taps summed), Q_ts by gamma_c |g_t||g_s|, and the total by gamma_k sum
+  |a_t||a_s||Q_ts| + gamma_c sum |P_ts||g_t||g_s| + gamma_k gamma_c W^2 +
+  gamma_2T sum |P_ts Q_ts| (W = sum_t |a_t||g_t|; the sum over s, then over
+  t, kept apart by an optimization barrier), plus a term for flushed
+  subnormals; twice that covers second-order terms and the rounding of the
+  bound itself. Everything is computed after an exact power-of-two rescaling
+  of each example's a and g. For T = 1 the single outer product cannot
+  cancel and the bound is 0 (the estimate's relative error is that of any
+  norm computation).
+
+  Args:
+    layer: the layer.
+    a: [m, *in_shape] the layer's inputs.
+    g: [m, *out_shape] gradients of each example's loss w.r.t. its output.
+
+  Returns:
+    ([m] estimates, [m] bounds on |estimate - exact|), summed over groups.
+  """
+  # Exact power-of-two rescaling per example, so that huge activations with
+  # tiny gradients do not overflow the Gram entries.
+  a, ea = _pow2_normalize(a)
+  g, eg = _pow2_normalize(g)
+  e1 = jnp.floor((ea + eg) / 2)
+  e2 = ea + eg - e1
+  # x * 4^(ea + eg) by exact steps that never overflow before the result.
+  rescale = lambda x: x * jnp.exp2(e1) * jnp.exp2(e2) * jnp.exp2(e1) * jnp.exp2(
+      e2)
+  taps = _layer_taps(layer, a)
+  go = _out_grads(layer, g)
+  alpha = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=-1) for x in taps))
+  beta = jnp.sqrt(jnp.sum(jnp.square(go), axis=-1))            # [m, T, G]
+  if layer.tokens == 1:
+    sq = jnp.sum(jnp.square(alpha[:, 0] * beta[:, 0]), axis=-1)
+    return rescale(sq), jnp.zeros_like(sq)
+  p = sum(jnp.einsum('mtgc,msgc->mgts', x, x) for x in taps)
+  q = jnp.einsum('mtgc,msgc->mgts', go, go)
+  pq = p * q
+  per_group = jnp.sum(jax.lax.optimization_barrier(jnp.sum(pq, axis=-1)), -1)
+  sq = jnp.sum(per_group, axis=1)
+  gamma = lambda n: n * _U / (1 - n * _U)
+  k = taps[0].shape[-1] + (len(taps) if len(taps) > 1 else 0)
+  c, n = go.shape[-1], 2 * layer.tokens
+  alpha, beta = jnp.moveaxis(alpha, 2, 1), jnp.moveaxis(beta, 2, 1)
+  outer = lambda x: x[..., :, None] * x[..., None, :]
+  w = jnp.sum(alpha * beta, axis=-1)
+  total = lambda x: jnp.sum(x, axis=(1, 2, 3))
+  err = (gamma(k) * total(outer(alpha) * jnp.abs(q))
+         + gamma(c) * total(jnp.abs(p) * outer(beta))
+         + gamma(k) * gamma(c) * jnp.sum(jnp.square(w), axis=1)
+         + gamma(n) * total(jnp.abs(pq))
+         + gamma(layer.groups) * jnp.sum(jnp.abs(per_group), axis=1))
+  # Flushed subnormals (XLA on CPU): at most _TINY per product of two
+  # nonzero entries (every entry is at most 2 after the rescaling).
+  nz_a = jnp.moveaxis(sum(jnp.sum(jnp.abs(x), axis=-1) for x in taps) > 0, 2, 1)
+  nz_g = jnp.moveaxis(jnp.sum(jnp.abs(go), axis=-1) > 0, 2, 1)
+  flush = _TINY * jnp.sum(
+      4 * k * jnp.square(jnp.sum(nz_a * beta, axis=-1))
+      + 4 * c * jnp.square(jnp.sum(nz_g * alpha, axis=-1))
+      + jnp.square(jnp.sum(nz_a & nz_g, axis=-1)), axis=1)
+  return rescale(sq), rescale(2.0 * (err + flush))
+
+
+def _pow2_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(x / 2^e, e) per row, 2^e about max |x_row| (|e| <= 126: exact)."""
+  peak = jnp.max(jnp.abs(x).reshape(x.shape[0], -1), axis=1)
+  ok = jnp.isfinite(peak) & (peak > 0)
+  e = jnp.where(ok, jnp.floor(jnp.log2(jnp.where(ok, peak, 1.0))), 0.0)
+  e = jnp.clip(e, -126, 126)
+  return x * jnp.exp2(-e).reshape((-1,) + (1,) * (x.ndim - 1)), e
+
+
+def _sum_sq(x: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), 1)
+
+
+def _rows(keep: jax.Array, x: jax.Array) -> jax.Array:
+  """x with the rows where ``keep`` is False replaced by exact zeros."""
+  return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+
+def _weighted_sum(x: jax.Array, scale: jax.Array, keep: jax.Array):
+  s = scale.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+  return jnp.sum(_rows(keep, x * s), axis=0)
+
+
+def _bookkept_kernel_sum(layer: Layer, kernel, a, g_scaled):
+  """sum_i a_i^T g_scaled_i: the layer's own weight gradient (one VJP)."""
+  def apply(w):
+    return layer.module.apply({'params': {'kernel': w, **(
+        {'bias': jnp.zeros((layer.features,), w.dtype)}
+        if layer.bias is not None else {})}}, a)
+  _, vjp = jax.vjp(apply, kernel)
+  return vjp(g_scaled)[0]
+
+
+# ----------------------------------------------------------------------------
+# The clipped gradient.
+
+
+def clipped_grad(
+    loss_fn: Callable[..., Any],
+    clipping: clipping_lib.PerExampleClipping,
+    *,
+    microbatch_size: int | None = None,
+    has_aux: bool = False,
+    norm_route: str = 'speed',
+) -> Callable[..., per_example.ClippedGrad]:
+  """:func:`dpjax.clipped_grad` by ghost norms and book-keeping.
+
+  Same arguments, same function ``fn(params, batch, mask=None, *,
+  clip_state=None, args=())`` and same :class:`dpjax.ClippedGrad` result
+  (equal within float32 tolerance), but Dense and Conv kernels never get
+  per-example gradients from ``vmap``: their per-example norms come from the
+  layer's inputs and output gradients, captured in one batched forward and
+  backward, and their clipped sum is book-kept from the same tensors. Other
+  parameters (see :func:`make_plan`) take the vmap route in the same pass.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import dpjax
+    >>> from dpjax import ghost
+    >>> model = nn.Dense(2)
+    >>> def loss(p, ex):
+    ...   return jnp.sum(model.apply({'params': p}, ex['x']) ** 2)
+    >>> params = model.init(jax.random.key(0), jnp.ones(3))['params']
+    >>> batch = {'x': jnp.arange(12.0).reshape(4, 3) / 10}
+    >>> clip = dpjax.clip_per_example(1.0)
+    >>> out = jax.jit(ghost.clipped_grad(loss, clip))(params, batch)
+    >>> ref = jax.jit(dpjax.clipped_grad(loss, clip))(params, batch)
+    >>> bool(jnp.allclose(out.grad_sum['kernel'], ref.grad_sum['kernel'],
+    ...                   rtol=1e-5))
+    True
+
+  Args:
+    loss_fn: ``loss_fn(params, example, *args)`` for ONE example.
+    clipping: a :class:`dpjax.PerExampleClipping` with a
+      ``scales_from_norms`` method (e.g. :func:`dpjax.clip_per_example`).
+    microbatch_size: rows per chunk (None: the whole batch at once).
+      Performance only.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    norm_route: per-layer norm computation (:func:`choose_norm_route`):
+      'speed' (the faster route per layer), 'memory' (the smaller), or
+      'ghost' / 'direct' for every layer.
+
+  Returns:
+    A function returning :class:`dpjax.ClippedGrad`. Call it under jax.jit.
+
+  References:
+    Li et al., 2022. Large Language Models Can Be Strong Differentially
+    Private Learners. https://arxiv.org/abs/2110.05679
+    Bu et al., 2023. Differentially Private Optimization on Large Model at
+    Small Cost. https://arxiv.org/abs/2210.00038
+  """
+  if getattr(clipping, 'scales_from_norms', None) is None:
+    raise ValueError(
+        f'clipping {getattr(clipping, "name", clipping)!r} has no'
+        ' scales_from_norms method, so it cannot clip from ghost norms; use'
+        " the vmap route (dpjax.clipped_grad, or config.perf.grad_route="
+        "'vmap').")
+  choose_norm_route(1, 1, 1, norm_route)
+  per_example._check_microbatch_size(microbatch_size)
+
+  def chunk_fn(plan, leaves, treedef, chunk, mask, clip_state, args):
+    m = mask.shape[0]
+    layers = plan.layers
+    weights = [_layer_weights(l, leaves) for l in layers]
+
+    def one(fb_leaves, perturbations, example):
+      full = list(leaves)
+      for i, x in zip(plan.fallback, fb_leaves):
+        full[i] = x
+      capture = _Capture(layers, weights, perturbations)
+      with nn.intercept_methods(capture):
+        value = loss_fn(jax.tree.unflatten(treedef, full), example, *args)
+      loss, aux = value if has_aux else (value, None)
+      return loss, (capture.inputs, aux)
+
+    zeros = [jnp.zeros((m,) + l.out_shape, jnp.float32) for l in layers]
+    fb_leaves = [leaves[i] for i in plan.fallback]
+    (losses, (inputs, aux)), (fb_grads, out_grads) = jax.vmap(
+        jax.value_and_grad(one, argnums=(0, 1), has_aux=True),
+        in_axes=(None, 0, 0))(fb_leaves, zeros, chunk)
+
+    sq = [None] * len(leaves)
+    direct, bias_grads = {}, {}
+    for j, l in enumerate(layers):
+      a, g = inputs[j], out_grads[j]
+      if l.bias is not None:
+        bias_grads[j] = jnp.sum(g.reshape(m, l.tokens, l.features), axis=1)
+        sq[l.bias] = _sum_sq(bias_grads[j])
+      if l.norm_route == 'direct':
+        direct[j] = direct_grads(l, a, g)
+        sq[l.kernel] = _sum_sq(direct[j])
+      else:
+        estimate, error = ghost_sq_norms(l, a, g)
+        # Clip to an upper bound of the exact norm: never above the bound.
+        sq[l.kernel] = jnp.maximum(estimate, 0.0) + error
+    for i, gr in zip(plan.fallback, fb_grads):
+      sq[i] = _sum_sq(gr)
+    scales, clip_state = clipping.scales_from_norms(
+        jax.tree.unflatten(treedef, sq), clip_state, mask)
+    scale = jax.tree.leaves(scales.scales)
+    keep = scales.keep
+
+    total = [None] * len(leaves)
+    for i, gr in zip(plan.fallback, fb_grads):
+      total[i] = _weighted_sum(gr, scale[i], keep)
+    for j, l in enumerate(layers):
+      if l.bias is not None:
+        total[l.bias] = _weighted_sum(bias_grads[j], scale[l.bias], keep)
+      if l.norm_route == 'direct':
+        total[l.kernel] = _weighted_sum(direct[j], scale[l.kernel], keep)
+      else:
+        c = scale[l.kernel].reshape((-1,) + (1,) * (out_grads[j].ndim - 1))
+        total[l.kernel] = _bookkept_kernel_sum(
+            l, leaves[l.kernel], _rows(keep, inputs[j]),
+            _rows(keep, out_grads[j] * c))
+    out = clipping_lib.ClipOutput(
+        jax.tree.unflatten(treedef, total), scales.norms,
+        scales.num_nonfinite, scales.num_clipped)
+    return out, clip_state, jnp.where(mask, losses, 0.0), aux
+
+  vmap_fn = per_example.clipped_grad(
+      loss_fn, clipping, microbatch_size=microbatch_size, has_aux=has_aux)
+
+  def fn(params, batch, mask=None, *, clip_state=None, args=()):
+    leaves, treedef = jax.tree.flatten(params)
+    example = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
+        batch)
+    plan = make_plan(loss_fn, params, example, args, has_aux=has_aux,
+                     norm_route=norm_route)
+    if not plan.layers:
+      return vmap_fn(params, batch, mask, clip_state=clip_state, args=args)
+    run = functools.partial(chunk_fn, plan, leaves, treedef)
+    return per_example.microbatched(run, params, batch, mask, clip_state,
+                                    clipping, microbatch_size, args)
+
+  return fn
+
+
+GRAD_ROUTES = ('auto', 'vmap', 'ghost', 'bookkeeping')
+# 'auto' takes the vmap route below this many parameters: there the B x P
+# per-example gradients are small and one vmapped backward beats the
+# captured layer tensors (measured: docs/BENCHMARKS.md, issue 8).
+AUTO_MIN_PARAMS = 100_000
+
+
+def clipped_grad_for_route(
+    route: str,
+    loss_fn: Callable[..., Any],
+    clipping: clipping_lib.PerExampleClipping,
+    *,
+    microbatch_size: int | None = None,
+    has_aux: bool = False,
+) -> Callable[..., per_example.ClippedGrad]:
+  """The clipped-gradient function of a route named in ``config.perf``.
+
+  'vmap': per-example gradients by vmap (:func:`dpjax.clipped_grad`).
+  'bookkeeping': this module with the faster norm per layer ('speed').
+  'ghost': this module with the smaller norm per layer ('memory').
+  'auto': 'bookkeeping' when ``clipping`` can clip from norms and the model
+  has at least :data:`AUTO_MIN_PARAMS` parameters, else 'vmap' (a model
+  without supported layers runs the vmap route either way). All routes
+  compute the same clipped sum: the route is a performance setting.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import dpjax
+    >>> from dpjax import ghost
+    >>> fn = ghost.clipped_grad_for_route('auto', lambda p, x: p @ x['x'],
+    ...                                   dpjax.clip_per_example(1.0))
+    >>> out = fn(jnp.ones(3), {'x': jnp.eye(3)})
+    >>> [round(float(v), 4) for v in out.grad_sum]
+    [1.0, 1.0, 1.0]
+  """
+  if route not in GRAD_ROUTES:
+    raise ValueError(
+        f'grad_route must be one of {GRAD_ROUTES}, got {route!r}.')
+  vmap_fn = per_example.clipped_grad(loss_fn, clipping,
+                                     microbatch_size=microbatch_size,
+                                     has_aux=has_aux)
+  if route == 'vmap' or getattr(clipping, 'scales_from_norms', None) is None:
+    if route in ('ghost', 'bookkeeping'):
+      clipped_grad(loss_fn, clipping)  # raises the clear error
+    return vmap_fn
+  ghost_fn = clipped_grad(
+      loss_fn, clipping, microbatch_size=microbatch_size, has_aux=has_aux,
+      norm_route='memory' if route == 'ghost' else 'speed')
+  if route != 'auto':
+    return ghost_fn
+
+  def fn(params, batch, mask=None, *, clip_state=None, args=()):
+    size = sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
+    chosen = vmap_fn if size < AUTO_MIN_PARAMS else ghost_fn
+    return chosen(params, batch, mask, clip_state=clip_state, args=args)
+
+  return fn

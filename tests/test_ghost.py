@@ -1,0 +1,331 @@
+"""Tests for dpjax/ghost.py: ghost norms and book-keeping equal the vmap route."""
+
+import flax.linen as nn
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dpjax
+from dpjax import ghost
+
+# Float32 rounding of g * (C / ||g||) can overshoot C by a few ulps.
+TOL = 1e-5
+
+
+class ConvNet(nn.Module):
+  """Convs with stride, explicit/SAME padding, dilation and groups."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Conv(4, (3, 3), strides=2, padding=((1, 0), (2, 1)))(x))
+    x = nn.tanh(nn.Conv(6, (2, 3), kernel_dilation=(2, 1), padding='SAME',
+                        feature_group_count=2)(x))
+    x = nn.tanh(nn.Conv(3, (2, 2), padding='VALID', use_bias=False)(x))
+    x = x.reshape(x.shape[:-3] + (-1,))
+    return nn.Dense(3)(x)
+
+
+class SeqNet(nn.Module):
+  """Dense layers on a sequence [T, d] (T > 1: Gram or direct norms)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.tanh(nn.Dense(5)(x))
+    h = nn.Dense(4, use_bias=False)(h)
+    return nn.Dense(3)(h.mean(axis=-2))
+
+
+class Mixed(nn.Module):
+  """Supported layers next to ones that must fall back to vmap."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[:-3] + (-1,))
+    x = nn.tanh(nn.Dense(6, name='inp')(x))
+    shared = nn.Dense(6, name='shared')
+    x = nn.tanh(shared(x))
+    x = nn.LayerNorm()(x)
+    x = nn.tanh(shared(x))                      # weight used twice
+    x = nn.DenseGeneral(5)(x)                   # unsupported layer type
+    return nn.Dense(3, name='head')(nn.tanh(x))
+
+
+def _setup(model, shape, batch_size=6, seed=0, regularize=False):
+  key_x, key_p = jax.random.split(jax.random.key(seed))
+  images = jax.random.normal(key_x, (batch_size,) + shape)
+  labels = jnp.arange(batch_size) % 3
+  params = model.init(key_p, images[:1])['params']
+
+  def loss_fn(p, example):
+    logits = model.apply({'params': p}, example['image'][None])[0]
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, example['label'])
+    if regularize:  # the head's kernel then has a second use
+      loss += 0.1 * jnp.sum(p['head']['kernel'] ** 2)
+    return loss
+
+  return params, {'image': images, 'label': labels}, loss_fn
+
+
+def _assert_tree_close(x, y, rtol, atol=1e-6):
+  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+def _both(loss_fn, clip, params, batch, mask, norm_route='speed', **kw):
+  ref = jax.jit(dpjax.clipped_grad(loss_fn, clip, **kw))(params, batch, mask)
+  out = jax.jit(ghost.clipped_grad(loss_fn, clip, norm_route=norm_route,
+                                   **kw))(params, batch, mask)
+  return out, ref
+
+
+def _loop_reference(loss_fn, params, batch, mask, clip_norm):
+  """Clipped sum from one jax.grad per example, in float64 (no vmap)."""
+  grad_fn = jax.jit(jax.grad(loss_fn))
+  total = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  norms = []
+  for i in range(len(mask)):
+    g = grad_fn(params, jax.tree.map(lambda x: x[i], batch))
+    g = jax.tree.map(lambda x: np.asarray(x, np.float64), g)
+    norm = np.sqrt(sum(np.sum(x ** 2) for x in jax.tree.leaves(g)))
+    norms.append(norm if mask[i] else 0.0)
+    if mask[i] and np.isfinite(norm):
+      scale = min(1.0, clip_norm / norm)
+      total = jax.tree.map(lambda t, x: t + scale * x, total, g)
+  return total, np.array(norms)
+
+
+MODELS = [
+    ('conv', ConvNet(), (9, 8, 2)),
+    ('sequence', SeqNet(), (7, 4)),
+]
+
+
+@pytest.mark.parametrize('norm_route', ghost.NORM_ROUTES)
+@pytest.mark.parametrize('name,model,shape', MODELS)
+def test_unclipped_norms_and_sum_match_vmap(name, model, shape, norm_route):
+  del name
+  params, batch, loss_fn = _setup(model, shape)
+  mask = jnp.arange(6) < 5
+  out, ref = _both(loss_fn, dpjax.clip_per_example(1e6), params, batch, mask,
+                   norm_route)
+  # Gram norms are replaced by an upper bound of the exact value.
+  rtol = 1e-3 if norm_route == 'ghost' else 1e-5
+  np.testing.assert_allclose(out.stats.norms, ref.stats.norms, rtol=rtol)
+  assert np.all(out.stats.norms >= ref.stats.norms * (1 - 1e-6))
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4)
+  np.testing.assert_allclose(out.stats.losses, ref.stats.losses, rtol=1e-6)
+
+
+def test_plan_covers_every_conv_and_dense():
+  params, batch, loss_fn = _setup(ConvNet(), (9, 8, 2))
+  example = jax.tree.map(lambda x: x[0], batch)
+  plan = ghost.make_plan(loss_fn, params, example)
+  assert [l.path for l in plan.layers] == [
+      ('Conv_0',), ('Conv_1',), ('Conv_2',), ('Dense_0',)]
+  assert plan.fallback == () and plan.skipped == ()
+  grouped = plan.layers[1]
+  assert (grouped.groups, grouped.fan_in, grouped.features) == (2, 12, 6)
+
+
+@pytest.mark.parametrize('tokens', [1, 3, 40])
+def test_ghost_sq_norms_bound_their_error(tokens):
+  layer = ghost.Layer(path=('l',), module=nn.Dense(8), call=0, kernel=0,
+                      bias=None, in_shape=(tokens, 16),
+                      out_shape=(tokens, 8), tokens=tokens, fan_in=16,
+                      features=8, groups=1, geometry=None, norm_route='ghost')
+  rng = np.random.default_rng(tokens)
+  a = rng.normal(size=(4, tokens, 16)).astype(np.float32)
+  g = rng.normal(size=(4, tokens, 8)).astype(np.float32)
+  # Row 3 nearly cancels: huge terms, a per-example gradient ~0.
+  a[3] = 1e4 * np.ones((tokens, 16), np.float32)
+  g[3] = 1e4 * np.where(np.arange(tokens)[:, None] % 2 == 0, 1.0, -1.0) * (
+      np.ones((tokens, 8), np.float32))
+  est, err = ghost.ghost_sq_norms(layer, jnp.asarray(a), jnp.asarray(g))
+  exact = np.sum(np.einsum('mti,mto->mio', a.astype(np.float64),
+                           g.astype(np.float64)) ** 2, axis=(1, 2))
+  assert np.all(np.abs(np.asarray(est, np.float64) - exact)
+                <= np.asarray(err, np.float64) + 1e-6 * exact)
+  np.testing.assert_allclose(est[:3], exact[:3], rtol=1e-4)
+
+
+@pytest.mark.parametrize('norm_route', ['speed', 'ghost'])
+def test_clipped_sum_matches_loop_with_padding_nan_and_huge_rows(norm_route):
+  # Reference: a loop over examples. (On CPU, vmap's per-example gradients of
+  # a grouped conv turn EVERY row non-finite when one row is NaN, so the vmap
+  # route is not a reference here.)
+  params, batch, loss_fn = _setup(ConvNet(), (9, 8, 2), batch_size=8)
+  images = np.array(batch['image'])
+  images[1] = np.nan                 # a NaN row
+  images[2] *= 1e30                  # huge rows: finite, clipped hard
+  images[3] = np.inf
+  images[6] = np.nan                 # a padding row holding NaN
+  batch = {'image': jnp.asarray(images), 'label': batch['label']}
+  mask = np.arange(8) < 6
+  fn = ghost.clipped_grad(loss_fn, dpjax.clip_per_example(0.3),
+                          norm_route=norm_route)
+  out = jax.jit(fn)(params, batch, mask)
+  expected, norms = _loop_reference(loss_fn, params, batch, mask, 0.3)
+  _assert_tree_close(out.grad_sum, expected, rtol=2e-3, atol=1e-5)
+  finite = np.isfinite(norms)
+  np.testing.assert_allclose(out.stats.norms[finite], norms[finite],
+                             rtol=2e-3)
+  assert int(out.stats.num_nonfinite) == int(np.sum(~finite)) >= 2
+  assert int(out.stats.num_clipped) == int(np.sum(finite & (norms > 0.3)))
+  np.testing.assert_array_equal(out.stats.norms[6:], 0.0)
+
+
+def test_microbatching_does_not_change_the_result():
+  params, batch, loss_fn = _setup(ConvNet(), (9, 8, 2), batch_size=7)
+  clip = dpjax.clip_per_example(0.5)
+  mask = jnp.arange(7) < 6
+  whole = jax.jit(ghost.clipped_grad(loss_fn, clip))(params, batch, mask)
+  chunks = jax.jit(ghost.clipped_grad(loss_fn, clip, microbatch_size=3))(
+      params, batch, mask)
+  _assert_tree_close(whole.grad_sum, chunks.grad_sum, rtol=1e-5)
+  np.testing.assert_allclose(whole.stats.norms, chunks.stats.norms, rtol=1e-6)
+  assert int(whole.stats.num_clipped) == int(chunks.stats.num_clipped)
+
+
+@pytest.mark.parametrize('regularize', [False, True])
+def test_unsupported_layers_fall_back_to_vmap(regularize):
+  params, batch, loss_fn = _setup(Mixed(), (4, 4, 1), regularize=regularize)
+  example = jax.tree.map(lambda x: x[0], batch)
+  plan = ghost.make_plan(loss_fn, params, example)
+  reasons = dict(plan.skipped)
+  assert reasons[('shared',)] == 'called more than once'
+  if regularize:
+    assert reasons[('head',)] == 'its parameters are also used elsewhere'
+    assert [l.path for l in plan.layers] == [('inp',)]
+  else:
+    assert [l.path for l in plan.layers] == [('inp',), ('head',)]
+  # shared kernel+bias, LayerNorm scale+bias, DenseGeneral kernel+bias.
+  assert len(plan.fallback) == 6 + 2 * regularize
+  mask = jnp.arange(6) < 5
+  out, ref = _both(loss_fn, dpjax.clip_per_example(0.2), params, batch, mask)
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4)
+  np.testing.assert_allclose(out.stats.norms, ref.stats.norms, rtol=1e-5)
+
+
+def test_has_aux_and_args():
+  model = nn.Dense(2)
+  params = model.init(jax.random.key(0), jnp.ones(3))['params']
+
+  def loss_fn(p, example, scale):
+    y = model.apply({'params': p}, example['x'])
+    return scale * jnp.sum(y ** 2), {'y': y}
+
+  batch = {'x': jax.random.normal(jax.random.key(1), (4, 3))}
+  clip = dpjax.clip_per_example(1.0)
+  out = jax.jit(ghost.clipped_grad(loss_fn, clip, has_aux=True))(
+      params, batch, args=(2.0,))
+  ref = jax.jit(dpjax.clipped_grad(loss_fn, clip, has_aux=True))(
+      params, batch, args=(2.0,))
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-5)
+  np.testing.assert_allclose(out.stats.aux['y'], ref.stats.aux['y'])
+
+
+def test_rejects_clipping_without_norm_method():
+  clip = dpjax.clip_per_example(1.0)
+  no_norms = dpjax.clipping.make_per_example_clipping(
+      clip.init, clip.clip, clip.l2_bound, 'custom')
+  with pytest.raises(ValueError, match='vmap route'):
+    ghost.clipped_grad(lambda p, x: 0.0, no_norms)
+  with pytest.raises(ValueError, match='norm route'):
+    ghost.clipped_grad(lambda p, x: 0.0, clip, norm_route='fast')
+
+
+# One compiled function for every hypothesis example: same shapes each time.
+_SENS_PARAMS, _SENS_BATCH, _SENS_LOSS = _setup(ConvNet(), (9, 8, 2),
+                                               batch_size=5)
+_SENS_FNS = {r: jax.jit(ghost.clipped_grad(_SENS_LOSS,
+                                           dpjax.clip_per_example(0.7),
+                                           norm_route=r))
+             for r in ('speed', 'ghost')}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    route=st.sampled_from(['speed', 'ghost']),
+    j=st.integers(0, 4),
+    scale=st.sampled_from([1.0, 1e3, 1e15, 1e30, np.inf, np.nan]),
+    seed=st.integers(0, 2**16),
+)
+def test_sensitivity_add_remove_one(route, j, scale, seed):
+  # Neighbours: example j present (mask True) or absent (padding), with any
+  # content in row j (ordinary, huge, Inf or NaN pixels).
+  images = np.array(_SENS_BATCH['image'])
+  rng = np.random.default_rng(seed)
+  images[j] = rng.normal(size=images[j].shape) * scale
+  batch = {'image': jnp.asarray(images), 'label': _SENS_BATCH['label']}
+  fn = _SENS_FNS[route]
+  with_j = fn(_SENS_PARAMS, batch, jnp.ones(5, bool))
+  without = fn(_SENS_PARAMS, batch, jnp.arange(5) != j)
+  diff = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b,
+                      with_j.grad_sum, without.grad_sum)
+  dist = np.sqrt(sum(np.sum(d ** 2) for d in jax.tree.leaves(diff)))
+  assert dist <= 0.7 * (1 + TOL)
+
+
+@pytest.mark.parametrize('norm_route', ['speed', 'ghost'])
+def test_clipped_sum_matches_vmap_with_padding_and_nonfinite(norm_route):
+  # A sequence model (Gram norms on the 'ghost' route) with rows that are
+  # NaN, Inf, huge (clipped hard) and a NaN padding row: the same clipped sum,
+  # norms and counts as the vmap route.
+  params, batch, loss_fn = _setup(SeqNet(), (7, 4), batch_size=8)
+  images = np.array(batch['image'])
+  images[1] = np.nan
+  images[2] *= 1e30
+  images[3, 0, 0] = np.inf
+  images[7] = np.nan
+  batch = {'image': jnp.asarray(images), 'label': batch['label']}
+  mask = jnp.arange(8) < 7
+  out, ref = _both(loss_fn, dpjax.clip_per_example(0.3), params, batch, mask,
+                   norm_route)
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4)
+  finite = np.isfinite(ref.stats.norms)
+  assert not finite[1] and not finite[3]
+  np.testing.assert_allclose(out.stats.norms[finite], ref.stats.norms[finite],
+                             rtol=1e-3)
+  np.testing.assert_array_equal(np.isfinite(out.stats.norms), finite)
+  assert int(out.stats.num_nonfinite) == int(ref.stats.num_nonfinite) == 2
+  assert int(out.stats.num_clipped) == int(ref.stats.num_clipped)
+  assert float(out.stats.norms[7]) == 0.0
+
+
+@pytest.mark.parametrize('clip', [dpjax.clip_automatic(0.3, gamma=0.01),
+                                  dpjax.clip_normalized(0.3)],
+                         ids=['automatic', 'normalized'])
+def test_normalizing_clippings_match_vmap(clip):
+  params, batch, loss_fn = _setup(ConvNet(), (9, 8, 2), batch_size=5)
+  mask = jnp.arange(5) < 4
+  out, ref = _both(loss_fn, clip, params, batch, mask)
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4)
+  np.testing.assert_allclose(out.stats.norms, ref.stats.norms, rtol=1e-5)
+  assert int(out.stats.num_clipped) == int(ref.stats.num_clipped) == 4
+
+
+def test_layers_under_an_inner_vmap_fall_back():
+  # A loss that averages over views with its own vmap (as augmult does): the
+  # layers see that vmap's values, so they must take the vmap route.
+  params, batch, loss_fn = _setup(SeqNet(), (7, 4))
+
+  def views_loss(p, example):
+    one = lambda s: loss_fn(p, {'image': example['image'] * s,
+                                'label': example['label']})
+    return jnp.mean(jax.vmap(one)(jnp.array([1.0, 0.5])))
+
+  example = jax.tree.map(lambda x: x[0], batch)
+  plan = ghost.make_plan(views_loss, params, example)
+  assert plan.layers == ()
+  assert {why for _, why in plan.skipped} == {
+      'called inside a transformation (vmap, remat, scan)'}
+  mask = jnp.arange(6) < 5
+  out, ref = _both(views_loss, dpjax.clip_per_example(0.3), params, batch,
+                   mask)
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-5)
