@@ -443,3 +443,22 @@ class TestTraining:
     assert summary['pruning']['mask_privacy'] == 'public data'
     assert summary['pruning']['num_updated_per_step'] == pruning.num_kept(
         summary['pruning']['num_params'], 0.2)
+
+
+@pytest.mark.parametrize('settings, match', [
+    ({'model.name': 'resnet8', 'model.norm': 'batch', 'model.width': 0.25,
+      'normalization.policy': 'frozen'}, 'BatchNorm statistics'),
+    ({'perf.grad_route': 'ghost'}, 'grad_route'),
+])
+def test_refuses_what_it_does_not_compose_with(tmp_path, settings, match):
+  config = default.get_config()
+  config.progress_bar = False
+  config.privacy.steps = 2
+  config.pruning.mode = 'freeze'
+  config.pruning.keep_fraction = 0.5
+  for field, value in settings.items():
+    section, name = field.split('.')
+    config[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'summary.json').exists()
