@@ -182,6 +182,24 @@ def clopper_pearson_epsilon_lower_bound(
   return max(bounds)
 
 
+def unclipped(bound: float) -> clipping_lib.PerExampleClipping:
+  """A deliberately BROKEN clipping: sums without clipping, claims ``bound``.
+
+  For validating an audit, never for training: noise scaled to the claimed
+  bound is far too small for the unclipped sum, and an audit must flag it
+  (``scripts/audit.py``, ``tests/test_audit.py``).
+  """
+
+  def clip_fn(grads, state, mask):
+    norms = clipping_lib.per_example_global_norms(grads)
+    mask = clipping_lib.as_mask(mask, norms.shape[0])
+    total = clipping_lib.scale_and_sum(grads, jnp.ones(norms.shape), mask)
+    return clipping_lib.ClipOutput(total, norms, 0, 0), state
+
+  return clipping_lib.make_per_example_clipping(
+      optax.init_empty_state, clip_fn, bound, 'no_clip')
+
+
 def _canary_loss(canary_norm: float, num_canaries: int):
   """Loss whose gradient for example i is ``canary_norm`` e_i (a Dirac canary).
 

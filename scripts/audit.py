@@ -19,26 +19,10 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
-import optax  # pylint: disable=g-import-not-at-top
 
 import dpjax  # pylint: disable=g-import-not-at-top
 from dpjax import accounting  # pylint: disable=g-import-not-at-top
 from dpjax import audit  # pylint: disable=g-import-not-at-top
-from dpjax import clipping as clipping_lib  # pylint: disable=g-import-not-at-top
-
-
-def unclipped(bound: float) -> dpjax.PerExampleClipping:
-  """Sums per-example gradients WITHOUT clipping while claiming ``bound``."""
-
-  def clip_fn(grads, state, mask):
-    norms = clipping_lib.per_example_global_norms(grads)
-    mask = clipping_lib.as_mask(mask, norms.shape[0])
-    total = clipping_lib.scale_and_sum(grads, np.ones(norms.shape, np.float32),
-                                       mask)
-    return clipping_lib.ClipOutput(total, norms, 0, 0), state
-
-  return clipping_lib.make_per_example_clipping(
-      optax.init_empty_state, clip_fn, bound, 'no_clip')
 
 
 def main():
@@ -64,7 +48,7 @@ def main():
   expected_batch = args.sampling_rate * args.canaries / 2
   mechanisms = {
       'correct': dict(clipping=clip),
-      'no_clip': dict(clipping=unclipped(1.0)),
+      'no_clip': dict(clipping=audit.unclipped(1.0)),
       'weak_noise': dict(clipping=clip, noise_tx=dpjax.add_gaussian_noise(
           sigma / 10, clip.sensitivity(), expected_batch, key=args.seed + 1)),
   }

@@ -1,29 +1,13 @@
 """Tests for dpjax/audit.py: estimators, and the audit catching broken DP."""
 
 import numpy as np
-import optax
 import pytest
 
 import dpjax
 from dpjax import accounting
 from dpjax import audit
-from dpjax import clipping as clipping_lib
 
 DELTA = 1e-5
-
-
-def _unclipped(bound):
-  """A broken 'clipping' that sums without clipping but claims ``bound``."""
-
-  def clip_fn(grads, state, mask):
-    norms = clipping_lib.per_example_global_norms(grads)
-    mask = clipping_lib.as_mask(mask, norms.shape[0])
-    total = clipping_lib.scale_and_sum(grads, np.ones(norms.shape, np.float32),
-                                       mask)
-    return clipping_lib.ClipOutput(total, norms, 0, 0), state
-
-  return clipping_lib.make_per_example_clipping(
-      optax.init_empty_state, clip_fn, bound, 'broken')
 
 
 class TestEstimators:
@@ -80,7 +64,7 @@ class TestGradientCanaryAudit:
     assert result.num_correct > result.num_guesses / 2  # it does learn
 
   def test_missing_clipping_is_flagged(self, sigma):
-    result = audit.gradient_canary_audit(_unclipped(1.0), sigma,
+    result = audit.gradient_canary_audit(audit.unclipped(1.0), sigma,
                                          **self.SETTINGS)
     assert result.violation
     assert result.epsilon_lower_bound > 1.5 * result.claimed_epsilon

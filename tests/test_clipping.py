@@ -13,24 +13,12 @@ import pytest
 
 import dpjax
 from dpjax import clipping
+from tests import strategies
 
 Relation = dp_accounting.NeighboringRelation
 # Float32 rounding of g * (C / ||g||) can overshoot C by a few ulps.
 TOL = 1e-5
 
-# Rows mixing ordinary values, huge ones (whose squares overflow float32),
-# NaN and +-Inf: every kind of row an adversary or a bug can produce.
-_ELEMENTS = st.one_of(
-    st.floats(-10, 10, width=32),
-    st.sampled_from([1e30, -1e30, 3e38, np.nan, np.inf, -np.inf, 0.0]),
-)
-
-
-def _batches(batch_size):
-  return st.fixed_dictionaries({
-      'a': hnp.arrays(np.float32, (batch_size, 3), elements=_ELEMENTS),
-      'b': hnp.arrays(np.float32, (batch_size, 2, 2), elements=_ELEMENTS),
-  })
 
 
 def _clipped_sum(clip, grads, mask=None):
@@ -131,7 +119,7 @@ class TestSensitivityProperty:
   """||f(D) - f(D')|| <= declared sensitivity for neighbouring batches."""
 
   @settings(max_examples=60, deadline=None)
-  @given(grads=_batches(5), j=st.integers(0, 4),
+  @given(grads=strategies.batches(5), j=st.integers(0, 4),
          clip_norm=st.sampled_from([0.1, 1.0, 7.0]))
   def test_add_remove(self, grads, j, clip_norm):
     clip = dpjax.clip_per_example(clip_norm)
@@ -142,7 +130,7 @@ class TestSensitivityProperty:
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(full))
 
   @settings(max_examples=60, deadline=None)
-  @given(grads=_batches(4), other=_batches(1), j=st.integers(0, 3),
+  @given(grads=strategies.batches(4), other=strategies.batches(1), j=st.integers(0, 3),
          clip_norm=st.sampled_from([0.1, 1.0, 7.0]))
   def test_replace_one(self, grads, other, j, clip_norm):
     clip = dpjax.clip_per_example(clip_norm)
@@ -153,7 +141,7 @@ class TestSensitivityProperty:
     assert dist <= clip.sensitivity(Relation.REPLACE_ONE) * (1 + TOL)
 
   @settings(max_examples=60, deadline=None)
-  @given(grads=_batches(5), j=st.integers(0, 4),
+  @given(grads=strategies.batches(5), j=st.integers(0, 4),
          mask=hnp.arrays(bool, (5,)))
   def test_padding_flip(self, grads, j, mask):
     clip = dpjax.clip_per_example(1.0)
@@ -213,7 +201,7 @@ class TestSensitivityPropertyEveryMode:
   """The same neighbouring-batch properties for every other clipping mode."""
 
   @settings(max_examples=15, deadline=None)
-  @given(grads=_batches(5), j=st.integers(0, 4),
+  @given(grads=strategies.batches(5), j=st.integers(0, 4),
          clip_norm=st.sampled_from([0.1, 7.0]))
   def test_add_remove(self, mode, grads, j, clip_norm):
     clip = MODES[mode](clip_norm)
@@ -223,7 +211,7 @@ class TestSensitivityPropertyEveryMode:
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(full))
 
   @settings(max_examples=15, deadline=None)
-  @given(grads=_batches(4), other=_batches(1), j=st.integers(0, 3))
+  @given(grads=strategies.batches(4), other=strategies.batches(1), j=st.integers(0, 3))
   def test_replace_one(self, mode, grads, other, j):
     clip = MODES[mode](1.0)
     replaced = jax.tree.map(lambda x, y: np.concatenate(
@@ -234,7 +222,7 @@ class TestSensitivityPropertyEveryMode:
     assert _dist(a, b) <= float(bound) * (1 + TOL)
 
   @settings(max_examples=15, deadline=None)
-  @given(grads=_batches(5), j=st.integers(0, 4),
+  @given(grads=strategies.batches(5), j=st.integers(0, 4),
          mask=hnp.arrays(bool, (5,)))
   def test_padding_flip(self, mode, grads, j, mask):
     clip = MODES[mode](1.0)

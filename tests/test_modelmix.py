@@ -21,6 +21,7 @@ from configs import default
 from dpjax import clipping
 from dpjax import modelmix
 from dpjax import train
+from tests import strategies
 
 Relation = dp_accounting.NeighboringRelation
 TOL = 1e-5
@@ -160,17 +161,6 @@ def _dist(x, y):
   return float(np.sqrt(sum(np.sum(d ** 2) for d in jax.tree.leaves(diff))))
 
 
-_ELEMENTS = st.one_of(
-    st.floats(-10, 10, width=32),
-    st.sampled_from([1e30, -1e30, 3e38, np.nan, np.inf, -np.inf, 0.0]),
-)
-
-
-def _batches(batch_size):
-  return st.fixed_dictionaries({
-      'a': hnp.arrays(np.float32, (batch_size, 3), elements=_ELEMENTS),
-      'b': hnp.arrays(np.float32, (batch_size, 2, 2), elements=_ELEMENTS),
-  })
 
 
 class TestRefinedClipping:
@@ -236,7 +226,7 @@ class TestRefinedClipping:
       dpjax.clip_l2_then_linf(1.0, bad)
 
   @settings(max_examples=40, deadline=None)
-  @given(grads=_batches(5), j=st.integers(0, 4),
+  @given(grads=strategies.batches(5), j=st.integers(0, 4),
          p=st.sampled_from([1.0, 4.0, 100.0]))
   def test_add_remove_property(self, grads, j, p):
     clip = dpjax.clip_l2_then_linf(1.0, p)
@@ -247,7 +237,7 @@ class TestRefinedClipping:
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(full))
 
   @settings(max_examples=40, deadline=None)
-  @given(grads=_batches(4), other=_batches(1), j=st.integers(0, 3),
+  @given(grads=strategies.batches(4), other=strategies.batches(1), j=st.integers(0, 3),
          p=st.sampled_from([1.0, 4.0, 100.0]))
   def test_replace_one_property(self, grads, other, j, p):
     clip = dpjax.clip_l2_then_linf(1.0, p)
@@ -258,7 +248,7 @@ class TestRefinedClipping:
     assert dist <= clip.sensitivity(Relation.REPLACE_ONE) * (1 + TOL)
 
   @settings(max_examples=40, deadline=None)
-  @given(grads=_batches(5), j=st.integers(0, 4), mask=hnp.arrays(bool, (5,)))
+  @given(grads=strategies.batches(5), j=st.integers(0, 4), mask=hnp.arrays(bool, (5,)))
   def test_padding_flip_property(self, grads, j, mask):
     clip = dpjax.clip_l2_then_linf(1.0, 4.0)
     flipped = mask.copy()

@@ -1,6 +1,5 @@
 """Tests for dpjax/normalization.py: every policy's privacy property."""
 
-import math
 
 import dp_accounting
 import flax.linen as nn
@@ -129,7 +128,7 @@ def test_public_policy_needs_public_data(tiny):
     _normalizer(tiny, 'public', public=False)
 
 
-def test_batch_policy_refused_without_batch_clipping(tiny):
+def test_batch_policy_allowed_only_with_batch_clipping(tiny):
   with pytest.raises(ValueError, match='requires batch clipping'):
     _normalizer(tiny, 'batch')
   model, variables = tiny
@@ -139,7 +138,8 @@ def test_batch_policy_refused_without_batch_clipping(tiny):
   assert norm.policies == {'batch_stats': 'batch'}
 
 
-def test_batch_policy_refused_without_batch_clipping(tmp_path):
+def test_batch_policy_refused_by_dpjax_train_without_batch_clipping(
+    tmp_path):
   config = default.get_config()
   config.progress_bar = False
   config.model.name = 'resnet8'

@@ -18,21 +18,11 @@ import dpjax
 from configs import default
 from dpjax import pruning
 from dpjax import train
+from tests import strategies
 
 Relation = dp_accounting.NeighboringRelation
 TOL = 1e-5  # float32 rounding of g * C / ||g|| overshoots C by a few ulps
 
-_ELEMENTS = st.one_of(
-    st.floats(-10, 10, width=32),
-    st.sampled_from([1e30, -1e30, 3e38, np.nan, np.inf, -np.inf, 0.0]),
-)
-
-
-def _batches(batch_size):
-  return st.fixed_dictionaries({
-      'a': hnp.arrays(np.float32, (batch_size, 3), elements=_ELEMENTS),
-      'b': hnp.arrays(np.float32, (batch_size, 2, 2), elements=_ELEMENTS),
-  })
 
 
 _PARAM_MASKS = st.fixed_dictionaries({
@@ -260,7 +250,7 @@ class TestSensitivityWithMasks:
   CLIP = dpjax.clip_per_example(1.0)
 
   @settings(max_examples=40, deadline=None)
-  @given(grads=_batches(5), j=st.integers(0, 4), param_mask=_PARAM_MASKS)
+  @given(grads=strategies.batches(5), j=st.integers(0, 4), param_mask=_PARAM_MASKS)
   def test_add_remove(self, grads, j, param_mask):
     full = _clipped_sum(self.CLIP, grads, param_mask)
     removed = _clipped_sum(
@@ -271,7 +261,7 @@ class TestSensitivityWithMasks:
     _assert_zero_off_mask(full, param_mask)
 
   @settings(max_examples=40, deadline=None)
-  @given(grads=_batches(4), other=_batches(1), j=st.integers(0, 3),
+  @given(grads=strategies.batches(4), other=strategies.batches(1), j=st.integers(0, 3),
          param_mask=_PARAM_MASKS)
   def test_replace_one(self, grads, other, j, param_mask):
     replaced = jax.tree.map(lambda x, y: np.concatenate(
@@ -281,7 +271,7 @@ class TestSensitivityWithMasks:
     assert dist <= self.CLIP.sensitivity(Relation.REPLACE_ONE) * (1 + TOL)
 
   @settings(max_examples=40, deadline=None)
-  @given(grads=_batches(5), j=st.integers(0, 4), mask=hnp.arrays(bool, (5,)),
+  @given(grads=strategies.batches(5), j=st.integers(0, 4), mask=hnp.arrays(bool, (5,)),
          param_mask=_PARAM_MASKS)
   def test_padding_flip(self, grads, j, mask, param_mask):
     flipped = mask.copy()
