@@ -279,3 +279,20 @@ def test_adaptive_clipping_counts_add_up_over_physical_batches():
   np.testing.assert_allclose(whole.clip_state.clip_norms,
                              pieces.clip_state.clip_norms, rtol=1e-6)
   assert float(whole.clip_state.clip_norms) != 1.0  # the threshold moved
+
+
+def test_run_keys_are_independent_streams():
+  """Every randomness source gets its own stream: no two share a key.
+
+  A released noise sharing bits with a secret one (ModelMix's alpha) or with
+  another release would break the accounting; the first streams must also
+  stay where they were so a run's noise does not change with new features.
+  """
+  keys = train.RunKeys.from_seed(0)
+  data = [tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys]
+  assert len(set(data)) == len(keys._fields)
+  root = jax.random.key(0)
+  for i, name in enumerate(('init', 'noise', 'clip', 'mix')):
+    np.testing.assert_array_equal(
+        jax.random.key_data(getattr(keys, name)),
+        jax.random.key_data(jax.random.fold_in(root, i)))
