@@ -54,8 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.normalization.eval_statistics = 'public'
 
   # Everything that changes the privacy guarantee, and nothing else. A set
-  # `steps` replaces `epochs`; a set `noise_multiplier` replaces
-  # `target_epsilon`.
+  # `steps` replaces `epochs`. Exactly one of `target_epsilon` (calibrates the
+  # noise) and `noise_multiplier` is set: for a fixed noise, unset the target
+  # (--config.privacy.noise_multiplier=1.1
+  # --config.privacy.target_epsilon=None).
   config.privacy = ml_collections.ConfigDict()
   config.privacy.enabled = True
   config.privacy.clip_norm = 1.0

@@ -5,7 +5,10 @@ the one its user asked for. This module refuses, before anything is written:
 
 * command-line overrides of fields that do not exist (``--config.privacy.foo``
   used to die with ``AttributeError: "'foo'"``): the error names the field and
-  lists the fields its section has;
+  lists the fields its section has (and ``--config.a.b=None``, which
+  ml_collections cannot parse for a typed field, unsets it);
+* a run given both a noise multiplier and a target epsilon: one of them
+  would silently win;
 * out-of-range settings of the scale features (devices, physical batches,
   checkpoints, parameter averaging, augmentation multiplicity);
 * datasets a run would mishandle: NaN/Inf or absurdly large pixel values,
@@ -92,6 +95,89 @@ def check_overrides(config: ml_collections.ConfigDict,
     check_field_path(config, path)
 
 
+UNSET = 'None'
+
+
+def split_unset_overrides(argv: Sequence[str],
+                          flag: str = 'config') -> tuple[list[str], list[str]]:
+  """Takes ``--config.a.b=None`` out of ``argv``: ``(argv, paths to unset)``.
+
+  ml_collections parses an override by its field's type, so ``None`` cannot be
+  given for a float, int or str field. The last override of a path wins, as
+  for any flag; ``--config.a.b None`` (two arguments) works too. Only the
+  exact spelling ``None`` unsets (``none`` is a legitimate string value).
+
+  Examples:
+    >>> from dpjax import config_validation
+    >>> config_validation.split_unset_overrides(
+    ...     ['prog', '--config.privacy.target_epsilon=None',
+    ...      '--config.privacy.noise_multiplier=1.1'])
+    (['prog', '--config.privacy.noise_multiplier=1.1'], ['privacy.target_epsilon'])
+  """
+  items = []  # (first arg index, arg count, path or None, value)
+  i = 0
+  while i < len(argv):
+    arg, path, value, count = argv[i], None, None, 1
+    paths = _override_paths([arg], flag)
+    if paths and arg.startswith(f'--{flag}.'):
+      path = paths[0]
+      if '=' in arg:
+        value = arg.split('=', 1)[1]
+      elif i + 1 < len(argv) and argv[i + 1] == UNSET:
+        value, count = UNSET, 2
+    items.append((i, count, path, value))
+    i += count
+  last = {path: value for _, _, path, value in items if path is not None}
+  kept, unset = [], []
+  for i, count, path, value in items:
+    if path is not None and value == UNSET:
+      if last[path] == UNSET and path not in unset:
+        unset.append(path)
+      continue
+    if path is not None and last[path] == UNSET:
+      continue  # an earlier value, overridden by a later None
+    kept.extend(argv[i:i + count])
+  return kept, unset
+
+
+def unset_fields(config: ml_collections.ConfigDict,
+                 paths: Sequence[str]) -> None:
+  """Sets each dotted field path of ``config`` to None (unknown: an error)."""
+  for path in paths:
+    check_field_path(config, path)
+    *sections, name = path.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = None
+
+
+def check_noise_choice(config: ml_collections.ConfigDict) -> None:
+  """Refuses a private run with both or neither of sigma and target epsilon.
+
+  A fixed noise multiplier and a target epsilon each determine the noise; a
+  run given both would have to ignore one of them, and the one ignored used
+  to be the target (the default epsilon of 3 became 15 without a word).
+  """
+  privacy = _section(config, 'privacy')
+  if not privacy.get('enabled', True):
+    return
+  sigma, eps = privacy.get('noise_multiplier'), privacy.get('target_epsilon')
+  if sigma is not None and eps is not None:
+    raise ConfigError(
+        f'privacy.noise_multiplier={sigma!r} and privacy.target_epsilon='
+        f'{eps!r} are both set; a run takes one of them. To train with noise'
+        f' multiplier {sigma!r} (its epsilon is then reported), also pass'
+        ' --config.privacy.target_epsilon=None (in Python:'
+        ' config.privacy.target_epsilon = None); to calibrate the noise to'
+        f' epsilon {eps!r}, drop noise_multiplier.')
+  if sigma is None and eps is None:
+    raise ConfigError(
+        'neither privacy.noise_multiplier nor privacy.target_epsilon is set;'
+        ' set one, e.g. --config.privacy.target_epsilon=3 (or'
+        ' --config.privacy.enabled=False for a non-private baseline).')
+
+
 def load_config(path: str) -> ml_collections.ConfigDict:
   """``get_config()`` of the config file ``path`` (``file.py[:argument]``)."""
   file, *arg = path.split(':', 1)
@@ -118,10 +204,12 @@ def _section(config: ml_collections.ConfigDict, name: str):
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the scale features' settings; a :class:`ConfigError` names any bad one.
 
-  Sections: ``perf`` (num_devices, physical_batch_size,
-  checkpoint_every_steps), ``averaging`` (ema_decay, polyak,
-  polyak_start_step) and ``augmult`` (num_views, augmentations).
+  Sections: ``privacy`` (noise multiplier or target epsilon: exactly one),
+  ``perf`` (num_devices, physical_batch_size, checkpoint_every_steps),
+  ``averaging`` (ema_decay, polyak, polyak_start_step) and ``augmult``
+  (num_views, augmentations).
   """
+  check_noise_choice(config)
   perf = _section(config, 'perf')
   if perf.get('num_devices') is not None:
     _int('perf.num_devices', perf.num_devices, 0, ' 0 uses every device.')

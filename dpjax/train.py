@@ -491,17 +491,18 @@ def layerwise_thresholds(plan: plan_lib.DPPlan, model: nn.Module,
 def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
   """The privacy settings of ``config.privacy`` as a :class:`PrivacyConfig`.
 
-  On the command line a set ``steps`` replaces ``epochs`` and a set
-  ``noise_multiplier`` replaces ``target_epsilon``, so one override suffices.
+  On the command line a set ``steps`` replaces ``epochs``, so one override
+  suffices. ``noise_multiplier`` and ``target_epsilon`` are exclusive
+  (:func:`dpjax.config_validation.check_noise_choice`): neither replaces the
+  other silently.
   """
   p = config.privacy
   steps_given = p.steps is not None
-  sigma_given = p.noise_multiplier is not None
   clipping = plan_lib.ClippingConfig(**p.clipping.to_dict()) if (
       'clipping' in p) else plan_lib.ClippingConfig()
   return plan_lib.PrivacyConfig(
       clip_norm=p.clip_norm, noise_multiplier=p.noise_multiplier,
-      target_epsilon=None if sigma_given else p.target_epsilon,
+      target_epsilon=p.target_epsilon,
       delta=p.delta, expected_batch_size=p.expected_batch_size,
       epochs=None if steps_given else p.epochs, steps=p.steps,
       accountant=p.accountant, clipping=clipping)

@@ -142,6 +142,7 @@ def main():
     config.progress_bar = False
     config.privacy.steps = 2
     config.privacy.noise_multiplier = 1.0
+    config.privacy.target_epsilon = None
     config.eval_every_steps = 2
     config.perf.num_devices = d
     config.perf.physical_batch_size = 128  # one compiled shape

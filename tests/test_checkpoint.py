@@ -177,6 +177,7 @@ STEPS, EVERY = 40, 4
 # One padded batch size (384 > any Poisson batch of the digits here): one
 # compilation per run.
 OVERRIDES = {'privacy.steps': STEPS, 'privacy.noise_multiplier': 1.0,
+             'privacy.target_epsilon': None,
              'perf.checkpoint_every_steps': EVERY, 'eval_every_steps': 20,
              'perf.pad_to_multiple_of': 384, 'progress_bar': False}
 

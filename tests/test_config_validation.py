@@ -147,3 +147,56 @@ def test_load_config_with_argument(tmp_path):
                   '  return ml_collections.ConfigDict({"name": arg})\n')
   assert config_validation.load_config(str(path)).name == 'a'
   assert config_validation.load_config(f'{path}:b').name == 'b'
+
+
+@pytest.mark.parametrize('argv,kept,unset', [
+    (['p', '--config.privacy.target_epsilon=None'], ['p'],
+     ['privacy.target_epsilon']),
+    (['p', '--config.privacy.target_epsilon', 'None', '--workdir', 'w'],
+     ['p', '--workdir', 'w'], ['privacy.target_epsilon']),
+    # The last override of a path wins, as for any flag.
+    (['p', '--config.privacy.steps=None', '--config.privacy.steps=5'],
+     ['p', '--config.privacy.steps=5'], []),
+    (['p', '--config.privacy.steps=5', '--config.privacy.steps=None'],
+     ['p'], ['privacy.steps']),
+    # 'none' is a string value (model.norm='none'), not an unset.
+    (['p', '--config.model.norm=none'], ['p', '--config.model.norm=none'], []),
+    (['p', '--workdir', 'None'], ['p', '--workdir', 'None'], []),
+])
+def test_split_unset_overrides(argv, kept, unset):
+  assert config_validation.split_unset_overrides(argv) == (kept, unset)
+
+
+def test_unset_fields():
+  config = default.get_config()
+  config.lock()
+  config_validation.unset_fields(config, ['privacy.target_epsilon',
+                                          'privacy.epochs'])
+  assert config.privacy.target_epsilon is None
+  assert config.privacy.epochs is None
+  with pytest.raises(config_validation.ConfigError, match='did you mean'):
+    config_validation.unset_fields(config, ['privacy.target_epsilonn'])
+
+
+def test_noise_multiplier_and_target_epsilon_are_exclusive(tmp_path):
+  config = default.get_config()
+  config.privacy.noise_multiplier = 1.1
+  with pytest.raises(config_validation.ConfigError,
+                     match='both set.*--config.privacy.target_epsilon=None'):
+    config_validation.validate_config(config)
+  with pytest.raises(config_validation.ConfigError, match='both set'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+  config.privacy.target_epsilon = None
+  config_validation.validate_config(config)
+  assert train.privacy_config(config).noise_multiplier == 1.1
+  config.privacy.noise_multiplier = None
+  with pytest.raises(config_validation.ConfigError, match='neither'):
+    config_validation.validate_config(config)
+  config.privacy.enabled = False  # the non-private baseline needs neither
+  config_validation.validate_config(config)
+
+
+def test_default_config_sets_only_the_target():
+  privacy = default.get_config().privacy
+  assert privacy.target_epsilon == 3.0 and privacy.noise_multiplier is None

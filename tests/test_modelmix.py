@@ -406,6 +406,7 @@ def _digits_config(**optimizer):
   config.progress_bar = False
   config.privacy.steps = 4
   config.privacy.noise_multiplier = 1.0  # no calibration: a fast test
+  config.privacy.target_epsilon = None
   config.perf.pad_to_multiple_of = 512  # one compiled batch size
   config.eval_every_steps = config.log_every_steps = 4
   config.modelmix.enabled = True

@@ -169,6 +169,7 @@ def test_clipping_modes_run_from_config(tmp_path, name):
   config.progress_bar = False
   config.privacy.steps = 3
   config.privacy.noise_multiplier = 1.0
+  config.privacy.target_epsilon = None
   config.privacy.expected_batch_size = 64
   config.data.public_fraction = 0.1
   for key, value in CLIPPING_RUNS[name].items():
@@ -225,6 +226,7 @@ def test_scale_features_from_config_fields(tmp_path):
   config.progress_bar = False
   config.privacy.steps = 4
   config.privacy.noise_multiplier = 1.0
+  config.privacy.target_epsilon = None
   config.eval_every_steps = 2
   config.averaging.ema_decay = 0.9
   config.averaging.polyak = True
