@@ -10,6 +10,9 @@ Both are reported (`epsilon`, `epsilon_modelmix`). Every coordinate is mixed,
 GroupNorm parameters included (the authors' code skipped them).
 
     dpjax-train --config configs/cifar10_modelmix.py --workdir runs/c10_modelmix
+
+Data: the python batches in $DPJAX_DATA_DIR/cifar10/cifar-10-batches-py
+(default ../shared/data), read by dpjax's tfds builder; nothing is downloaded.
 """
 
 import os
@@ -22,7 +25,7 @@ def get_config():
   config.data.name = 'cifar10'
   config.data.manual_dir = os.path.join(
       os.environ.get('DPJAX_DATA_DIR', os.path.join('..', 'shared', 'data')),
-      'cifar10')
+      'cifar10', 'cifar-10-batches-py')
   config.model.name = 'resnet20'
   config.model.norm = 'group'
   config.model.activation = 'relu'

@@ -14,8 +14,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'digits'
+  # Raw files of 'mnist', 'fashion_mnist', 'cifar10' (None:
+  # $DPJAX_DATA_DIR/<dataset>) and the cache of their prepared copy, keyed on
+  # the files' SHA-256 (None: $DPJAX_CACHE_DIR, else <workdir>/data_cache).
   config.data.manual_dir = ml_collections.config_dict.placeholder(str)
   config.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+  # name = 'arrays': your own .npz file (images, labels, optionally
+  # test_images, test_labels; dpjax/data/arrays.py). Without a test split,
+  # test_fraction of it is held out; num_classes None: largest label + 1.
+  config.data.path = ml_collections.config_dict.placeholder(str)
+  config.data.num_classes = ml_collections.config_dict.placeholder(int)
+  config.data.test_fraction = 0.1
   # Fraction of the training set held out as PUBLIC data (removed from the
   # private set; used for BatchNorm statistics or clip thresholds).
   config.data.public_fraction = 0.0

@@ -517,7 +517,9 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The public-data and subset options of ``config.data`` for data.load."""
   return {k: config[k] for k in ('public_dataset', 'public_manual_dir',
-                                 'public_size', 'train_size') if k in config}
+                                 'public_size', 'train_size', 'path',
+                                 'num_classes', 'test_fraction')
+          if k in config}
 
 
 def normalization_config(
@@ -606,7 +608,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if config.perf.distributed and not jax.distributed.is_initialized():
     jax.distributed.initialize()  # auto-detects SLURM, Open MPI, TPU pods
   splits = data_lib.load(config.data.name, manual_dir=config.data.manual_dir,
-                         tfds_data_dir=config.data.tfds_data_dir,
+                         tfds_data_dir=data_lib.cache_root(
+                             config.data.tfds_data_dir, workdir),
                          public_fraction=config.data.public_fraction,
                          **data_options(config.data))
   config_validation.check_splits(splits)
@@ -796,6 +799,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   summary.update({
       'private': private,
       'dataset': splits.name,
+      'data_source': splits.source,  # files read (SHA-256) and the cache
       'public_examples': 0 if splits.public is None else len(splits.public),
       'model': config.model.name,
       'test_accuracy': history['test_accuracy'][-1],

@@ -142,3 +142,19 @@ def test_ctrl_c_names_the_checkpoint_and_rerun_resumes(tmp_path):
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['resumed_from_steps'] == [steps[-1]]
   assert summary['steps'] == 60
+
+
+def test_truncated_data_file_is_one_line_naming_it(tmp_path):
+  from dpjax.data import idx  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  raw = tmp_path / 'mnist'
+  raw.mkdir()
+  for split in ('train', 't10k'):
+    idx.write_idx(raw / f'{split}-images-idx3-ubyte.gz',
+                  np.zeros((4, 28, 28), np.uint8))
+    idx.write_idx(raw / f'{split}-labels-idx1-ubyte.gz', np.zeros(4, np.uint8))
+  path = raw / 'train-images-idx3-ubyte.gz'
+  path.write_bytes(path.read_bytes()[:40])
+  proc = _train('--workdir', str(tmp_path / 'run'), *FAST,
+                '--config.data.name=mnist', f'--config.data.manual_dir={raw}')
+  _one_line_error(proc, f'{path} is truncated or corrupt')

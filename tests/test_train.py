@@ -298,3 +298,56 @@ def test_run_keys_are_independent_streams():
     np.testing.assert_array_equal(
         jax.random.key_data(getattr(keys, name)),
         jax.random.key_data(jax.random.fold_in(root, i)))
+
+
+def _tiny_mnist(directory, n_train=64, n_test=16):
+  from dpjax.data import idx  # pylint: disable=g-import-not-at-top
+  directory.mkdir()
+  rng = np.random.default_rng(0)
+  for split, n in (('train', n_train), ('t10k', n_test)):
+    idx.write_idx(directory / f'{split}-images-idx3-ubyte.gz',
+                  rng.integers(0, 256, (n, 28, 28), np.uint8))
+    idx.write_idx(directory / f'{split}-labels-idx1-ubyte.gz',
+                  rng.integers(0, 10, n).astype(np.uint8))
+
+
+def _fast(config):
+  config.progress_bar = False
+  config.privacy.steps = 2
+  config.privacy.expected_batch_size = 16
+  config.perf.pad_to_multiple_of = 64
+  return config
+
+
+def test_summary_names_the_data_files_and_cache(tmp_path, monkeypatch):
+  monkeypatch.delenv('DPJAX_CACHE_DIR', raising=False)
+  _tiny_mnist(tmp_path / 'raw')
+  config = _fast(default.get_config())
+  config.data.name = 'mnist'
+  config.data.manual_dir = str(tmp_path / 'raw')
+  workdir = tmp_path / 'run'
+  summary = train.train_and_evaluate(config, str(workdir))
+  source = summary['data_source']
+  assert sorted(os.path.basename(f['path']) for f in source['files']) == [
+      't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz',
+      'train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz']
+  assert all(len(f['sha256']) == 64 for f in source['files'])
+  # No cache given: it goes under the workdir, not the user's home.
+  assert source['cache_dir'].startswith(str(workdir / 'data_cache'))
+  written = json.loads((workdir / 'summary.json').read_text())
+  assert written['data_source'] == source
+
+
+def test_trains_on_user_arrays(tmp_path):
+  rng = np.random.default_rng(0)
+  path = tmp_path / 'mine.npz'
+  np.savez(path, images=rng.integers(0, 256, (300, 8, 8), np.uint8),
+           labels=rng.integers(0, 3, 300))
+  config = _fast(default.get_config())
+  config.data.name = 'arrays'
+  config.data.path = str(path)
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['dataset'] == 'arrays'
+  assert summary['dataset_size'] == 270  # 10% held out as the test split
+  assert summary['data_source']['files'][0]['path'] == str(path)
+  assert 0 <= summary['test_accuracy'] <= 1 and summary['epsilon'] > 0

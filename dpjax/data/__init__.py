@@ -1,19 +1,25 @@
-"""Datasets: the embedded digits and tfds builders over local raw files."""
+"""Datasets: the embedded digits, tfds builders over local raw files, and
+your own arrays (a .npz file)."""
 
 from __future__ import annotations
 
 from dpjax.data.base import ArrayDataset
+from dpjax.data.base import cache_root
 from dpjax.data.base import check_dataset
 from dpjax.data.base import DataSplits
 from dpjax.data.base import split_public
 from dpjax.data.base import subsample_train
 
-DATASETS: tuple[str, ...] = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
+DATASETS: tuple[str, ...] = ('digits', 'mnist', 'fashion_mnist', 'cifar10',
+                             'arrays')
 
 
-def _load_one(name: str, manual_dir: str | None,
-              tfds_data_dir: str | None) -> DataSplits:
+def _load_one(name: str, manual_dir: str | None, tfds_data_dir: str | None,
+              **arrays_options) -> DataSplits:
   # pylint: disable=g-import-not-at-top
+  if name == 'arrays':
+    from dpjax.data import arrays
+    return arrays.load(**arrays_options)
   if name == 'digits':
     from dpjax.data import digits
     return digits.load()
@@ -34,7 +40,9 @@ def load(name: str, *, manual_dir: str | None = None,
          tfds_data_dir: str | None = None, public_fraction: float = 0.0,
          public_seed: int = 0, public_dataset: str | None = None,
          public_manual_dir: str | None = None, public_size: int | None = None,
-         train_size: int | None = None) -> DataSplits:
+         train_size: int | None = None, path: str | None = None,
+         num_classes: int | None = None,
+         test_fraction: float = 0.1) -> DataSplits:
   """Loads a dataset by name (see :data:`DATASETS`); never downloads.
 
   Public data, never trained on privately and never charged to the
@@ -45,8 +53,16 @@ def load(name: str, *, manual_dir: str | None = None,
   ``public_size`` keeps that many public examples (seeded, from the indices
   alone). ``train_size`` keeps a seeded subset of the private training set
   (for small experiments; N is then ``train_size``).
+
+  ``name='arrays'`` reads the ``.npz`` file ``path`` (images, labels and
+  optionally a test split; :mod:`dpjax.data.arrays`), with ``num_classes``
+  (None: largest label + 1) and ``test_fraction`` (held out when the file
+  has no test split). ``tfds_data_dir`` is the cache of prepared datasets
+  (:func:`cache_root` decides the default).
   """
-  splits = _load_one(name, manual_dir, tfds_data_dir)
+  splits = _load_one(name, manual_dir, tfds_data_dir, path=path,
+                     num_classes=num_classes, test_fraction=test_fraction,
+                     split_seed=public_seed)
   if public_dataset is not None:
     if public_fraction:
       raise ValueError(
@@ -56,13 +72,16 @@ def load(name: str, *, manual_dir: str | None = None,
       raise ValueError(
           f'data.public_dataset={public_dataset!r} is the private dataset'
           ' itself; hold out a slice with data.public_fraction instead.')
-    public = _load_one(public_dataset, public_manual_dir, tfds_data_dir).train
+    public_splits = _load_one(public_dataset, public_manual_dir,
+                              tfds_data_dir)
+    public = public_splits.train
     if public.images.shape[1:] != splits.train.images.shape[1:]:
       raise ValueError(
           f'public dataset {public_dataset!r} has images of shape'
           f' {public.images.shape[1:]} but {name!r} has'
           f' {splits.train.images.shape[1:]}; they must match.')
-    splits = splits._replace(public=public)
+    splits = splits._replace(public=public, source=dict(
+        splits.source or {}, public=public_splits.source))
   else:
     splits = split_public(splits, public_fraction, public_seed)
   if public_size is not None:

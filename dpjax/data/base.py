@@ -1,10 +1,15 @@
-"""In-memory datasets as the training loop consumes them."""
+"""In-memory datasets as the training loop consumes them, and where the
+prepared copies of datasets read from files are kept."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import hashlib
+import os
+from typing import Any, NamedTuple
 
 import numpy as np
+
+CACHE_DIR_ENV = 'DPJAX_CACHE_DIR'
 
 
 class ArrayDataset(NamedTuple):
@@ -31,6 +36,9 @@ class DataSplits(NamedTuple):
   test: ArrayDataset
   num_classes: int
   public: ArrayDataset | None = None
+  # Where the data came from (files read, their SHA-256, the cache), for
+  # summary.json; None for data built in memory.
+  source: dict[str, Any] | None = None
 
 
 def split_public(splits: DataSplits, public_fraction: float,
@@ -89,3 +97,30 @@ def check_dataset(ds: ArrayDataset, num_classes: int, where: str) -> None:
     raise ValueError(
         f'{where}: labels must lie in [0, {num_classes}), got range'
         f' [{ds.labels.min()}, {ds.labels.max()}].')
+
+
+def file_record(path: str) -> dict[str, Any]:
+  """``{'path', 'bytes', 'sha256'}`` of one raw file."""
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return {'path': os.path.abspath(path), 'bytes': os.path.getsize(path),
+          'sha256': h.hexdigest()}
+
+
+def cache_root(data_dir: str | None = None,
+               workdir: str | None = None) -> str:
+  """Where prepared datasets are kept: the one place that decides.
+
+  ``data_dir`` (config.data.tfds_data_dir) if given, else
+  ``$DPJAX_CACHE_DIR``, else ``<workdir>/data_cache``, else
+  ``~/.cache/dpjax``. Never tfds' default ``~/tensorflow_datasets``.
+  """
+  if data_dir:
+    return os.path.expanduser(data_dir)
+  if os.environ.get(CACHE_DIR_ENV):
+    return os.path.expanduser(os.environ[CACHE_DIR_ENV])
+  if workdir:
+    return os.path.join(workdir, 'data_cache')
+  return os.path.join(os.path.expanduser('~'), '.cache', 'dpjax')
