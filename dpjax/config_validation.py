@@ -168,9 +168,9 @@ def check_noise_choice(config: ml_collections.ConfigDict) -> None:
         f'privacy.noise_multiplier={sigma!r} and privacy.target_epsilon='
         f'{eps!r} are both set; a run takes one of them. To train with noise'
         f' multiplier {sigma!r} (its epsilon is then reported), also pass'
-        ' --config.privacy.target_epsilon=None (in Python:'
-        ' config.privacy.target_epsilon = None); to calibrate the noise to'
-        f' epsilon {eps!r}, drop noise_multiplier.')
+        ' --config.privacy.target_epsilon=None; to calibrate the noise to'
+        f' epsilon {eps!r}, pass --config.privacy.noise_multiplier=None (in'
+        ' Python: set the other one to None).')
   if sigma is None and eps is None:
     raise ConfigError(
         'neither privacy.noise_multiplier nor privacy.target_epsilon is set;'
