@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import time
+import weakref
 from typing import Any
 
 import dp_accounting
@@ -215,6 +216,22 @@ def tree_checksum(tree: PyTree) -> str:
   return h.hexdigest()
 
 
+# Checkpointers not closed yet: a run interrupted (Ctrl-C) between saves
+# leaves one open, with a save possibly still being written by orbax's
+# threads; close_open_checkpointers() lets it commit before the process exits.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_open_checkpointers() -> None:
+  """Waits for the pending saves of every open :class:`Checkpointer`, closes it."""
+  for checkpointer in list(_OPEN):
+    try:
+      checkpointer.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('closing the checkpoints in %s failed (%s); the last'
+                      ' committed one is intact.', checkpointer.directory, e)
+
+
 class Checkpointer:
   """Saves and restores ``(state, meta)`` steps under ``directory``.
 
@@ -237,6 +254,7 @@ class Checkpointer:
     self.fields = fields
     self._max_to_keep = max_to_keep
     self._manager = self._open()
+    _OPEN.add(self)
 
   def _open(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
@@ -305,6 +323,7 @@ class Checkpointer:
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""
+    _OPEN.discard(self)
     self._manager.wait_until_finished()
     self._manager.close()
 

@@ -10,8 +10,10 @@ command resumes an interrupted run and leaves a finished one alone
 """
 
 import os
+import signal
 import sys
 import textwrap
+import threading
 
 from absl import app
 from absl import flags
@@ -221,6 +223,38 @@ def _report(summary: dict, workdir: str) -> None:
                                  else f'{eps_mm:.3f}'))
 
 
+def _interrupt_outside_saves(signum, frame) -> None:
+  """SIGINT handler: a KeyboardInterrupt, but never inside an orbax save.
+
+  Ctrl-C landing in the middle of orbax's save leaves its writer threads
+  half set up: they fail at exit with tracebacks, or hang. While the main
+  thread is in orbax's code the interrupt is sent again 50 ms later, so it
+  lands between library calls; then the pending save commits
+  (:func:`_finish_pending_saves`) and the run stops.
+  """
+  del signum
+  while frame is not None:
+    if f'{os.sep}orbax{os.sep}' in frame.f_code.co_filename:
+      timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+      timer.daemon = True
+      timer.start()
+      return
+    frame = frame.f_back
+  raise KeyboardInterrupt
+
+
+def _finish_pending_saves() -> None:
+  """Lets a checkpoint being written when Ctrl-C came commit (or be dropped).
+
+  A second Ctrl-C stops waiting; orbax then discards the uncommitted save.
+  """
+  from dpjax import checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    checkpoint.close_open_checkpointers()
+  except KeyboardInterrupt:
+    pass
+
+
 def _train(config, workdir: str) -> None:
   # pylint: disable=g-import-not-at-top
   from dpjax import train
@@ -236,6 +270,9 @@ def _train(config, workdir: str) -> None:
   try:
     summary = train.train_and_evaluate(config, workdir)
   except KeyboardInterrupt:
+    # From here a Ctrl-C (or a deferred one) only cuts the wait short.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _finish_pending_saves()
     every = config.get('perf', {}).get('checkpoint_every_steps')
     sys.stderr.write('\n' + workdir_lib.interrupted_message(
         workdir, checkpoints_enabled=every != 0) + '\n')
@@ -258,6 +295,8 @@ def _run(argv, unset=()):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # JAX's INFO lines drown the bar.
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupt_outside_saves)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError(

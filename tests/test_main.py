@@ -115,7 +115,7 @@ def test_noise_multiplier_with_unset_target_then_rerun(tmp_path):
 def test_ctrl_c_names_the_checkpoint_and_rerun_resumes(tmp_path):
   workdir = tmp_path / 'run'
   args = ['--workdir', str(workdir), '--config.progress_bar=False',
-          '--config.privacy.steps=60', '--config.perf.checkpoint_every_steps=3',
+          '--config.privacy.steps=400', '--config.perf.checkpoint_every_steps=3',
           '--config.perf.pad_to_multiple_of=512']
   proc = subprocess.Popen([sys.executable, '-m', 'dpjax.main', *args],
                           cwd=REPO, stdout=subprocess.PIPE,
@@ -141,7 +141,7 @@ def test_ctrl_c_names_the_checkpoint_and_rerun_resumes(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['resumed_from_steps'] == [steps[-1]]
-  assert summary['steps'] == 60
+  assert summary['steps'] == 400
 
 
 def test_truncated_data_file_is_one_line_naming_it(tmp_path):
@@ -158,3 +158,26 @@ def test_truncated_data_file_is_one_line_naming_it(tmp_path):
   proc = _train('--workdir', str(tmp_path / 'run'), *FAST,
                 '--config.data.name=mnist', f'--config.data.manual_dir={raw}')
   _one_line_error(proc, f'{path} is truncated or corrupt')
+
+
+def test_interrupt_is_deferred_out_of_orbax_saves():
+  """Ctrl-C inside orbax's code is re-sent until it lands outside it."""
+  from dpjax import main  # pylint: disable=g-import-not-at-top
+  received = []
+  previous = signal.signal(signal.SIGINT,
+                           lambda *_: received.append(time.time()))
+  try:
+    namespace = {'handler': main._interrupt_outside_saves,  # pylint: disable=protected-access
+                 'sys': sys}
+    code = compile('handler(signal.SIGINT, sys._getframe())',
+                   os.path.join(os.sep, 'x', 'orbax', 'checkpoint', 'save.py'),
+                   'exec')
+    exec(code, dict(namespace, signal=signal))  # pylint: disable=exec-used
+    deadline = time.time() + 10
+    while not received and time.time() < deadline:
+      time.sleep(0.01)
+    assert received, 'the deferred interrupt was not sent again'
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  with pytest.raises(KeyboardInterrupt):
+    main._interrupt_outside_saves(signal.SIGINT, sys._getframe())  # pylint: disable=protected-access
