@@ -86,7 +86,8 @@ def _run(argv):
   summary = train.train_and_evaluate(config, workdir)
   print(f"test accuracy {summary['test_accuracy']:.4f}, epsilon"
         f" {summary['epsilon']:.3f} (delta={summary['delta']}),"
-        f" {summary['train_time_s']:.0f} s; wrote {workdir}/summary.json")
+        f" {summary[train.DIAGNOSTICS]['train_time_s']:.0f} s; wrote"
+        f' {workdir}/summary.json')
   if 'epsilon_modelmix' in summary:
     eps_mm = summary['epsilon_modelmix']
     print('ModelMix epsilon ' + ('withheld: the analysis assumes ' + '; '.join(

@@ -103,7 +103,7 @@ def main():
   def one_step(mesh, physical=None, private=True, augmult=None):
     # A fresh chain each time: the step donates the state, whose first noise
     # key is the transform's own array.
-    tx = optax.chain(plan.noise(7), optax.sgd(1.0))
+    tx = optax.chain(plan.noise(), optax.sgd(1.0))
     state = train.TrainState.create(
         apply_fn=model.apply, params=jax.tree.map(jnp.copy, params),
         tx=tx if private else optax.sgd(1.0))

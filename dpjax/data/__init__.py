@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dpjax import keys as keys_lib
 from dpjax.data.base import ArrayDataset
 from dpjax.data.base import check_dataset
 from dpjax.data.base import DataSplits
+from dpjax.data.base import out_of_domain
 from dpjax.data.base import split_public
 from dpjax.data.base import subsample_train
 
@@ -32,21 +34,24 @@ def _load_one(name: str, manual_dir: str | None,
 
 def load(name: str, *, manual_dir: str | None = None,
          tfds_data_dir: str | None = None, public_fraction: float = 0.0,
-         public_seed: int = 0, public_dataset: str | None = None,
+         key=None, public_dataset: str | None = None,
          public_manual_dir: str | None = None, public_size: int | None = None,
          train_size: int | None = None) -> DataSplits:
   """Loads a dataset by name (see :data:`DATASETS`); never downloads.
 
   Public data, never trained on privately and never charged to the
   accountant, comes from one of two places: with ``public_fraction > 0`` a
-  seeded slice of the training set (removed from the private set, see
+  random slice of the training set (removed from the private set, see
   :func:`split_public`); with ``public_dataset`` the training split of
   another dataset with the same image shape (e.g. Fashion-MNIST for MNIST).
-  ``public_size`` keeps that many public examples (seeded, from the indices
-  alone). ``train_size`` keeps a seeded subset of the private training set
-  (for small experiments; N is then ``train_size``).
+  ``public_size`` keeps that many public examples (random, from the indices
+  alone). ``train_size`` keeps a random subset of the private training set
+  (for small experiments; N is then ``train_size``). The random choices
+  come from ``key``, the run's public data stream
+  (``keys.public_root(config.seed, keys.DATA)``).
   """
   splits = _load_one(name, manual_dir, tfds_data_dir)
+  rng = None if key is None else keys_lib.host_rng(key)
   if public_dataset is not None:
     if public_fraction:
       raise ValueError(
@@ -64,15 +69,14 @@ def load(name: str, *, manual_dir: str | None = None,
           f' {splits.train.images.shape[1:]}; they must match.')
     splits = splits._replace(public=public)
   else:
-    splits = split_public(splits, public_fraction, public_seed)
+    splits = split_public(splits, public_fraction, rng)
   if public_size is not None:
     if splits.public is None:
       raise ValueError(
           'data.public_size is set but there is no public data; set'
           ' data.public_fraction or data.public_dataset.')
     splits = splits._replace(public=subsample_train(
-        splits._replace(train=splits.public), public_size,
-        public_seed).train)
+        splits._replace(train=splits.public), public_size, rng).train)
   if train_size is not None:
-    splits = subsample_train(splits, train_size, public_seed)
+    splits = subsample_train(splits, train_size, rng)
   return splits
