@@ -407,7 +407,7 @@ def masked_loss(loss_fn: LossFn) -> LossFn:
     >>> loss = pruning.masked_loss(lambda w, ex: jnp.sum(w * ex['g']))
     >>> fn = dpjax.clipped_grad(loss, dpjax.clip_per_example(1.0))
     >>> batch = {'g': jnp.array([[100.0, 0.3]])}   # mass on a masked coordinate
-    >>> out = fn(jnp.zeros(2), batch, args=(jnp.array([False, True]),))
+    >>> out = fn(jnp.zeros(2), batch, None, args=(jnp.array([False, True]),))
     >>> [round(float(v), 4) for v in out.grad_sum]
     [0.0, 0.3]
 

@@ -344,7 +344,7 @@ def _train(optimizer, pruning_config, steps=4, clipping=None,
       steps=steps, accountant=accountant,
       clipping=clipping or dpjax.ClippingConfig()), 64,
                          pad_to_multiple_of=8, params=params,
-                         clip_key=jax.random.key(2))
+                         keys=dpjax.KeySchedule(0, 2))
   pruner = pruning.make_pruner(pruning_config)
   tx = pruning.masked_chain(plan.noise(), optimizer, pruning_config.mode)
   state = train.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
