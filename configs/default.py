@@ -81,6 +81,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.privacy.epochs = 20.0
   config.privacy.steps = ml_collections.config_dict.placeholder(int)
   config.privacy.accountant = 'rdp'
+  # The secret seed of the sampler, the noise and every other mechanism
+  # draw. None (default): drawn from the OS entropy, kept in the checkpoints
+  # only, so two runs differ. Set it for a bit-identical rerun; the
+  # guarantee then assumes it stays secret (whoever knows it can remove the
+  # noise). config.seed only drives what may be public (init, data split).
+  config.privacy.noise_seed = ml_collections.config_dict.placeholder(int)
+  # Noise drawn as a sum of four Gaussians (Holohan & Braghin 2021), against
+  # floating-point attacks on the Gaussian sampler (Jin et al. 2022).
+  config.privacy.secure_noise = False
   # The clipping mode fixes sampler, relation and accountant event
   # (dpjax/plan.py, ClippingConfig): 'flat' | 'per_layer' | 'automatic' |
   # 'adaptive' per example with Poisson sampling; 'batch' (batch clipping of

@@ -33,6 +33,9 @@ from dpjax.plan import ClippingConfig
 from dpjax.plan import DPPlan
 from dpjax.plan import make_plan
 from dpjax.plan import PrivacyConfig
+from dpjax.keys import KeySchedule
+from dpjax.sampling import Batch
+from dpjax.sampling import PaddedBatch
 from dpjax.sampling import PoissonSampler
 
 __version__ = '0.1.0'

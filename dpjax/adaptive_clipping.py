@@ -37,6 +37,8 @@ import jax.numpy as jnp
 
 from dpjax import _validation
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
+from dpjax import noise as noise_lib
 
 PyTree = Any
 
@@ -54,12 +56,15 @@ class QuantileClipState(NamedTuple):
       prefix of the parameters (one per clip group).
     counts: same structure; sum over this step's real examples so far of
       1[norm <= threshold] - 1/2. Reset to zero by ``end_step``.
-    key: PRNG key of the count noise.
+    key: the count noise's stream root; draw t uses ``keys.for_step(key,
+      draws)``.
+    draws: number of count releases so far.
   """
 
   clip_norms: PyTree
   counts: PyTree
   key: jax.Array
+  draws: jax.Array
 
 
 def count_noise_multiplier(count_noise_std: float, num_counts: int = 1
@@ -216,7 +221,7 @@ def clip_quantile(
   expected_batch_size = _validation.positive(
       'expected_batch_size', expected_batch_size,
       ' It is the public constant q * N, not the realized batch size.')
-  first_key = key if not isinstance(key, int) else jax.random.key(key)
+  root = noise_lib.as_key(key)
 
   def init_fn(params):
     if explicit:
@@ -227,7 +232,7 @@ def clip_quantile(
       norms = clipping_lib.per_layer_clip_norms(params, bound, rule, groups)
     norms = jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), norms)
     return QuantileClipState(norms, jax.tree.map(jnp.zeros_like, norms),
-                             jnp.copy(first_key))  # donation-safe
+                             *keys_lib.init_stream(root))
 
   def clip_fn(per_example_grads, state, mask):
     out, norms, keep = clipping_lib.clip_groups(
@@ -242,7 +247,7 @@ def clip_quantile(
     return out, state._replace(counts=counts)
 
   def end_step_fn(state):
-    next_key, draw_key = jax.random.split(state.key)
+    draw_key = keys_lib.for_step(state.key, state.draws)
     leaves, treedef = jax.tree.flatten(state.counts)
     noise = jax.random.normal(draw_key, (len(leaves),)) * count_noise_std
     noisy = jax.tree.unflatten(
@@ -254,7 +259,8 @@ def clip_quantile(
             MIN_CLIP_NORM, MAX_CLIP_NORM),
         state.clip_norms, noisy)
     return QuantileClipState(
-        clip_norms, jax.tree.map(jnp.zeros_like, state.counts), next_key)
+        clip_norms, jax.tree.map(jnp.zeros_like, state.counts), state.key,
+        state.draws + 1)
 
   def bound_fn(state):
     return jnp.sqrt(sum(jnp.square(c)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dpjax import augment as augment_lib
+from dpjax import keys as keys_lib
 
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 LossFn = Callable[..., Any]
@@ -142,22 +143,21 @@ def average_over_views(loss_fn: LossFn, augment: Augment, num_views: int, *,
 
 
 class AugMult(NamedTuple):
-  """A training run's augmentation multiplicity: what, how many views, seed.
+  """A training run's augmentation multiplicity: what, how many views, key.
 
   ``loss(loss_fn)`` is :func:`average_over_views`; ``step_key(step)`` the key
-  of logical step ``step``, a pure function of (seed, step) like the sampler,
-  so resumed and multi-device runs draw the same views.
+  of logical step ``step``, a pure function of (key, step) like the sampler,
+  so resumed and multi-device runs draw the same views. ``key`` is the
+  augmentation stream's root (``KeySchedule.root(keys.AUGMENT)``): a stream
+  of its own, so no view ever reuses the bits of a noise draw.
   """
 
   augment: Augment
   num_views: int
-  seed: int = 0
+  key: jax.Array
 
   def loss(self, loss_fn: LossFn) -> LossFn:
     return average_over_views(loss_fn, self.augment, self.num_views)
 
   def step_key(self, step: jax.Array | int) -> jax.Array:
-    # A stream of its own: fold_in(., 1) never meets the init and noise keys,
-    # which are split off key(seed).
-    base = jax.random.fold_in(jax.random.key(self.seed), 1)
-    return jax.random.fold_in(base, step)
+    return keys_lib.for_step(self.key, step)

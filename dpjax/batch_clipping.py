@@ -113,9 +113,10 @@ def batch_clipped_grad(
     microbatch_size: int | None = None,
     has_aux: bool = False,
 ) -> Callable[..., per_example.ClippedGrad]:
-  """Builds ``fn(params, batch, mask=None, *, clip_state=None, args=())``.
+  """Builds ``fn(params, batch, mask, *, clip_state=None, args=())``.
 
-  The batch of s rows (s a multiple of m = ``clipping.group_size``) is cut
+  ``batch`` and ``mask`` as in :func:`dpjax.clipped_grad` (a
+  :class:`dpjax.Batch`, or examples with their mask). The batch of s rows (s a multiple of m = ``clipping.group_size``) is cut
   into K = s / m consecutive groups; ``fn`` returns the sum over groups of
   ``clip(grad group_loss_fn(params, group, group_mask, *args))``. Padding
   rows (``mask`` False) are zeroed before the group loss sees them, and a
@@ -130,7 +131,8 @@ def batch_clipped_grad(
     ...   return jnp.sum(jnp.where(group_mask, group @ w, 0.0)) / 2
     >>> bc = batch_clipping.clip_groups_of(dpjax.clip_per_example(1.0), 2)
     >>> fn = batch_clipping.batch_clipped_grad(group_loss, bc)
-    >>> out = fn(jnp.zeros(2), jnp.array([[4., 0.], [2., 0.], [0., .2], [0., .4]]))
+    >>> rows = jnp.array([[4., 0.], [2., 0.], [0., .2], [0., .4]])
+    >>> out = fn(jnp.zeros(2), rows, mask=None)
     >>> [round(float(g), 4) for g in out.grad_sum]
     [1.0, 0.3]
 
@@ -166,8 +168,9 @@ def batch_clipped_grad(
       one_group_loss, clipping, microbatch_size=microbatch_size,
       has_aux=has_aux)
 
-  def fn(params, batch, mask=None, *, clip_state=None,
+  def fn(params, batch, mask=per_example.MASK_REQUIRED, *, clip_state=None,
          args=()) -> per_example.ClippedGrad:
+    batch, mask = per_example.examples_and_mask(batch, mask)
     size = per_example.batch_size_of(batch)
     if size % m:
       raise ValueError(

@@ -11,7 +11,12 @@ orbax-checkpoint step holds, atomically:
 * the privacy ledger: every DP event composed so far, extra releases included,
   serialized field by field (:func:`event_to_json`);
 * the step, which is the sampler's whole position (Poisson batches are a pure
-  function of (seed, step)), the evaluation history and the run's counters;
+  function of (key, step)), the evaluation history and the run's counters;
+* the run's SECRET seed (:mod:`dpjax.keys`), from which the sampler, the
+  noise and every other mechanism draw derive: a resumed run keeps it, so it
+  ends bit-identical. A checkpoint is therefore as secret as a private key:
+  whoever holds it can regenerate and subtract the noise. Never publish the
+  checkpoints directory; summary.json never holds the secret;
 * a fingerprint of the run's config: everything except performance and
   logging flags. Resuming under other privacy settings is refused.
 
@@ -277,6 +282,24 @@ class Checkpointer:
       shutil.move(os.path.join(self.directory, str(step)),
                   os.path.join(aside, f'{step}-{int(time.time())}'))
     self._manager.reload()
+
+  def stored_secret(self) -> int | None:
+    """The secret seed the checkpointed run used (None: no checkpoint).
+
+    Read before anything else is built, so that a resumed run samples and
+    noises with the same keys. Checkpoints of other privacy settings are
+    refused here already.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+        secret = int(meta['secret_seed'])
+      except Exception:  # pylint: disable=broad-except
+        continue  # restore() sets unreadable checkpoints aside
+      check_same_run(meta['fields'], self.fields, self.directory)
+      return secret
+    return None
 
   def restore(self, template: PyTree) -> tuple[PyTree, dict[str, Any]] | None:
     """The newest good checkpoint as ``(state, meta)``, or None if there is none.

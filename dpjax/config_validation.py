@@ -11,21 +11,26 @@ the one its user asked for. This module refuses, before anything is written:
   would silently win;
 * out-of-range settings of the scale features (devices, physical batches,
   checkpoints, parameter averaging, augmentation multiplicity);
-* datasets a run would mishandle: NaN/Inf or absurdly large pixel values,
-  labels outside the class range, shapes that disagree between splits.
+* datasets of the wrong structure: dtypes, shapes that disagree between
+  splits, images and labels that do not pair up.
+
+Records outside the declared domain (a NaN or absurdly large pixel, a label
+outside the class range) are not refused: one such record must not abort a
+whole run, and the message that refuses it would describe private data. They
+train as any record does: a non-finite gradient contributes zero, a large one
+is clipped to the bound, an invalid label contributes zero
+(:mod:`dpjax.losses`), so the sensitivity holds (invariant 1). The data
+owner's console gets counts and field names only, never a value.
 
 (A workdir that holds checkpoints of a run with other privacy settings is
 refused by :mod:`dpjax.checkpoint`.)
-
-Privacy invariant supported (DESIGN.md, 1): huge inputs are clipped safely
-anyway; refusing them at the boundary keeps such a run from training on zeroed
-gradients without the user knowing.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import numbers
 from typing import Any, Sequence
 
@@ -36,7 +41,7 @@ from dpjax import augmult as augmult_lib
 from dpjax import data as data_lib
 
 # Inputs beyond this magnitude are not normalized images: their gradients
-# overflow float32 norms, and clipping would silently zero them.
+# overflow float32 norms, and the clipping zeroes them (counted, not refused).
 MAX_ABS_INPUT = 1e6
 
 
@@ -246,19 +251,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f'augmult.augmentations: {e}') from None
 
 
-def check_splits(splits: data_lib.DataSplits) -> None:
-  """Refuses datasets a run would mishandle, naming the split and the fix.
+def check_splits(splits: data_lib.DataSplits) -> dict[str, dict[str, int]]:
+  """Refuses datasets of the wrong structure; counts out-of-domain records.
 
-  Each split (train, test, public) must have float images [N, H, W, C] with
-  finite values of magnitude <= :data:`MAX_ABS_INPUT` and integer labels in
-  ``[0, num_classes)``, one per image; all splits share the image shape.
+  Each split (train, test, public) must have float images [N, H, W, C] and
+  integer labels, one per image; all splits share the image shape. Records
+  with a non-finite or huge (> :data:`MAX_ABS_INPUT`) value or a label
+  outside ``[0, num_classes)`` are counted per split and reported as counts
+  (a warning on the console); they train per record (module docstring). The
+  public split, which feeds statistics and thresholds without clipping,
+  must have finite images in range.
+
+  Returns:
+    Split name -> field -> number of out-of-domain records.
   """
   parts = [('train split', splits.train), ('test split', splits.test)]
   if splits.public is not None:
     parts.append(('public split', splits.public))
   shape = splits.train.images.shape[1:]
   for where, ds in parts:
-    data_lib.check_dataset(ds, splits.num_classes, where)
+    data_lib.check_dataset(ds, where)
     if not np.issubdtype(ds.images.dtype, np.floating):
       raise ValueError(
           f'{where}: images must be floating point (e.g. float32 scaled to'
@@ -271,8 +283,20 @@ def check_splits(splits: data_lib.DataSplits) -> None:
       raise ValueError(
           f'{where}: images have shape {ds.images.shape[1:]} but the train'
           f' split\'s are {shape}; every split must share one image shape.')
-    if ds.images.size and np.abs(ds.images).max() > MAX_ABS_INPUT:
+  counts = {where: data_lib.out_of_domain(ds, splits.num_classes,
+                                         MAX_ABS_INPUT)
+            for where, ds in parts}
+  for where, count in counts.items():
+    if where == 'public split' and count['image']:
       raise ValueError(
-          f'{where}: image values reach {np.abs(ds.images).max():.3g}, beyond'
-          f' {MAX_ABS_INPUT:g}: normalize the inputs (e.g. scale pixels to'
-          ' [0, 1]).')
+          f'public split: {count["image"]} records hold non-finite values or'
+          f' values beyond {MAX_ABS_INPUT:g}; public data feeds statistics and'
+          ' thresholds without clipping: clean or normalize it.')
+    if count['image'] or count['label']:
+      logging.warning(
+          '%s: %d records with an image outside the domain (non-finite or'
+          ' |x| > %g) and %d with a label outside [0, %d); they train per'
+          ' record: a non-finite gradient contributes zero, a large one is'
+          ' clipped, an invalid label contributes zero.', where,
+          count['image'], MAX_ABS_INPUT, count['label'], splits.num_classes)
+  return counts

@@ -116,7 +116,7 @@ def clipped_grad(
   """:func:`dpjax.clipped_grad` with the batch sharded over ``mesh``.
 
   Same signature and result as :func:`dpjax.clipped_grad`'s function:
-  ``fn(params, batch, mask=None, *, clip_state=None, args=())``. Rows of
+  ``fn(params, batch, mask, *, clip_state=None, args=())``. Rows of
   ``batch`` are split evenly over the ``axis_name`` devices (the batch size
   must be a multiple of their number); each device clips its rows' gradients
   (microbatched by ``microbatch_size`` rows per device) and the clipped sums
@@ -165,7 +165,9 @@ def clipped_grad(
                                num_clipped=psum(out.stats.num_clipped))
     return per_example.ClippedGrad(psum(out.grad_sum), new_state, stats)
 
-  def fn(params, batch, mask=None, *, clip_state=None, args=()):
+  def fn(params, batch, mask=per_example.MASK_REQUIRED, *, clip_state=None,
+         args=()):
+    batch, mask = per_example.examples_and_mask(batch, mask)
     size = per_example.batch_size_of(batch)
     _check_divisible(size, mesh, axis_name)
     mask = clipping_lib.as_mask(mask, size)

@@ -266,17 +266,23 @@ def _kernel_blocks(layer: Layer, kernel: jax.Array, blocks: int) -> jax.Array:
                         kernel.shape[-1] // layer.groups)
 
 
+def _probe(shape: tuple[int, ...], phase: float) -> jax.Array:
+  """Deterministic, irregular probe values (no key: nothing random here)."""
+  size = math.prod(shape)
+  return jnp.sin(jnp.arange(size, dtype=jnp.float32) * 0.7 + phase).reshape(
+      shape)
+
+
 def _geometry_reproduces_output(layer: Layer) -> bool:
   """Whether the taps times the kernel equal the module's own output."""
   with jax.ensure_compile_time_eval():
-    kx, kw, kb = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (1,) + layer.in_shape, jnp.float32)
+    x = _probe((1,) + layer.in_shape, 0.0)
     taps = _layer_taps(layer, x)
     kshape = tuple(layer.geometry[0]) + (layer.in_shape[-1] // layer.groups,
                                          layer.features)
-    w = {'kernel': jax.random.normal(kw, kshape, jnp.float32)}
+    w = {'kernel': _probe(kshape, 1.0)}
     if layer.bias is not None:
-      w['bias'] = jax.random.normal(kb, (layer.features,), jnp.float32)
+      w['bias'] = _probe((layer.features,), 2.0)
     expected = layer.module.apply({'params': w}, x).reshape(
         1, layer.tokens, layer.features)
     k = _kernel_blocks(layer, w['kernel'], len(taps))
@@ -646,7 +652,7 @@ def clipped_grad(
 ) -> Callable[..., per_example.ClippedGrad]:
   """:func:`dpjax.clipped_grad` by ghost norms and book-keeping.
 
-  Same arguments, same function ``fn(params, batch, mask=None, *,
+  Same arguments, same function ``fn(params, batch, mask, *,
   clip_state=None, args=())`` and same :class:`dpjax.ClippedGrad` result
   (equal within float32 tolerance), but Dense and Conv kernels never get
   per-example gradients from ``vmap``: their per-example norms come from the
@@ -664,8 +670,8 @@ def clipped_grad(
     >>> params = model.init(jax.random.key(0), jnp.ones(3))['params']
     >>> batch = {'x': jnp.arange(12.0).reshape(4, 3) / 10}
     >>> clip = dpjax.clip_per_example(1.0)
-    >>> out = jax.jit(ghost.clipped_grad(loss, clip))(params, batch)
-    >>> ref = jax.jit(dpjax.clipped_grad(loss, clip))(params, batch)
+    >>> out = jax.jit(ghost.clipped_grad(loss, clip))(params, batch, None)
+    >>> ref = jax.jit(dpjax.clipped_grad(loss, clip))(params, batch, None)
     >>> bool(jnp.allclose(out.grad_sum['kernel'], ref.grad_sum['kernel'],
     ...                   rtol=1e-5))
     True
@@ -762,7 +768,9 @@ def clipped_grad(
   vmap_fn = per_example.clipped_grad(
       loss_fn, clipping, microbatch_size=microbatch_size, has_aux=has_aux)
 
-  def fn(params, batch, mask=None, *, clip_state=None, args=()):
+  def fn(params, batch, mask=per_example.MASK_REQUIRED, *, clip_state=None,
+         args=()):
+    batch, mask = per_example.examples_and_mask(batch, mask)
     leaves, treedef = jax.tree.flatten(params)
     example = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
@@ -809,7 +817,7 @@ def clipped_grad_for_route(
     >>> from dpjax import ghost
     >>> fn = ghost.clipped_grad_for_route('auto', lambda p, x: p @ x['x'],
     ...                                   dpjax.clip_per_example(1.0))
-    >>> out = fn(jnp.ones(3), {'x': jnp.eye(3)})
+    >>> out = fn(jnp.ones(3), {'x': jnp.eye(3)}, mask=None)
     >>> [round(float(v), 4) for v in out.grad_sum]
     [1.0, 1.0, 1.0]
   """
@@ -829,7 +837,8 @@ def clipped_grad_for_route(
   if route != 'auto':
     return ghost_fn
 
-  def fn(params, batch, mask=None, *, clip_state=None, args=()):
+  def fn(params, batch, mask=per_example.MASK_REQUIRED, *, clip_state=None,
+         args=()):
     size = sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
     chosen = vmap_fn if size < AUTO_MIN_PARAMS else ghost_fn
     return chosen(params, batch, mask, clip_state=clip_state, args=args)

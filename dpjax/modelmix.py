@@ -44,6 +44,7 @@ from scipy import special
 from dpjax import _validation
 from dpjax import accounting
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
 from dpjax import noise as noise_lib
 from dpjax import plan as plan_lib
 
@@ -66,11 +67,13 @@ class ModelMixState(NamedTuple):
 
   Attributes:
     previous_params: w_{k-2}, the parameters before the last update.
-    key: PRNG key of the next secret draw of alpha; split once per update.
+    key: the stream root of alpha; draw t uses ``keys.for_step(key, count)``.
+    count: number of draws so far.
   """
 
   previous_params: PyTree
   key: jax.Array
+  count: jax.Array
 
 
 def enforce_gap(current: jax.Array, previous: jax.Array,
@@ -150,20 +153,20 @@ def mix_model_states(tau: float,
     ModelMix. https://arxiv.org/abs/2210.03843
   """
   tau = _validation.positive('tau', tau)
-  first_key = noise_lib.as_key(key)
+  root = noise_lib.as_key(key)
 
   def init_fn(params):
     # A copy, not an alias: a training step may donate the params' buffers.
     return ModelMixState(
-        previous_params=jax.tree.map(
-            lambda x: jnp.array(x, copy=True), params), key=jnp.copy(first_key))
+        jax.tree.map(lambda x: jnp.array(x, copy=True), params),
+        *keys_lib.init_stream(root))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
           'mix_model_states needs the current parameters: call'
           ' tx.update(updates, state, params).')
-    next_key, draw_key = jax.random.split(state.key)
+    draw_key = keys_lib.for_step(state.key, state.count)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(draw_key, len(leaves))
     alphas = jax.tree.unflatten(treedef, [
@@ -177,7 +180,7 @@ def mix_model_states(tau: float,
 
     new_updates = jax.tree.map(one, params, state.previous_params, updates,
                                alphas)
-    return new_updates, ModelMixState(previous_params=params, key=next_key)
+    return new_updates, ModelMixState(params, state.key, state.count + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

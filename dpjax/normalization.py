@@ -50,6 +50,8 @@ import optax
 
 from dpjax import _validation
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
+from dpjax import losses
 
 PyTree = Any
 BATCH_STATS = 'batch_stats'
@@ -91,7 +93,6 @@ class NormalizationConfig:
       at sigma costs.
     eval_statistics: ``batch`` only: 'public' (running statistics of public
       batches) or 'batch' (each evaluation batch's own statistics).
-    seed: seed of the public batches (data-independent).
   """
 
   policy: str = 'reject'
@@ -101,7 +102,6 @@ class NormalizationConfig:
   stats_clip_norm: float = 10.0
   stats_budget: float = 0.1
   eval_statistics: str = 'public'
-  seed: int = 0
 
 
 def parse_policy(policy: str, collections: list[str] | tuple[str, ...]
@@ -460,7 +460,7 @@ def batchnorm_group_loss(
     https://arxiv.org/abs/2307.11939
   """
   loss_of_logits = loss_of_logits or (
-      optax.softmax_cross_entropy_with_integer_labels)
+      losses.cross_entropy)
 
   def group_loss_fn(params, group, group_mask, model_state):
     group_mask = jnp.asarray(group_mask, bool)
@@ -506,6 +506,10 @@ class Normalizer:
   config: NormalizationConfig
   public_images: np.ndarray | None = None
   private: bool = True
+  # Root of the public batches' stream (keys.PUBLIC_BATCH): never the
+  # sampler's, so which public images a step uses says nothing about which
+  # private examples it sampled.
+  public_key: jax.Array | None = None
   # 'privatized' only, from the run's plan (see make_normalizer).
   stats_noise_std: float = 0.0
   expected_batch_size: float = 1.0
@@ -535,7 +539,11 @@ class Normalizer:
     size = min(self.config.public_batch_size, n)
     if step is None:
       return self.public_images[:size]
-    rng = np.random.default_rng([self.config.seed, step])
+    if self.public_key is None:
+      raise ValueError(
+          'this policy draws a public batch each step: build the normalizer'
+          ' with public_key=KeySchedule.root(keys.PUBLIC_BATCH).')
+    rng = keys_lib.host_rng(keys_lib.for_step(self.public_key, step))
     return self.public_images[np.sort(rng.choice(n, size, replace=False))]
 
   def init_state(self, variables: Mapping[str, PyTree]) -> dict[str, PyTree]:
@@ -556,7 +564,7 @@ class Normalizer:
     return state
 
   def public_batch(self, step: int) -> np.ndarray | None:
-    """Step ``step``'s public batch (seeded by the step alone), or None."""
+    """Step ``step``'s public batch (its own stream, by step), or None."""
     return self._public_slice(step) if self.needs_public_batch else None
 
   @property
@@ -595,7 +603,7 @@ class Normalizer:
     ``(loss, moments)``: the example's BatchNorm input moments.
     """
     loss_of_logits = loss_of_logits or (
-        optax.softmax_cross_entropy_with_integer_labels)
+        losses.cross_entropy)
     model, kwargs = self.model, self._apply_kwargs(False)
     through_stats = self.bn_policy == 'public' and self.config.stats_gradient
 
@@ -658,9 +666,9 @@ class Normalizer:
     return dataclasses.replace(
         plan, gradient_noise_multiplier=self.gradient_noise_multiplier)
 
-  def gradient_noise(self, plan, key: jax.Array) -> optax.GradientTransformation:
+  def gradient_noise(self, plan) -> optax.GradientTransformation:
     """The plan's noise, or with ``privatized`` the gradient's share of it."""
-    return self.noise_plan(plan).noise(key)
+    return self.noise_plan(plan).noise()
 
   def summary(self) -> dict[str, Any]:
     """Entries for summary.json: ``normalization``, the policies and their
@@ -697,7 +705,8 @@ def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
                     config: NormalizationConfig | None = None, *,
                     public_images: np.ndarray | None = None, plan=None,
                     private: bool = True,
-                    batch_clipping: bool = False) -> Normalizer:
+                    batch_clipping: bool = False,
+                    public_key: jax.Array | None = None) -> Normalizer:
   """Resolves and checks the policies of ``model``'s collections for a run.
 
   Examples:
@@ -725,6 +734,9 @@ def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
       and no policy applies.
     batch_clipping: whether the run clips batch-clipping groups (allows the
       ``batch`` policy).
+    public_key: root of the public batches' stream
+      (``KeySchedule.root(keys.PUBLIC_BATCH)``), for the policies that draw
+      one each step.
 
   Returns:
     A :class:`Normalizer`.
@@ -770,4 +782,5 @@ def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
           stats_noise_std=sigma_s * clip.sensitivity(plan.relation),
           expected_batch_size=float(plan.config.expected_batch_size))
   return Normalizer(model=model, policies=policies, config=config,
-                    public_images=public_images, private=private, **extra)
+                    public_images=public_images, private=private,
+                    public_key=public_key, **extra)

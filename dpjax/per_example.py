@@ -23,9 +23,44 @@ import jax
 import jax.numpy as jnp
 
 from dpjax import clipping as clipping_lib
+from dpjax import sampling
 
 PyTree = Any
 LossFn = Callable[..., Any]
+
+
+class _Required:
+  """The default of an engine's ``mask``: it has to be given."""
+
+  def __repr__(self) -> str:
+    return '<required>'
+
+
+MASK_REQUIRED: Any = _Required()
+
+
+def examples_and_mask(batch: PyTree, mask: Any) -> tuple[PyTree, Any]:
+  """The examples and mask of an engine call (invariant 7).
+
+  A :class:`dpjax.Batch` carries its mask; a bare pytree needs ``mask``
+  spelled out, because a padded Poisson batch repeats example 0 in its
+  padding and counting those rows would silently weaken the bound. An
+  explicit ``mask=None`` states that every row is a real example.
+  """
+  if isinstance(batch, sampling.Batch):
+    if mask is not MASK_REQUIRED:
+      raise ValueError(
+          'the batch is a dpjax.Batch, which carries its own mask; do not'
+          ' pass mask= as well.')
+    return batch.examples, batch.mask
+  if mask is MASK_REQUIRED:
+    raise TypeError(
+        "a clipped-gradient function needs the batch's mask: pass"
+        ' sampler.sample(step).take(data) (a dpjax.Batch, which carries it)'
+        ' or mask=...; mask=None only if every row is a real example (a'
+        ' padded batch without its mask counts example 0 once per padding'
+        ' row).')
+  return batch, mask
 
 
 class PerExampleStats(NamedTuple):
@@ -100,8 +135,11 @@ def clipped_grad(
     microbatch_size: int | None = None,
     has_aux: bool = False,
 ) -> Callable[..., ClippedGrad]:
-  """Builds ``fn(params, batch, mask=None, *, clip_state=None, args=())``.
+  """Builds ``fn(params, batch, mask, *, clip_state=None, args=())``.
 
+  ``batch`` is a :class:`dpjax.Batch` (examples with their mask, from
+  ``sampler.sample(step).take(data)``), or a pytree of examples with
+  ``mask`` given: a padded batch cannot reach clipping without its mask.
   The returned function computes, for a batch of B examples,
   ``sum_b clip(grad loss_fn(params, batch[b], *args))`` over rows with
   ``mask[b]`` True, together with per-example losses and norms. With
@@ -144,7 +182,9 @@ def clipped_grad(
     losses = jnp.where(chunk_mask, losses, 0.0)
     return out, clip_state, losses, aux
 
-  def fn(params, batch, mask=None, *, clip_state=None, args=()) -> ClippedGrad:
+  def fn(params, batch, mask=MASK_REQUIRED, *, clip_state=None,
+         args=()) -> ClippedGrad:
+    batch, mask = examples_and_mask(batch, mask)
     return microbatched(functools.partial(chunk_fn, params), params, batch,
                         mask, clip_state, clipping, microbatch_size, args)
 

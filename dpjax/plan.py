@@ -35,6 +35,7 @@ from dpjax import accounting
 from dpjax import adaptive_clipping
 from dpjax import batch_clipping
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
 from dpjax import noise as noise_lib
 from dpjax import per_example
 from dpjax import sampling
@@ -123,6 +124,9 @@ class PrivacyConfig:
     clipping: the clipping mode and its parameters (:class:`ClippingConfig`).
       In 'batch' mode ``expected_batch_size`` is the fixed batch size of
       the shuffling sampler.
+    secure_noise: draw the noise as a sum of four Gaussians (Holohan &
+      Braghin 2021), against the floating-point attacks of Jin et al. (2022);
+      same distribution, slower draws (docs/BENCHMARKS.md).
   """
 
   clip_norm: float = 1.0
@@ -134,6 +138,7 @@ class PrivacyConfig:
   steps: int | None = None
   accountant: str = 'rdp'
   clipping: ClippingConfig = ClippingConfig()
+  secure_noise: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +157,7 @@ class DPPlan:
   noise_multiplier: float
   clipping: clipping_lib.PerExampleClipping
   sampler: sampling.PoissonSampler | sampling.ShuffleSampler
+  keys: keys_lib.KeySchedule = dataclasses.field(repr=False, kw_only=True)
   relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE
   gradient_noise_multiplier: float | None = None
   divisor: float | None = None
@@ -204,19 +210,22 @@ class DPPlan:
     return (self.clipping.bound_fn is None
             and self.clipping.noise_scale_fn is None)
 
-  def noise(self, key: jax.Array | int) -> optax.GradientTransformation:
+  def noise(self) -> optax.GradientTransformation:
     """The noise transform: right std, divided by the public divisor.
 
-    For clipping with thresholds in its state, ``update`` needs
+    Its key is the secret noise stream of :attr:`keys`; nothing else draws
+    from it. For clipping with thresholds in its state, ``update`` needs
     ``clip_state=`` (the state the sum was clipped with).
     """
+    key = self.keys.root(keys_lib.NOISE)
+    secure = self.config.secure_noise
     if self._static_noise():
       return noise_lib.add_gaussian_noise(
           self.grad_noise_multiplier, self.sensitivity, self.public_divisor,
-          key)
+          key, secure)
     return noise_lib.add_gaussian_noise_from_state(
         self.grad_noise_multiplier, self.clipping, self.public_divisor, key,
-        self.relation)
+        self.relation, secure)
 
   def clipped_grad(self, loss_fn: Callable[..., Any], *,
                    microbatch_size: int | None = None,
@@ -414,7 +423,7 @@ def _check_clipping_config(c: ClippingConfig) -> None:
   _validation.positive_int('clipping.group_size', c.group_size)
 
 
-def _make_clipping(config: PrivacyConfig, clip_key: jax.Array | None
+def _make_clipping(config: PrivacyConfig, clip_key: jax.Array
                    ) -> clipping_lib.PerExampleClipping:
   c = config.clipping
   if c.mode == 'flat':
@@ -471,7 +480,7 @@ def _check_noise_choice(config: PrivacyConfig) -> None:
 
 
 def _make_batch_plan(config: PrivacyConfig, n: int, delta: float,
-                     sampler_seed: int) -> DPPlan:
+                     keys: keys_lib.KeySchedule) -> DPPlan:
   """Batch clipping: shuffling, replace-one, composed Gaussians (GDP)."""
   c = config.clipping
   if config.accountant not in accounting.ACCOUNTANTS + ('gdp',):
@@ -486,8 +495,8 @@ def _make_batch_plan(config: PrivacyConfig, n: int, delta: float,
     raise ValueError(
         f'expected_batch_size={s} must be a multiple of clipping.group_size='
         f'{m} (K = s / m groups per batch).')
-  clipping = _make_clipping(config, None)
-  sampler = sampling.ShuffleSampler(n, s, seed=sampler_seed)
+  clipping = _make_clipping(config, keys.root(keys_lib.CLIP_COUNT))
+  sampler = sampling.ShuffleSampler(n, s, key=keys.root(keys_lib.SAMPLER))
   steps = _steps(config, sampler.steps_per_epoch)
   epochs = -(-steps // sampler.steps_per_epoch)
   _check_noise_choice(config)
@@ -500,7 +509,7 @@ def _make_batch_plan(config: PrivacyConfig, n: int, delta: float,
         config.target_epsilon, delta, epochs, config.accountant)
   return DPPlan(
       config=config, dataset_size=n, sampling_rate=s / n, num_steps=steps,
-      noise_multiplier=sigma, clipping=clipping, sampler=sampler,
+      noise_multiplier=sigma, clipping=clipping, sampler=sampler, keys=keys,
       relation=NeighboringRelation.REPLACE_ONE, divisor=float(s // m))
 
 
@@ -509,9 +518,8 @@ def make_plan(
     dataset_size: int,
     *,
     pad_to_multiple_of: int | None = None,
-    sampler_seed: int = 0,
+    keys: keys_lib.KeySchedule | None = None,
     params: Any = None,
-    clip_key: jax.Array | None = None,
 ) -> DPPlan:
   """Builds a :class:`DPPlan` from privacy settings and the dataset size.
 
@@ -527,11 +535,12 @@ def make_plan(
     dataset_size: N, the number of private training examples.
     pad_to_multiple_of: padded batch sizes are multiples of this
       (performance only; see :class:`dpjax.sampling.PoissonSampler`).
-    sampler_seed: seed of the sampler.
+    keys: the run's :class:`dpjax.KeySchedule`; the sampler, the noise and
+      adaptive clipping's counts take their secret streams from it. Default:
+      a fresh one whose secret comes from the OS's entropy (nothing about
+      the noise is reproducible or guessable).
     params: the parameters (or their shapes); needed by per-layer adaptive
       clipping, whose count release grows with the number of clip groups.
-    clip_key: PRNG key of adaptive clipping's count noise (default: derived
-      from ``sampler_seed``).
 
   Returns:
     A :class:`DPPlan`.
@@ -539,17 +548,17 @@ def make_plan(
   n = _validation.positive_int('dataset_size', dataset_size)
   _check_clipping_config(config.clipping)
   delta = accounting.check_delta(config.delta, n)
+  if keys is None:
+    keys = keys_lib.KeySchedule.create(seed=0)
   if config.clipping.mode == 'batch':
-    return _make_batch_plan(config, n, delta, sampler_seed)
+    return _make_batch_plan(config, n, delta, keys)
   if config.accountant == 'gdp':
     raise ValueError(
         "accountant='gdp' (no subsampling amplification) applies to"
         " clipping.mode='batch' with shuffling; per-example modes use Poisson"
         " sampling: choose accountant 'rdp' or 'pld'.")
   accounting.check_accountant(config.accountant)
-  if clip_key is None:
-    clip_key = jax.random.fold_in(jax.random.key(sampler_seed), 1)
-  clipping = _make_clipping(config, clip_key)
+  clipping = _make_clipping(config, keys.root(keys_lib.CLIP_COUNT))
   q = accounting.sampling_rate(config.expected_batch_size, n)
   if config.steps is None and config.epochs is not None:
     steps = accounting.steps_for_epochs(
@@ -582,10 +591,10 @@ def make_plan(
 
   sampler = sampling.PoissonSampler(
       n, config.expected_batch_size, pad_to_multiple_of=pad_to_multiple_of,
-      seed=sampler_seed)
+      key=keys.root(keys_lib.SAMPLER))
   return DPPlan(
       config=config, dataset_size=n, sampling_rate=q, num_steps=steps,
-      noise_multiplier=sigma, clipping=clipping, sampler=sampler,
+      noise_multiplier=sigma, clipping=clipping, sampler=sampler, keys=keys,
       gradient_noise_multiplier=gradient_sigma, count_noise_std=count_std,
       num_counts=num_counts)
 

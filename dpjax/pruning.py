@@ -39,6 +39,7 @@ import optax
 
 from dpjax import _validation
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
 
 PyTree = Any
 LossFn = Callable[..., jax.Array]
@@ -166,11 +167,13 @@ class PruningState(NamedTuple):
   Attributes:
     mask: boolean pytree with the params' structure; True marks coordinates
       that move at this step.
-    key: PRNG key, split once per random draw.
+    key: the pruning stream's root; draw t uses ``keys.for_step(key, t)``.
+    count: number of draws so far.
   """
 
   mask: PyTree
   key: jax.Array
+  count: jax.Array
 
 
 class Pruner(NamedTuple):
@@ -350,23 +353,26 @@ def make_pruner(config: PruningConfig,
     return top_k_mask(scores, keep, scope)
 
   def init_fn(params, key, public=None):
+    key, count = keys_lib.init_stream(key)
     if config.mode == 'select':
       return params, PruningState(
-          jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params), key)
-    key, draw_key = jax.random.split(key)
+          jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params), key,
+          count)
+    pretrain_key, draw_key = jax.random.split(keys_lib.for_step(key, count))
     if source == 'public_magnitude':
-      pretrain_key, draw_key = jax.random.split(draw_key)
       params = pretrain_on_public(
           params, loss_fn, _require_public(public, source), pretrain_key,
           config.public_pretrain_steps, config.public_learning_rate,
           config.public_batch_size)
-    return params, PruningState(choose(draw_key, params, public), key)
+    return params, PruningState(choose(draw_key, params, public), key,
+                                count + 1)
 
   def update_fn(state, params, public=None):
     if config.mode == 'freeze':
       return state
-    key, draw_key = jax.random.split(state.key)
-    return PruningState(choose(draw_key, params, public), key)
+    draw_key = keys_lib.for_step(state.key, state.count)
+    return PruningState(choose(draw_key, params, public), state.key,
+                        state.count + 1)
 
   return Pruner(init_fn, update_fn)
 
@@ -401,7 +407,7 @@ def masked_loss(loss_fn: LossFn) -> LossFn:
     >>> loss = pruning.masked_loss(lambda w, ex: jnp.sum(w * ex['g']))
     >>> fn = dpjax.clipped_grad(loss, dpjax.clip_per_example(1.0))
     >>> batch = {'g': jnp.array([[100.0, 0.3]])}   # mass on a masked coordinate
-    >>> out = fn(jnp.zeros(2), batch, args=(jnp.array([False, True]),))
+    >>> out = fn(jnp.zeros(2), batch, None, args=(jnp.array([False, True]),))
     >>> [round(float(v), 4) for v in out.grad_sum]
     [0.0, 0.3]
 

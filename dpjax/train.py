@@ -6,13 +6,19 @@ batch from the plan's sampler, computes the clipped sum of per-example
 gradients (microbatched), adds noise once through the optax chain
 ``noise -> optimizer`` and records the step's DP event in the ledger, so the
 epsilon shown and written is always the one of what actually ran.
+
+Randomness comes from one :class:`dpjax.KeySchedule`: ``config.seed`` for what
+may be public (initialization, data split, public batches), a secret seed for
+the sampler, the noise and every other mechanism-internal draw. The secret is
+drawn from the OS's entropy unless ``privacy.noise_seed`` is set, is kept in
+the checkpoints (as secret as the data) and never written to summary.json.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from flax import struct
 from flax.training import train_state as train_state_lib
@@ -36,6 +42,8 @@ from dpjax import config_validation
 from dpjax import data as data_lib
 from dpjax import distributed
 from dpjax import ghost
+from dpjax import keys as keys_lib
+from dpjax import losses
 from dpjax import modelmix as modelmix_lib
 from dpjax import models
 from dpjax import normalization
@@ -43,6 +51,7 @@ from dpjax import plan as plan_lib
 from dpjax import plots
 from dpjax import pruning
 from dpjax import sampling
+from dpjax import workdir as workdir_lib
 
 
 class TrainState(train_state_lib.TrainState):
@@ -61,41 +70,33 @@ class TrainState(train_state_lib.TrainState):
   model_state: Any = struct.field(default_factory=dict)
 
 
-class RunKeys(NamedTuple):
-  """Independent PRNG streams of one run, all derived from ``config.seed``.
+def key_schedule(config: ml_collections.ConfigDict,
+                 stored_secret: int | None = None) -> keys_lib.KeySchedule:
+  """The run's keys: ``config.seed`` public, the secret as the run needs it.
 
-  Each randomness source gets its own stream: a released noise (gradient noise,
-  adaptive clip counts) must never share bits with a secret one (ModelMix's
-  mixing weights) or with another release.
+  A resumed run keeps its checkpoint's secret (``stored_secret``); a new one
+  takes ``privacy.noise_seed`` if set (reproducible: the guarantee then
+  assumes that seed stays secret), else a fresh draw from the OS's entropy.
   """
-
-  init: jax.Array
-  noise: jax.Array
-  clip: jax.Array
-  mix: jax.Array
-  prune: jax.Array
-  stats: jax.Array  # privatized BatchNorm statistics (dpjax.normalization)
-
-  @classmethod
-  def from_seed(cls, seed: int) -> 'RunKeys':
-    root = jax.random.key(seed)
-    return cls(*(jax.random.fold_in(root, i)
-                 for i in range(len(cls._fields))))
+  noise_seed = config.privacy.get('noise_seed')
+  if stored_secret is not None:
+    return keys_lib.KeySchedule(config.seed, stored_secret,
+                                secret_given=noise_seed is not None)
+  return keys_lib.KeySchedule.create(config.seed, noise_seed)
 
 
 def example_loss(model: nn.Module,
                  model_state: Any = None) -> Callable[..., Any]:
   """Cross-entropy of ONE example ``{'image': [H, W, C], 'label': []}``.
 
-  ``model_state``: fixed non-parameter collections (inference mode).
+  ``model_state``: fixed non-parameter collections (inference mode). A label
+  outside the model's classes contributes nothing (:mod:`dpjax.losses`).
   """
 
   def loss_fn(params, example):
     logits = model.apply({'params': params, **(model_state or {})},
                          example['image'][None])[0]
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, example['label'])
-    return loss
+    return losses.cross_entropy(logits, example['label'])
 
   return loss_fn
 
@@ -338,7 +339,7 @@ def make_train_step(model: nn.Module, plan: plan_lib.DPPlan | None,
       if privatized:
         model_state = norm.privatized_state(
             model_state, sums['moment_sum'],
-            jax.random.fold_in(stats_key, state.step))
+            keys_lib.for_step(stats_key, state.step))
       return state.replace(
           step=state.step + 1,
           params=optax.apply_updates(state.params, updates),
@@ -391,9 +392,9 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000,
       logits = model.apply({'params': params}, images)
     else:
       logits = norm.eval_apply({'params': params, **model_state}, images, mask)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    loss = losses.cross_entropy(logits, labels)
     correct = jnp.argmax(logits, -1) == labels
-    return jnp.sum(correct & mask), jnp.sum(jnp.where(mask, losses, 0))
+    return jnp.sum(correct & mask), jnp.sum(jnp.where(mask, loss, 0))
 
   def evaluate(params, dataset: data_lib.ArrayDataset,
                model_state=None) -> dict[str, float]:
@@ -505,7 +506,8 @@ def privacy_config(config: ml_collections.ConfigDict) -> plan_lib.PrivacyConfig:
       target_epsilon=p.target_epsilon,
       delta=p.delta, expected_batch_size=p.expected_batch_size,
       epochs=None if steps_given else p.epochs, steps=p.steps,
-      accountant=p.accountant, clipping=clipping)
+      accountant=p.accountant, clipping=clipping,
+      secure_noise=p.get('secure_noise', False))
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -526,11 +528,12 @@ def normalization_config(
     config: ml_collections.ConfigDict) -> normalization.NormalizationConfig:
   """``config.normalization`` as a :class:`NormalizationConfig`."""
   fields = config.get('normalization') or {}
-  return normalization.NormalizationConfig(seed=config.seed, **fields)
+  return normalization.NormalizationConfig(**fields)
 
 
 def _optimizer_chain(config: ml_collections.ConfigDict,
-                     plan: plan_lib.DPPlan | None, keys: RunKeys,
+                     plan: plan_lib.DPPlan | None,
+                     keys: keys_lib.KeySchedule,
                      num_steps: int) -> optax.GradientTransformation:
   """noise -> optimizer -> ModelMix -> parameter averages.
 
@@ -541,12 +544,13 @@ def _optimizer_chain(config: ml_collections.ConfigDict,
   prune_mode = pruning_config(config).mode
   if plan and prune_mode != 'none':
     # Noise on the selected coordinates only (and, frozen, no optimizer move).
-    tx = pruning.masked_chain(plan.noise(keys.noise), optimizer, prune_mode)
+    tx = pruning.masked_chain(plan.noise(), optimizer, prune_mode)
   else:
-    tx = optax.chain(plan.noise(keys.noise), optimizer) if plan else optimizer
+    tx = optax.chain(plan.noise(), optimizer) if plan else optimizer
   if config.get('modelmix') is not None and config.modelmix.enabled:
     tau = config.modelmix.tau_over_lr * config.optimizer.learning_rate
-    tx = optax.chain(tx, modelmix_lib.mix_model_states(tau, keys.mix))
+    tx = optax.chain(tx, modelmix_lib.mix_model_states(
+        tau, keys.root(keys_lib.MIX)))
   averages = []
   if config.averaging.ema_decay is not None:
     averages.append(averaging.ema_params(config.averaging.ema_decay))
@@ -580,12 +584,13 @@ def _pruner(config: ml_collections.ConfigDict,
   return pruning.make_pruner(prune, example_loss(model))
 
 
-def _augmult(config: ml_collections.ConfigDict) -> augmult_lib.AugMult | None:
+def _augmult(config: ml_collections.ConfigDict,
+             keys: keys_lib.KeySchedule) -> augmult_lib.AugMult | None:
   if not config.augmult.num_views:
     return None
   return augmult_lib.AugMult(
       augmult_lib.get_augmentation(tuple(config.augmult.augmentations)),
-      config.augmult.num_views, config.seed)
+      config.augmult.num_views, keys.root(keys_lib.AUGMENT))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -611,15 +616,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                          tfds_data_dir=data_lib.cache_root(
                              config.data.tfds_data_dir, workdir),
                          public_fraction=config.data.public_fraction,
+                         key=keys_lib.public_root(config.seed, keys_lib.DATA),
                          **data_options(config.data))
   config_validation.check_splits(splits)
   n = len(splits.train)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpoint.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      checkpoint.privacy_fields(config, n))
+  keys = key_schedule(config, checkpointer.stored_secret())
 
   model = models.get_model(config.model.name, splits.num_classes,
                            config.model.activation,
                            **model_options(config.model))
   pruner = _pruner(config, model)
-  keys = RunKeys.from_seed(config.seed)
   num_devices = config.perf.num_devices or jax.device_count()
   mesh = distributed.make_mesh(num_devices) if num_devices != 1 else None
   physical = config.perf.physical_batch_size
@@ -627,18 +637,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if mesh is not None or physical is not None:
     pad = distributed.batch_multiple(
         num_devices, physical, pad or sampling.PoissonSampler(
-            n, config.privacy.expected_batch_size).pad_to_multiple_of)
+            n, config.privacy.expected_batch_size,
+            key=keys.root(keys_lib.SAMPLER)).pad_to_multiple_of)
 
   private = config.privacy.enabled
   mixing = config.get('modelmix') is not None and config.modelmix.enabled
   image_shape = splits.train.images.shape[1:]
-  variables_shape = jax.eval_shape(model.init, jax.random.key(0),
+  variables_shape = jax.eval_shape(model.init, keys.key(keys_lib.INIT),
                                    jnp.zeros((1,) + image_shape))
   if private:
     params_shape = variables_shape['params']
     plan = plan_lib.make_plan(
-        privacy_config(config), n, pad_to_multiple_of=pad,
-        sampler_seed=config.seed, params=params_shape, clip_key=keys.clip)
+        privacy_config(config), n, pad_to_multiple_of=pad, keys=keys,
+        params=params_shape)
     sampler, num_steps = plan.sampler, plan.num_steps
     if mixing:
       plan = modelmix_lib.with_refined_clipping(plan, config.modelmix.p)
@@ -646,7 +657,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     plan = None
     sampler = sampling.PoissonSampler(
         n, config.privacy.expected_batch_size, pad_to_multiple_of=pad,
-        seed=config.seed)
+        key=keys.root(keys_lib.SAMPLER))
     num_steps = privacy_config(config).steps or accounting.steps_for_epochs(
         config.privacy.epochs, sampler.sampling_rate)
 
@@ -654,7 +665,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       model, variables_shape, normalization_config(config),
       public_images=None if splits.public is None else splits.public.images,
       plan=plan, private=private,
-      batch_clipping=private and plan.mode == 'batch')
+      batch_clipping=private and plan.mode == 'batch',
+      public_key=keys.root(keys_lib.PUBLIC_BATCH))
   if mixing and normalizer.has_aux:
     raise ValueError(
         "normalization.policy 'privatized' releases statistics beside the"
@@ -668,7 +680,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     mixing_report = _modelmix_report(
         config, plan, config.modelmix.tau_over_lr
         * config.optimizer.learning_rate)
-  state = create_train_state(model, keys.init, image_shape, tx, normalizer)
+  state = create_train_state(model, keys.key(keys_lib.INIT), image_shape, tx,
+                             normalizer)
   alc = None
   if private:
     state = state.replace(clip_state=plan.clipping.init(state.params))
@@ -681,8 +694,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if mesh is not None:
         public_split = distributed.put_replicated(public_split, mesh)
     # The mask is data-independent or public: it costs no privacy.
-    params, pruning_state = jax.jit(pruner.init)(state.params, keys.prune,
-                                                 public_split)
+    params, pruning_state = jax.jit(pruner.init)(
+        state.params, keys.root(keys_lib.PRUNE), public_split)
     state = state.replace(params=params, opt_state=tx.init(params),
                           pruning=pruning_state)
   microbatch = config.perf.microbatch_size
@@ -700,12 +713,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           ' statistics yet; set perf.microbatch_size instead.')
     microbatch = tune_microbatch(
         model, plan, state, splits.train, physical or sampler.max_batch_size,
-        budget_mb=budget_mb, grad_route=grad_route, augmult=_augmult(config))
+        budget_mb=budget_mb, grad_route=grad_route,
+        augmult=_augmult(config, keys))
   train_step = make_train_step(model, plan, microbatch,
                                mesh=mesh, physical_batch_size=physical,
-                               augmult=_augmult(config), pruner=pruner,
+                               augmult=_augmult(config, keys), pruner=pruner,
                                public_split=public_split,
-                               normalizer=normalizer, stats_key=keys.stats,
+                               normalizer=normalizer,
+                               stats_key=keys.root(keys_lib.STATS),
                                grad_route=grad_route)
   evaluate = make_eval_fn(model, normalizer=normalizer)
   images = jnp.asarray(splits.train.images)
@@ -714,10 +729,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state, images, labels = distributed.put_replicated(
         (state, images, labels), mesh)
 
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpoint.Checkpointer(
-      os.path.join(workdir, 'checkpoints'),
-      checkpoint.privacy_fields(config, n))
   restored = checkpointer.restore(state)
   meta: dict[str, Any] = {
       'step': 0, 'ledger': [], 'num_nonfinite': 0, 'train_time_s': 0.0,
@@ -763,8 +774,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if mixing:
         mixing_report.update(ledger)
     if log_now:
-      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", eps=f'{eps:.3f}',
-                      **(mixing_report.postfix() if mixing else {}))
+      # The batch loss is a diagnostic of private data, not a DP release:
+      # the bar says so (README, 'Threat model').
+      bar.set_postfix({LOSS_LABEL: f"{float(metrics['loss']):.3f}",
+                       'eps': f'{eps:.3f}',
+                       **(mixing_report.postfix() if mixing else {})})
     if eval_now:
       result = evaluate(state.params, splits.test, state.model_state)
       history['step'].append(step + 1)
@@ -778,7 +792,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             evaluate(params, splits.test, state.model_state)['accuracy'])
     if ckpt_every and ((step + 1) % ckpt_every == 0 or last):
       checkpointer.save(step + 1, state, dict(
-          meta, ledger=checkpoint.ledger_to_json(ledger), history=history,
+          meta, secret_seed=str(keys.secret_seed),
+          ledger=checkpoint.ledger_to_json(ledger), history=history,
           num_nonfinite=int(num_nonfinite),
           compiled_batch_sizes=sorted(padded_sizes),
           train_time_s=meta['train_time_s'] + time.time() - start))
@@ -798,15 +813,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     summary.update(normalizer.summary())
   summary.update({
       'private': private,
+      'noise_key': noise_key_statement(keys) if private else None,
       'dataset': splits.name,
       'data_source': splits.source,  # files read (SHA-256) and the cache
       'public_examples': 0 if splits.public is None else len(splits.public),
       'model': config.model.name,
       'test_accuracy': history['test_accuracy'][-1],
       'test_loss': history['test_loss'][-1],
-      'train_time_s': meta['train_time_s'] + time.time() - start,
-      'num_nonfinite_gradients': int(num_nonfinite),
-      'compiled_batch_sizes': sorted(padded_sizes),
+      DIAGNOSTICS: {
+          'train_time_s': meta['train_time_s'] + time.time() - start,
+          'num_nonfinite_gradients': int(num_nonfinite),
+          'compiled_batch_sizes': sorted(padded_sizes),
+      },
       'num_devices': num_devices,
       'physical_batch_size': physical,
       'augmult_views': config.augmult.num_views,
@@ -827,6 +845,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     plots.plot_training(history, os.path.join(workdir, 'training.png'),
                         title=f'{splits.name} / {config.model.name}')
   return summary
+
+
+# summary.json's section of unnoised data-dependent values (dpjax/workdir.py).
+DIAGNOSTICS = workdir_lib.DIAGNOSTICS
+# The progress bar's name for the batch loss, for the same reason.
+LOSS_LABEL = 'loss (not DP)'
+
+
+def noise_key_statement(keys: keys_lib.KeySchedule) -> str:
+  """summary.json's words on the noise key (never the key itself)."""
+  if keys.secret_given:
+    return ('reproducible from config.privacy.noise_seed: the guarantee'
+            ' assumes that seed stays secret (whoever knows it can remove'
+            ' the noise from the released model)')
+  return ('secret: drawn from the OS entropy and kept only in the'
+          ' checkpoints (keep them as secret as the training data)')
 
 
 def _modelmix_report(config: ml_collections.ConfigDict,

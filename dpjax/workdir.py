@@ -26,6 +26,11 @@ RUN_FILES: tuple[str, ...] = (SUMMARY, 'history.json', 'training.png')
 RUN_DIRS: tuple[str, ...] = ('checkpoints', 'corrupt_checkpoints')
 
 
+# summary.json's section of what a run computed from private data without
+# noise: useful to the data owner, not covered by the guarantee.
+DIAGNOSTICS = 'diagnostics (not differentially private)'
+
+
 class WorkdirError(ValueError):
   """The workdir holds a run that the requested one cannot continue."""
 
@@ -59,12 +64,12 @@ def settings_differences(recorded: dict[str, Any],
 
 def describe(summary: dict[str, Any]) -> str:
   """One line: accuracy, epsilon, steps and time of a run's summary."""
+  seconds = summary.get(DIAGNOSTICS, summary).get('train_time_s', 0)
   eps = summary.get('epsilon')
   privacy = ('not private' if not summary.get('private', True) else
              f"epsilon {eps:.3f} (delta={summary.get('delta')})")
   return (f"test accuracy {summary['test_accuracy']:.4f}, {privacy},"
-          f" {summary.get('steps')} steps, {summary.get('train_time_s', 0):.0f}"
-          ' s')
+          f" {summary.get('steps')} steps, {seconds:.0f} s")
 
 
 def check_finished(workdir: str,

@@ -21,6 +21,9 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
+# dpjax.train.DIAGNOSTICS (not imported: this script needs no JAX).
+DIAGNOSTICS = 'diagnostics (not differentially private)'
+
 def load_run(workdir: str) -> tuple[dict, dict]:
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
@@ -36,7 +39,7 @@ def table_row(name: str, summary: dict) -> str:
   return (f"| {name} | {summary['test_accuracy']:.4f} |"
           f" {summary['epsilon']:.3f} | {summary['noise_multiplier']:.4f} |"
           f' {sigma_g:.4f} | {"-" if sigma_s is None else f"{sigma_s:.4f}"} |'
-          f" {summary['steps']} | {summary['train_time_s'] / 60:.1f} |")
+          f" {summary['steps']} | {summary.get(DIAGNOSTICS, summary)['train_time_s'] / 60:.1f} |")
 
 
 def main():

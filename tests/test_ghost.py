@@ -223,9 +223,9 @@ def test_has_aux_and_args():
   batch = {'x': jax.random.normal(jax.random.key(1), (4, 3))}
   clip = dpjax.clip_per_example(1.0)
   out = jax.jit(ghost.clipped_grad(loss_fn, clip, has_aux=True))(
-      params, batch, args=(2.0,))
+      params, batch, None, args=(2.0,))
   ref = jax.jit(dpjax.clipped_grad(loss_fn, clip, has_aux=True))(
-      params, batch, args=(2.0,))
+      params, batch, None, args=(2.0,))
   _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-5)
   np.testing.assert_allclose(out.stats.aux['y'], ref.stats.aux['y'])
 

@@ -127,7 +127,7 @@ class TestMixing:
     plan = dpjax.make_plan(dpjax.PrivacyConfig(
         clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=2, steps=3),
                            100)
-    tx = optax.chain(plan.noise(0), optax.sgd(0.5),
+    tx = optax.chain(plan.noise(), optax.sgd(0.5),
                      dpjax.mix_model_states(1e-3, 1))
     params = {'w': jnp.array([0.0, 10.0])}
     state = tx.init(params)

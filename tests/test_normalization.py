@@ -15,6 +15,7 @@ from configs import default
 from configs import mnist_bn_public
 from dpjax import accounting
 from dpjax.data import idx
+from dpjax import keys
 from dpjax import normalization
 from dpjax import per_example
 from dpjax import train
@@ -39,6 +40,9 @@ def _images(n, seed=0, scale=1.0):
   return jnp.asarray(rng.normal(size=(n,) + SHAPE) * scale + 0.5, jnp.float32)
 
 
+# Fixed keys: these tests compare runs draw for draw.
+TEST_KEYS = dpjax.KeySchedule(0, 0)
+
 @pytest.fixture(scope='module')
 def tiny():
   model = TinyBN()
@@ -53,7 +57,8 @@ def _normalizer(tiny, policy, public=True, **kwargs):
   config = normalization.NormalizationConfig(policy=policy, **kwargs)
   return normalization.make_normalizer(
       model, variables, config, plan=plan,
-      public_images=np.asarray(_images(40, seed=9)) if public else None)
+      public_images=np.asarray(_images(40, seed=9)) if public else None,
+      public_key=TEST_KEYS.root(keys.PUBLIC_BATCH))
 
 
 def test_reject_is_the_default_and_names_the_alternatives(tiny):
@@ -231,10 +236,9 @@ def _train_steps(tiny, policy, steps=3, physical_batch_size=None, **kwargs):
   model, _ = tiny
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=8,
-      steps=steps), 64, pad_to_multiple_of=4)
+      steps=steps), 64, pad_to_multiple_of=4, keys=TEST_KEYS)
   norm = _normalizer(tiny, policy, plan=plan, **kwargs)
-  tx = optax.chain(norm.gradient_noise(plan, jax.random.key(1)),
-                   optax.sgd(0.5))
+  tx = optax.chain(norm.gradient_noise(plan), optax.sgd(0.5))
   state = train.create_train_state(model, jax.random.key(0, impl='rbg'),
                                    SHAPE, tx, norm)
   start = jax.tree.map(jnp.copy, state)  # the step donates its input
@@ -281,7 +285,7 @@ def test_public_and_privatized_statistics_move(tiny, policy):
 def _privatized(tiny, sigma=1.0, budget=0.2, clip=3.0, momentum=0.0):
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=1.0, noise_multiplier=sigma, expected_batch_size=16,
-      steps=10), 1000)
+      steps=10), 1000, keys=TEST_KEYS)
   return plan, _normalizer(tiny, 'privatized', plan=plan, stats_budget=budget,
                            stats_clip_norm=clip, momentum=momentum)
 
@@ -331,7 +335,7 @@ def test_privatized_release_costs_one_step_at_the_plan_sigma(tiny):
   plan, norm = _privatized(tiny, sigma=1.2, budget=0.3)
   sigma_g, sigma_s = norm.gradient_noise_multiplier, norm.stats_noise_multiplier
   assert (sigma_g ** -2 + sigma_s ** -2) ** -0.5 == pytest.approx(1.2)
-  assert sigma_g > 1.2 and norm.gradient_noise(plan, 0) is not None
+  assert sigma_g > 1.2 and norm.gradient_noise(plan) is not None
   ledger = accounting.PrivacyLedger()
   for _ in range(plan.num_steps):
     ledger.record(plan.step_event())
@@ -482,7 +486,7 @@ def _bc_plan(steps=1, group_size=4):
   return dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=8,
       steps=steps, accountant='gdp', clipping=dpjax.ClippingConfig(
-          mode='batch', group_size=group_size)), 64)
+          mode='batch', group_size=group_size)), 64, keys=TEST_KEYS)
 
 
 def test_batch_policy_moves_the_noisy_sum_by_at_most_2c(tiny):
@@ -504,7 +508,7 @@ def test_batch_policy_moves_the_noisy_sum_by_at_most_2c(tiny):
   def run(imgs):
     state = train.create_train_state(
         model, jax.random.key(0, impl='rbg'), SHAPE,
-        optax.chain(plan.noise(jax.random.key(1)), optax.sgd(1.0)), norm)
+        optax.chain(plan.noise(), optax.sgd(1.0)), norm)
     start = jax.tree.map(jnp.copy, state.params)
     state, _ = step_fn(state, imgs, labels, batch.indices, batch.mask)
     assert state.model_state == {} or _max_change(

@@ -222,7 +222,8 @@ class TestMaskedGradient:
                   'b': np.array([[False, True], [True, False]])}
     masked = jax.tree.map(lambda g, m: np.where(m, g, 0), grads, param_mask)
     params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), grads)
-    expected = dpjax.clipped_grad(_linear_loss, clip)(params, masked).grad_sum
+    expected = dpjax.clipped_grad(_linear_loss, clip)(params, masked,
+                                                      None).grad_sum
     out = _clipped_sum(clip, grads, param_mask, microbatch_size=3)
     for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
@@ -343,9 +344,9 @@ def _train(optimizer, pruning_config, steps=4, clipping=None,
       steps=steps, accountant=accountant,
       clipping=clipping or dpjax.ClippingConfig()), 64,
                          pad_to_multiple_of=8, params=params,
-                         clip_key=jax.random.key(2))
+                         keys=dpjax.KeySchedule(0, 2))
   pruner = pruning.make_pruner(pruning_config)
-  tx = pruning.masked_chain(plan.noise(0), optimizer, pruning_config.mode)
+  tx = pruning.masked_chain(plan.noise(), optimizer, pruning_config.mode)
   state = train.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
   _, pruning_state = pruner.init(state.params, jax.random.key(1))
   state = state.replace(pruning=pruning_state)

@@ -12,7 +12,8 @@ from dpjax import workdir as workdir_lib
 def _finish(path, config, **summary):
   os.makedirs(path, exist_ok=True)
   summary = dict({'test_accuracy': 0.9443, 'epsilon': 2.9996, 'delta': 1e-5,
-                  'steps': 112, 'train_time_s': 7.2, 'private': True,
+                  'steps': 112, workdir_lib.DIAGNOSTICS: {'train_time_s': 7.2},
+                  'private': True,
                   'config': json.loads(json.dumps(config.to_dict(),
                                                   default=str))}, **summary)
   with open(os.path.join(path, 'summary.json'), 'w') as f:

@@ -3,10 +3,12 @@ your own arrays (a .npz file)."""
 
 from __future__ import annotations
 
+from dpjax import keys as keys_lib
 from dpjax.data.base import ArrayDataset
 from dpjax.data.base import cache_root
 from dpjax.data.base import check_dataset
 from dpjax.data.base import DataSplits
+from dpjax.data.base import out_of_domain
 from dpjax.data.base import split_public
 from dpjax.data.base import subsample_train
 
@@ -38,7 +40,7 @@ def _load_one(name: str, manual_dir: str | None, tfds_data_dir: str | None,
 
 def load(name: str, *, manual_dir: str | None = None,
          tfds_data_dir: str | None = None, public_fraction: float = 0.0,
-         public_seed: int = 0, public_dataset: str | None = None,
+         key=None, public_dataset: str | None = None,
          public_manual_dir: str | None = None, public_size: int | None = None,
          train_size: int | None = None, path: str | None = None,
          num_classes: int | None = None,
@@ -47,22 +49,25 @@ def load(name: str, *, manual_dir: str | None = None,
 
   Public data, never trained on privately and never charged to the
   accountant, comes from one of two places: with ``public_fraction > 0`` a
-  seeded slice of the training set (removed from the private set, see
+  random slice of the training set (removed from the private set, see
   :func:`split_public`); with ``public_dataset`` the training split of
   another dataset with the same image shape (e.g. Fashion-MNIST for MNIST).
-  ``public_size`` keeps that many public examples (seeded, from the indices
-  alone). ``train_size`` keeps a seeded subset of the private training set
-  (for small experiments; N is then ``train_size``).
+  ``public_size`` keeps that many public examples (random, from the indices
+  alone). ``train_size`` keeps a random subset of the private training set
+  (for small experiments; N is then ``train_size``). The random choices
+  come from ``key``, the run's public data stream
+  (``keys.public_root(config.seed, keys.DATA)``).
 
   ``name='arrays'`` reads the ``.npz`` file ``path`` (images, labels and
   optionally a test split; :mod:`dpjax.data.arrays`), with ``num_classes``
-  (None: largest label + 1) and ``test_fraction`` (held out when the file
-  has no test split). ``tfds_data_dir`` is the cache of prepared datasets
-  (:func:`cache_root` decides the default).
+  (None: largest label + 1) and ``test_fraction`` (held out, by ``key``,
+  when the file has no test split). ``tfds_data_dir`` is the cache of
+  prepared datasets (:func:`cache_root` decides the default).
   """
+  rng = None if key is None else keys_lib.host_rng(key)
   splits = _load_one(name, manual_dir, tfds_data_dir, path=path,
                      num_classes=num_classes, test_fraction=test_fraction,
-                     split_seed=public_seed)
+                     rng=rng)
   if public_dataset is not None:
     if public_fraction:
       raise ValueError(
@@ -83,15 +88,14 @@ def load(name: str, *, manual_dir: str | None = None,
     splits = splits._replace(public=public, source=dict(
         splits.source or {}, public=public_splits.source))
   else:
-    splits = split_public(splits, public_fraction, public_seed)
+    splits = split_public(splits, public_fraction, rng)
   if public_size is not None:
     if splits.public is None:
       raise ValueError(
           'data.public_size is set but there is no public data; set'
           ' data.public_fraction or data.public_dataset.')
     splits = splits._replace(public=subsample_train(
-        splits._replace(train=splits.public), public_size,
-        public_seed).train)
+        splits._replace(train=splits.public), public_size, rng).train)
   if train_size is not None:
-    splits = subsample_train(splits, train_size, public_seed)
+    splits = subsample_train(splits, train_size, rng)
   return splits

@@ -6,7 +6,7 @@ trains on the arrays of ``np.savez('my_data.npz', images=..., labels=...)``:
 * ``images`` [N, H, W] or [N, H, W, C] and integer ``labels`` [N]: the
   private training set (N is the dataset size of the guarantee);
 * optionally ``test_images`` and ``test_labels``, the held-out test set;
-  without them a seeded ``test_fraction`` of the rows is held out, chosen
+  without them a random ``test_fraction`` of the rows (the run's public data stream) is held out, chosen
   from the indices alone (never from the data);
 * Keras' names (``x_train``, ``y_train``, ``x_test``, ``y_test``) work too.
 
@@ -61,7 +61,8 @@ def _labels(y: np.ndarray, path: str, key: str) -> np.ndarray:
 
 
 def load(path: str, *, num_classes: int | None = None,
-         test_fraction: float = 0.1, split_seed: int = 0) -> base.DataSplits:
+         test_fraction: float = 0.1,
+         rng: np.random.Generator | None = None) -> base.DataSplits:
   """The splits of the ``.npz`` file ``path`` (see the module docstring)."""
   if not path:
     raise ValueError(
@@ -90,7 +91,7 @@ def load(path: str, *, num_classes: int | None = None,
                              _labels(found['test_labels'], path,
                                      'test_labels'))
   else:
-    train, test = _hold_out(train, test_fraction, split_seed, path)
+    train, test = _hold_out(train, test_fraction, rng, path)
   if num_classes is None:
     num_classes = int(max(train.labels.max(initial=0),
                           test.labels.max(initial=0))) + 1
@@ -99,8 +100,8 @@ def load(path: str, *, num_classes: int | None = None,
       source={'files': [base.file_record(path)]})
 
 
-def _hold_out(train: base.ArrayDataset, test_fraction: float, seed: int,
-              path: str) -> tuple[base.ArrayDataset, base.ArrayDataset]:
+def _hold_out(train: base.ArrayDataset, test_fraction: float,
+              rng: np.random.Generator | None, path: str) -> tuple[base.ArrayDataset, base.ArrayDataset]:
   n = len(train)
   num_test = int(round(test_fraction * n))
   if not 0 < test_fraction < 1 or not 0 < num_test < n:
@@ -108,7 +109,7 @@ def _hold_out(train: base.ArrayDataset, test_fraction: float, seed: int,
         f'{path} has no test split, and data.test_fraction={test_fraction!r}'
         f' of {n} rows holds out no test set or every row; use a fraction in'
         ' (0, 1), or add test_images and test_labels to the file.')
-  order = np.random.default_rng(seed).permutation(n)
+  order = base.require_rng(rng).permutation(n)
   test, rest = np.sort(order[:num_test]), np.sort(order[num_test:])
   take = lambda i: base.ArrayDataset(train.images[i], train.labels[i])
   return take(rest), take(test)

@@ -42,11 +42,12 @@ class DataSplits(NamedTuple):
 
 
 def split_public(splits: DataSplits, public_fraction: float,
-                 seed: int = 0) -> DataSplits:
-  """Moves a seeded random ``public_fraction`` of ``train`` to ``public``.
+                 rng: np.random.Generator | None = None) -> DataSplits:
+  """Moves a random ``public_fraction`` of ``train`` to ``public``.
 
-  The held-out slice is chosen from the indices alone (never from the data),
-  and removed from the private set, so the private N shrinks accordingly.
+  The held-out slice is chosen from the indices alone (never from the data)
+  with ``rng`` (the run's public data stream, :mod:`dpjax.keys`), and
+  removed from the private set, so the private N shrinks accordingly.
   """
   if public_fraction == 0:
     return splits
@@ -59,29 +60,37 @@ def split_public(splits: DataSplits, public_fraction: float,
     raise ValueError(
         f'public_fraction={public_fraction} of {n} examples leaves an empty'
         ' public or private split.')
-  order = np.random.default_rng(seed).permutation(n)
+  order = require_rng(rng).permutation(n)
   public, private = np.sort(order[:num_public]), np.sort(order[num_public:])
   take = lambda ds, i: ArrayDataset(ds.images[i], ds.labels[i])
   return splits._replace(train=take(splits.train, private),
                          public=take(splits.train, public))
 
 
+def require_rng(rng: np.random.Generator | None) -> np.random.Generator:
+  if rng is None:
+    raise ValueError(
+        'a random split or subset needs rng= (e.g. keys.host_rng('
+        'keys.public_root(seed, keys.DATA))): no module picks its own seed.')
+  return rng
+
+
 def subsample_train(splits: DataSplits, size: int,
-                    seed: int = 0) -> DataSplits:
-  """Keeps a seeded random ``size`` examples of ``train`` (chosen by index)."""
+                    rng: np.random.Generator | None = None) -> DataSplits:
+  """Keeps ``size`` random examples of ``train``, chosen by index with ``rng``."""
   n = len(splits.train)
   if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
       not 0 < size <= n):
     raise ValueError(
         f'a subset size must be an integer in [1, {n}] (the examples'
         f' available), got {size!r}.')
-  keep = np.sort(np.random.default_rng(seed).permutation(n)[:size])
+  keep = np.sort(require_rng(rng).permutation(n)[:size])
   return splits._replace(train=ArrayDataset(splits.train.images[keep],
                                             splits.train.labels[keep]))
 
 
-def check_dataset(ds: ArrayDataset, num_classes: int, where: str) -> None:
-  """Refuses data a training run would silently mishandle."""
+def check_dataset(ds: ArrayDataset, where: str) -> None:
+  """Refuses data of the wrong structure (never describing its values)."""
   if ds.images.shape[0] != ds.labels.shape[0]:
     raise ValueError(
         f'{where}: {ds.images.shape[0]} images but {ds.labels.shape[0]}'
@@ -90,13 +99,21 @@ def check_dataset(ds: ArrayDataset, num_classes: int, where: str) -> None:
     raise ValueError(
         f'{where}: images must have shape [N, H, W, C], got'
         f' {ds.images.shape}.')
-  if not np.all(np.isfinite(ds.images)):
-    raise ValueError(f'{where}: images contain NaN or Inf values.')
-  if ds.labels.size and (ds.labels.min() < 0
-                         or ds.labels.max() >= num_classes):
-    raise ValueError(
-        f'{where}: labels must lie in [0, {num_classes}), got range'
-        f' [{ds.labels.min()}, {ds.labels.max()}].')
+
+
+def out_of_domain(ds: ArrayDataset, num_classes: int,
+                  max_abs: float) -> dict[str, int]:
+  """How many records have a bad image or label: counts only, no values.
+
+  An image is out of its domain if any value is non-finite or beyond
+  ``max_abs``; a label if it lies outside ``[0, num_classes)``.
+  """
+  flat = np.asarray(ds.images).reshape(len(ds.images), -1)
+  with np.errstate(invalid='ignore'):
+    bad_image = ~np.all(np.isfinite(flat) & (np.abs(flat) <= max_abs), axis=1)
+  labels = np.asarray(ds.labels)
+  bad_label = (labels < 0) | (labels >= num_classes)
+  return {'image': int(bad_image.sum()), 'label': int(bad_label.sum())}
 
 
 def file_record(path: str) -> dict[str, Any]:
