@@ -29,6 +29,7 @@ from dpjax.per_example import clipped_grad
 from dpjax.per_example import ClippedGrad
 from dpjax.per_example import per_example_grads
 from dpjax.per_example import PerExampleStats
+from dpjax.per_example import StepInputs
 from dpjax.plan import ClippingConfig
 from dpjax.plan import DPPlan
 from dpjax.plan import make_plan

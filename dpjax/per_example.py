@@ -63,6 +63,33 @@ def examples_and_mask(batch: PyTree, mask: Any) -> tuple[PyTree, Any]:
   return batch, mask
 
 
+class StepInputs(NamedTuple):
+  """What a step feeds the per-example loss besides the example itself.
+
+  One named pytree, passed as the loss's third argument by every engine, so
+  that features wrapping the loss (augmentation multiplicity, pruning,
+  normalization policies, dropout) read their field by name whatever order
+  they were stacked in. Fields a run does not use stay None.
+
+  Attributes:
+    aug_key: the step's augmentation key (stream ``keys.AUGMENT``); each
+      example folds in its dataset index (:mod:`dpjax.augmult`).
+    dropout_key: the step's dropout key (stream ``keys.DROPOUT``); each
+      example folds in its dataset index, so its mask does not depend on its
+      row, microbatch or device.
+    model_state: non-parameter collections the loss runs with (BatchNorm
+      statistics under a :mod:`dpjax.normalization` policy).
+    public: the step's public batch (public BatchNorm statistics).
+    param_mask: the step's parameter mask (:mod:`dpjax.pruning`).
+  """
+
+  aug_key: Any = None
+  dropout_key: Any = None
+  model_state: PyTree = None
+  public: PyTree = None
+  param_mask: PyTree = None
+
+
 class PerExampleStats(NamedTuple):
   """Per-example diagnostics of one clipped-gradient call.
 
