@@ -42,6 +42,16 @@ def test_constraints_pin_exactly_the_declared_lower_bounds():
     assert ('>=', version) in specs, (name, version, reqs[name])
 
 
+def test_readme_states_the_declared_lower_bounds():
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    section = f.read().split('## Supported versions')[1].split('\n## ')[0]
+  section = ' '.join(section.split())
+  pins = _lower_pins()
+  assert f'jax and jaxlib {pins["jax"]} to' in section
+  for name in set(pins) - {'jax', 'jaxlib'}:
+    assert f'{name} >= {pins[name]}' in section, name
+
+
 def test_supported_range_is_read_from_pyproject():
   pins = _lower_pins()
   assert _install.supported_range(PYPROJECT) == {
