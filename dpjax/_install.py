@@ -70,7 +70,8 @@ def installed_jax() -> dict[str, str]:
   for dist in importlib.metadata.distributions():
     name = dist.metadata['Name'] or ''
     if _JAX_FAMILY.match(name):
-      found[name.lower().replace('_', '-')] = dist.version
+      # The first one on sys.path is the one imported; later ones are shadowed.
+      found.setdefault(name.lower().replace('_', '-'), dist.version)
   return found
 
 
@@ -102,7 +103,7 @@ def plan(installed: dict[str, str], supported: dict[str, str]) -> Plan:
         ' that range. Nothing was installed.'
         ' Upgrade jax first (Colab GPU: pip install -U "jax[cuda12]"; TPU:'
         ' pip install -U "jax[tpu]"; CPU: pip install -U jax), restart the'
-        ' runtime and run this cell again.'))
+        ' runtime and run this again.'))
   keep = tuple(f'{n}=={v}' for n, v in sorted(installed.items()))
   return Plan(True, keep, f'Keeping the installed {have} (within {wanted}):'
               ' dpjax and its other dependencies are installed around it.')
