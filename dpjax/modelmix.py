@@ -465,19 +465,6 @@ def failed_assumptions(
   return failed
 
 
-def with_refined_clipping(plan: plan_lib.DPPlan, p: float) -> plan_lib.DPPlan:
-  """``plan`` with its flat clipping replaced by :func:`clip_l2_then_linf`.
-
-  The L2 bound, hence the sensitivity and the noise, are unchanged. A plan
-  whose clipping is not flat (another method's) is returned as it is; the
-  ModelMix epsilon is then withheld by :func:`failed_assumptions`.
-  """
-  if plan.clipping.name != 'flat':
-    return plan
-  return dataclasses.replace(
-      plan, clipping=clip_l2_then_linf(plan.config.clip_norm, p))
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelMixAccountant:
   """The ModelMix epsilon of a DP-SGD plan whose steps end with the mixing.
