@@ -34,12 +34,12 @@ from dpjax import batch_clipping
 from dpjax import clipping as clipping_lib
 from dpjax import distributed
 from dpjax import ghost
-from dpjax import per_example
+from dpjax import per_example as per_example_lib
 from dpjax import sampling
 
 PyTree = Any
-Engine = Callable[[PyTree, sampling.Batch, Any, per_example.StepInputs],
-                  per_example.ClippedGrad]
+Engine = Callable[[PyTree, sampling.Batch, Any, per_example_lib.StepInputs],
+                  per_example_lib.ClippedGrad]
 ROUTES = ghost.GRAD_ROUTES
 
 
@@ -62,7 +62,7 @@ class LossSpec(NamedTuple):
   vmap_only: str | None = None
 
 
-def _with_inputs(fn: Callable[..., per_example.ClippedGrad]) -> Engine:
+def _with_inputs(fn: Callable[..., per_example_lib.ClippedGrad]) -> Engine:
   """An engine from a ``fn(params, batch, mask, *, clip_state, args)``."""
 
   def engine(params, batch, clip_state, inputs):
@@ -140,17 +140,17 @@ def summed(loss: LossSpec) -> Engine:
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def engine(params, batch, clip_state, inputs):
-    examples, mask = per_example.examples_and_mask(batch,
-                                                   per_example.MASK_REQUIRED)
+    examples, mask = per_example_lib.examples_and_mask(batch,
+                                                   per_example_lib.MASK_REQUIRED)
     mask = jnp.asarray(mask, bool)
     (_, (values, aux)), grads = grad_fn(params, examples, mask, inputs)
     if loss.group_loss_fn is not None:
       # A piece of padding only has no statistics (and NaN gradients).
       grads = jax.tree.map(lambda g: jnp.where(mask.any(), g, 0), grads)
     zero = jnp.zeros((), jnp.int32)
-    stats = per_example.PerExampleStats(
+    stats = per_example_lib.PerExampleStats(
         values, jnp.zeros(mask.shape), zero, zero, aux)
-    return per_example.ClippedGrad(grads, clip_state, stats)
+    return per_example_lib.ClippedGrad(grads, clip_state, stats)
 
   return engine
 

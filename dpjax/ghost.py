@@ -720,7 +720,12 @@ def clipped_grad(
       loss, aux = value if has_aux else (value, None)
       return loss, (capture.inputs, aux)
 
-    zeros = [jnp.zeros((m,) + l.out_shape, jnp.float32) for l in layers]
+    # Perturbations derived from the mask, so that under jax.shard_map they
+    # vary over the devices like the rows: the gradient of a replicated
+    # zero would be summed over all devices' rows.
+    rows = jnp.zeros_like(mask, jnp.float32)
+    zeros = [jnp.zeros((m,) + l.out_shape, jnp.float32)
+             + rows.reshape((m,) + (1,) * len(l.out_shape)) for l in layers]
     fb_leaves = [leaves[i] for i in plan.fallback]
     (losses, (inputs, aux)), (fb_grads, out_grads) = jax.vmap(
         jax.value_and_grad(one, argnums=(0, 1), has_aux=True),

@@ -21,6 +21,7 @@ from dpjax import data as data_lib
 from dpjax import models
 from dpjax import sampling
 from dpjax import train
+from dpjax.training import run as run_lib
 
 Relation = dp_accounting.NeighboringRelation
 TOL = 1e-5
@@ -397,7 +398,7 @@ class TestAlc:
     params = model.init(jax.random.key(0), splits.train.images[:1])['params']
 
     def thresholds_with(s):
-      alc = train.layerwise_thresholds(plan, model, s)
+      alc = run_lib.alc_feature(plan, model, s, None).schedule
       return [float(c) for c in jax.tree.leaves(alc(params, 0))]
 
     def change(ds, i):

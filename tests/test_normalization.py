@@ -18,6 +18,8 @@ from dpjax.data import idx
 from dpjax import keys
 from dpjax import normalization
 from dpjax import per_example
+from dpjax import models
+from dpjax import plan as plan_lib
 from dpjax import train
 
 SHAPE = (4, 4, 1)
@@ -173,7 +175,8 @@ def test_batch_statistics_are_those_of_training_mode(tiny):
 def _per_example(norm, params, model_state, batch, public):
   fn = jax.jit(per_example.per_example_grads(norm.example_loss(),
                                              has_aux=norm.has_aux))
-  _, grads = fn(params, batch, model_state, public)
+  _, grads = fn(params, batch,
+                dpjax.StepInputs(model_state=model_state, public=public))
   return grads
 
 
@@ -234,11 +237,13 @@ def test_public_statistics_gradient_is_that_of_the_public_mix(tiny):
 
 def _train_steps(tiny, policy, steps=3, physical_batch_size=None, **kwargs):
   model, _ = tiny
+  share = kwargs.get('stats_budget', 0.1) if policy == 'privatized' else None
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=8,
-      steps=steps), 64, pad_to_multiple_of=4, keys=TEST_KEYS)
+      steps=steps, stats_share=share), 64, pad_to_multiple_of=4,
+                         keys=TEST_KEYS)
   norm = _normalizer(tiny, policy, plan=plan, **kwargs)
-  tx = optax.chain(norm.gradient_noise(plan), optax.sgd(0.5))
+  tx = optax.chain(plan.noise(), optax.sgd(0.5))
   state = train.create_train_state(model, jax.random.key(0, impl='rbg'),
                                    SHAPE, tx, norm)
   start = jax.tree.map(jnp.copy, state)  # the step donates its input
@@ -285,7 +290,7 @@ def test_public_and_privatized_statistics_move(tiny, policy):
 def _privatized(tiny, sigma=1.0, budget=0.2, clip=3.0, momentum=0.0):
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=1.0, noise_multiplier=sigma, expected_batch_size=16,
-      steps=10), 1000, keys=TEST_KEYS)
+      steps=10, stats_share=budget), 1000, keys=TEST_KEYS)
   return plan, _normalizer(tiny, 'privatized', plan=plan, stats_budget=budget,
                            stats_clip_norm=clip, momentum=momentum)
 
@@ -294,7 +299,7 @@ def test_privatized_statistics_noise_std(tiny):
   """KS test: the released means carry N(0, (sigma_s C_s / B)^2) noise."""
   model, variables = tiny
   plan, norm = _privatized(tiny)
-  sigma_g, sigma_s = normalization.split_noise_multiplier(1.0, 0.2)
+  sigma_g, sigma_s = accounting.split_noise_multiplier(1.0, 0.2)
   assert norm.stats_noise_std == pytest.approx(sigma_s * 3.0)
   state = norm.init_state(variables)
   center = normalization.stats_to_moments(state['batch_stats'])
@@ -335,7 +340,8 @@ def test_privatized_release_costs_one_step_at_the_plan_sigma(tiny):
   plan, norm = _privatized(tiny, sigma=1.2, budget=0.3)
   sigma_g, sigma_s = norm.gradient_noise_multiplier, norm.stats_noise_multiplier
   assert (sigma_g ** -2 + sigma_s ** -2) ** -0.5 == pytest.approx(1.2)
-  assert sigma_g > 1.2 and norm.gradient_noise(plan) is not None
+  assert sigma_g > 1.2 and plan.grad_noise_multiplier == sigma_g
+  assert plan.stats_noise_multiplier == sigma_s
   ledger = accounting.PrivacyLedger()
   for _ in range(plan.num_steps):
     ledger.record(plan.step_event())
@@ -382,7 +388,8 @@ def test_batch_group_loss_ignores_padding_rows(tiny):
   loss_fn = jax.jit(jax.value_and_grad(
       normalization.batchnorm_group_loss(model), has_aux=True))
   mask = jnp.arange(5) < 3
-  state = {'batch_stats': variables['batch_stats']}
+  state = dpjax.StepInputs(
+      model_state={'batch_stats': variables['batch_stats']})
   outs = [loss_fn(variables['params'], _group(3, v), mask, state)
           for v in (0.0, 1e6, jnp.nan)]
   (loss, aux), grads = outs[0]
@@ -463,7 +470,7 @@ def test_mnist_bn_public_config_runs(tmp_path, fast_compile):
 
 def test_privatized_run_from_config_fields(monkeypatch, tmp_path):
   """dpjax-train with BatchNorm-privatized: summary states the true noise."""
-  monkeypatch.setattr(train.models, 'get_model', lambda *a, **k: TinyBN())
+  monkeypatch.setattr(models, 'get_model', lambda *a, **k: TinyBN())
   config = default.get_config()
   config.progress_bar = False
   config.normalization.policy = 'privatized'
@@ -556,8 +563,9 @@ def test_policies_refuse_a_device_mesh(tiny):
 def test_non_private_batchnorm_trains_over_real_rows_of_each_piece(tiny):
   model, variables = tiny
   norm = normalization.make_normalizer(model, variables, private=False)
+  tx = optax.chain(plan_lib.NonPrivatePlan().noise(), optax.sgd(0.1))
   state = train.create_train_state(model, jax.random.key(0, impl='rbg'),
-                                   SHAPE, optax.sgd(0.1), norm)
+                                   SHAPE, tx, norm)
   start = jax.tree.map(jnp.copy, state.model_state)
   step_fn = train.make_train_step(model, None, normalizer=norm,
                                   physical_batch_size=4)
@@ -574,7 +582,7 @@ def test_non_private_batchnorm_trains_over_real_rows_of_each_piece(tiny):
 def test_batch_policy_runs_from_config_fields(monkeypatch, tmp_path):
   """dpjax-train: BatchNorm-in-training-mode inside batch-clipping groups,
   running statistics from public batches for evaluation."""
-  monkeypatch.setattr(train.models, 'get_model', lambda *a, **k: TinyBN())
+  monkeypatch.setattr(models, 'get_model', lambda *a, **k: TinyBN())
   config = default.get_config()
   config.progress_bar = False
   config.normalization.policy = 'batch'

@@ -182,22 +182,33 @@ class TestRefusal:
     with pytest.raises((ValueError, TypeError), match=match):
       pruning.PruningConfig(**kwargs)
 
-  def test_non_private_run_is_refused(self, tmp_path):
+  def test_non_private_baseline_prunes_too(self, tmp_path):
+    """The baseline of a pruned DP run: the same masks, no noise."""
     config = default.get_config()
+    config.progress_bar = False
     config.privacy.enabled = False
+    config.privacy.steps = 3
     config.pruning.mode = 'freeze'
     config.pruning.keep_fraction = 0.5
-    with pytest.raises(ValueError, match='applies to DP-SGD'):
-      train.train_and_evaluate(config, str(tmp_path))
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary['epsilon'] == float('inf')
+    assert summary['pruning']['keep_fraction'] == 0.5
 
-
-  def test_modelmix_is_refused(self, tmp_path):
+  def test_modelmix_composes_with_its_epsilon_withheld(self, tmp_path):
+    """Standard epsilon (ModelMix is post-processing); ModelMix's withheld:
+    its analysis assumes every coordinate noised and mixed alike."""
     config = default.get_config()
+    config.progress_bar = False
+    config.privacy.steps = 3
+    config.privacy.noise_multiplier = 1.0
+    config.privacy.target_epsilon = None
     config.modelmix.enabled = True
     config.pruning.mode = 'freeze'
     config.pruning.keep_fraction = 0.5
-    with pytest.raises(ValueError, match='do not compose'):
-      train.train_and_evaluate(config, str(tmp_path))
+    with pytest.warns(UserWarning, match='every coordinate noised'):
+      summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary['epsilon_modelmix'] is None
+    assert summary['epsilon'] > 0
 
 
 class TestMaskedGradient:

@@ -390,9 +390,11 @@ REFUSALS: tuple[Refusal, ...] = (
             " batch clipping's shuffling accountant (replace-one, per epoch)"
             " does not cover that release: use 'batch', 'public' or 'frozen'"
             ' with batch clipping.', privacy=True),
-    Refusal(lambda s: s.mode == 'none' and s.pruning != 'none',
-            "config.pruning saves privacy noise, so it applies to DP-SGD: set"
-            " privacy.enabled=True or pruning.mode='none'.", privacy=False),
+    Refusal(lambda s: s.mode in ('per_layer', 'adaptive') and s.route in (
+        'ghost', 'bookkeeping'),
+            'ghost norms and book-keeping clip from one global norm per'
+            ' example; per-layer and adaptive thresholds take the vmap route:'
+            " set perf.grad_route='auto'.", privacy=False),
     Refusal(lambda s: s.mode == 'batch' and s.route in ('ghost',
                                                        'bookkeeping'),
             "clipping.mode='batch' clips group gradients by vmap over the"
