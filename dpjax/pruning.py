@@ -405,7 +405,7 @@ def masked_loss(loss_fn: LossFn) -> LossFn:
     >>> import jax.numpy as jnp
     >>> import dpjax
     >>> from dpjax import pruning
-    >>> loss = pruning.masked_loss(lambda w, ex: jnp.sum(w * ex['g']))
+    >>> loss = pruning.masked_loss(lambda w, ex, inputs: jnp.sum(w * ex['g']))
     >>> fn = dpjax.clipped_grad(loss, dpjax.clip_per_example(1.0))
     >>> batch = {'g': jnp.array([[100.0, 0.3]])}   # mass on a masked coordinate
     >>> inputs = dpjax.StepInputs(param_mask=jnp.array([False, True]))

@@ -235,7 +235,8 @@ def test_public_statistics_gradient_is_that_of_the_public_mix(tiny):
       np.testing.assert_allclose(a[i], b, rtol=2e-3, atol=2e-5)
 
 
-def _train_steps(tiny, policy, steps=3, physical_batch_size=None, **kwargs):
+def _train_steps(tiny, policy, steps=3, physical_batch_size=None, mesh=None,
+                 **kwargs):
   model, _ = tiny
   share = kwargs.get('stats_budget', 0.1) if policy == 'privatized' else None
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
@@ -247,8 +248,11 @@ def _train_steps(tiny, policy, steps=3, physical_batch_size=None, **kwargs):
   state = train.create_train_state(model, jax.random.key(0, impl='rbg'),
                                    SHAPE, tx, norm)
   start = jax.tree.map(jnp.copy, state)  # the step donates its input
+  if mesh is not None:
+    from dpjax import distributed  # pylint: disable=g-import-not-at-top
+    state = distributed.put_replicated(state, mesh)
   step_fn = train.make_train_step(model, plan, normalizer=norm,
-                                  stats_key=jax.random.key(2),
+                                  stats_key=jax.random.key(2), mesh=mesh,
                                   physical_batch_size=physical_batch_size)
   images = _images(64, seed=5)
   labels = jnp.asarray(np.random.default_rng(5).integers(0, 3, 64))
@@ -551,13 +555,16 @@ def test_privatized_statistics_noised_once_over_physical_batches(tiny):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
 
 
-def test_policies_refuse_a_device_mesh(tiny):
+def test_policies_run_on_a_device_mesh(tiny):
+  """Once refused: the statistics policies under the sharded engine
+  (1 device here; 2 and 8 in tests/test_distributed.py)."""
   from dpjax import distributed  # pylint: disable=g-import-not-at-top
-  plan = _bc_plan()
-  norm = _normalizer(tiny, 'frozen', plan=plan)
-  with pytest.raises(ValueError, match='num_devices=1'):
-    train.make_train_step(tiny[0], plan, normalizer=norm,
-                          mesh=distributed.make_mesh(1))
+  _, ref = _train_steps(tiny, 'privatized', steps=1)
+  _, sharded = _train_steps(tiny, 'privatized', steps=1,
+                            mesh=distributed.make_mesh(1))
+  for a, b in zip(jax.tree.leaves((ref.params, ref.model_state)),
+                  jax.tree.leaves((sharded.params, sharded.model_state))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_non_private_batchnorm_trains_over_real_rows_of_each_piece(tiny):
