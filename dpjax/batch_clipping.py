@@ -31,6 +31,7 @@ mask; the thresholds are functions of public data and public constants.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -46,6 +47,17 @@ PyTree = Any
 GroupLossFn = Callable[..., Any]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GroupClipSpec(clipping_lib.ClipSpec):
+  """:class:`dpjax.clipping.ClipSpec` of a clipping of group gradients.
+
+  Attributes:
+    group_size: m, the examples per group.
+  """
+
+  group_size: int
+
+
 class BatchClipping(clipping_lib.PerExampleClipping):
   """A clipping transform applied to group gradients, with BC's sensitivity.
 
@@ -54,7 +66,9 @@ class BatchClipping(clipping_lib.PerExampleClipping):
   C-ball, so the sensitivity is 2C under add/remove too.
   """
 
-  group_size: int
+  spec_type = GroupClipSpec
+  spec: GroupClipSpec
+  group_size = property(lambda self: self.spec.group_size)
 
   def relation_factor(self, relation=clipping_lib.NeighboringRelation
                       .ADD_OR_REMOVE_ONE) -> float:
@@ -78,16 +92,14 @@ def clip_groups_of(clipping: clipping_lib.PerExampleClipping,
     group_size: m >= 1.
 
   Returns:
-    A :class:`BatchClipping` with the same state and clip function.
+    A :class:`BatchClipping` with the same state and clip function. It
+    clips group gradients, which only :func:`batch_clipped_grad` computes,
+    so it declares no ``scales_from_norms`` (no per-example route).
   """
   group_size = _validation.positive_int('group_size', group_size)
-  tx = clipping_lib.make_per_example_clipping(
-      clipping.init, clipping.clip, clipping.l2_bound,
-      f'batch_{clipping.name}', bound_fn=clipping.bound_fn,
-      noise_scale_fn=clipping.noise_scale_fn,
-      end_step_fn=clipping.end_step_fn, cls=BatchClipping)
-  tx.group_size = group_size
-  return tx
+  fields = clipping_lib.spec_fields(clipping.spec)
+  fields.update(name=f'batch_{clipping.name}', scales_from_norms=None)
+  return BatchClipping(GroupClipSpec(**fields, group_size=group_size))
 
 
 def group_loss_from_example_loss(loss_fn: Callable[..., Any],
