@@ -125,11 +125,14 @@ def batch_clipped_grad(
     microbatch_size: int | None = None,
     has_aux: bool = False,
 ) -> Callable[..., per_example.ClippedGrad]:
-  """Builds ``fn(params, batch, mask, *, clip_state=None, args=())``.
+  """Builds the batch-clipping engine ``fn``.
 
+  ``fn(params, batch, mask, *, clip_state=None, args=(), param_mask=None)``:
   ``batch`` and ``mask`` as in :func:`dpjax.clipped_grad` (a
-  :class:`dpjax.Batch`, or examples with their mask). The batch of s rows (s a multiple of m = ``clipping.group_size``) is cut
-  into K = s / m consecutive groups; ``fn`` returns the sum over groups of
+  :class:`dpjax.Batch`, or examples with their mask), ``param_mask`` cuts
+  every group gradient to a pruning mask before it is clipped. The batch of
+  s rows (s a multiple of m = ``clipping.group_size``) is cut into K = s / m
+  consecutive groups; ``fn`` returns the sum over groups of
   ``clip(grad group_loss_fn(params, group, group_mask, *args))``. Padding
   rows (``mask`` False) are zeroed before the group loss sees them, and a
   group with no real row contributes nothing. The group loss must exclude
@@ -181,7 +184,7 @@ def batch_clipped_grad(
       has_aux=has_aux)
 
   def fn(params, batch, mask=per_example.MASK_REQUIRED, *, clip_state=None,
-         args=()) -> per_example.ClippedGrad:
+         args=(), param_mask=None) -> per_example.ClippedGrad:
     batch, mask = per_example.examples_and_mask(batch, mask)
     size = per_example.batch_size_of(batch)
     if size % m:
@@ -198,7 +201,8 @@ def batch_clipped_grad(
         lambda x: x.reshape((size // m, m) + jnp.shape(x)[1:]), clean)
     group_masks = mask.reshape(size // m, m)
     return inner(params, {'rows': groups, 'mask': group_masks},
-                 group_masks.any(axis=1), clip_state=clip_state, args=args)
+                 group_masks.any(axis=1), clip_state=clip_state, args=args,
+                 param_mask=param_mask)
 
   return fn
 
