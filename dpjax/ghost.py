@@ -411,6 +411,65 @@ def _used_invars(jaxpr) -> set:
   return used
 
 
+def _discover_calls(loss_fn, treedef, leaves, example, args) -> list:
+  """(path, Layer or reason to skip) for every Dense/Conv call, in order."""
+  found: list = []
+
+  def discover(leaves, example):
+    index = {id(x): i for i, x in enumerate(leaves)}
+    top = jax.tree.leaves((example, leaves))[0]._trace
+
+    def interceptor(next_fun, call_args, kwargs, context):
+      out = next_fun(*call_args, **kwargs)
+      if _supported_call(context):
+        # Under an inner transformation (a vmap over augmented views, a
+        # remat, a scan) the captured input would be that trace's value.
+        inner = not call_args or getattr(call_args[0], '_trace',
+                                         None) is not top
+        found.append((tuple(context.module.scope.path), (
+            'called inside a transformation (vmap, remat, scan)' if inner
+            else _inspect_call(context.module, call_args, kwargs, out, index,
+                               len(found)))))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      return loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
+
+  jax.make_jaxpr(discover)(leaves, example)
+  return found
+
+
+def _drop(candidates: list, skipped: dict, bad, reason: str) -> None:
+  for l in bad:
+    candidates.remove(l)
+    skipped[l.call] = (l.path, reason)
+
+
+def _exclusive_layers(loss_fn, treedef, leaves, example, args,
+                      candidates: list, skipped: dict) -> None:
+  """Drops candidates whose parameters the loss also uses elsewhere.
+
+  Owned leaves must be unused once owned layers read their own copies
+  (checked on the jaxpr); dropping one layer can expose another's use, so
+  this repeats until nothing changes.
+  """
+  while candidates:
+    def check(leaves, weights, example):
+      capture = _Capture(candidates, weights, [0.0] * len(candidates))
+      with nn.intercept_methods(capture):
+        return loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
+    weights = [_layer_weights(l, leaves) for l in candidates]
+    closed = jax.make_jaxpr(check)(leaves, weights, example)
+    used = _used_invars(closed.jaxpr)
+    invars = closed.jaxpr.invars[:len(leaves)]
+    bad = [l for l in candidates
+           if invars[l.kernel] in used
+           or (l.bias is not None and invars[l.bias] in used)]
+    if not bad:
+      return
+    _drop(candidates, skipped, bad, 'its parameters are also used elsewhere')
+
+
 def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
               args: Sequence[Any] = (), *, has_aux: bool = False,
               norm_route: str = 'speed') -> GhostPlan:
@@ -436,70 +495,24 @@ def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
     A :class:`GhostPlan`.
   """
   choose_norm_route(1, 1, 1, norm_route)  # validates the name
+  del has_aux  # the plan does not depend on the loss's outputs
   leaves, treedef = jax.tree.flatten(params)
   leaves = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
             for x in leaves]
-  found: list = []
-
-  def discover(leaves, example):
-    index = {id(x): i for i, x in enumerate(leaves)}
-    top = jax.tree.leaves((example, leaves))[0]._trace
-
-    def interceptor(next_fun, call_args, kwargs, context):
-      out = next_fun(*call_args, **kwargs)
-      if _supported_call(context):
-        # Under an inner transformation (a vmap over augmented views, a
-        # remat, a scan) the captured input would be that trace's value.
-        inner = not call_args or getattr(call_args[0], '_trace',
-                                         None) is not top
-        found.append((tuple(context.module.scope.path), (
-            'called inside a transformation (vmap, remat, scan)' if inner
-            else _inspect_call(context.module, call_args, kwargs, out, index,
-                               len(found)))))
-      return out
-
-    with nn.intercept_methods(interceptor):
-      return loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
-
-  jax.make_jaxpr(discover)(leaves, example)
+  found = _discover_calls(loss_fn, treedef, leaves, example, args)
   candidates = [l for _, l in found if isinstance(l, Layer)]
   skipped = {l.call if isinstance(l, Layer) else i: (p, l)
              for i, (p, l) in enumerate(found) if not isinstance(l, Layer)}
-
   # A module called twice shares its weights between calls.
-  counts: dict = {}
-  for l in candidates:
-    counts[l.path] = counts.get(l.path, 0) + 1
-  for l in list(candidates):
-    if counts[l.path] > 1:
-      candidates.remove(l)
-      skipped[l.call] = (l.path, 'called more than once')
-  for l in list(candidates):
-    if l.is_conv and not _geometry_reproduces_output(l):
-      candidates.remove(l)
-      skipped[l.call] = (l.path, 'patch geometry does not match the output')
-
-  # Owned leaves must be unused once owned layers read their own copies.
-  while candidates:
-    def check(leaves, weights, example):
-      capture = _Capture(candidates, weights, [0.0] * len(candidates))
-      with nn.intercept_methods(capture):
-        value = loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
-      return value
-    weights = [_layer_weights(l, leaves) for l in candidates]
-    closed = jax.make_jaxpr(check)(leaves, weights, example)
-    used = _used_invars(closed.jaxpr)
-    invars = closed.jaxpr.invars[:len(leaves)]
-    bad = [l for l in candidates
-           if invars[l.kernel] in used
-           or (l.bias is not None and invars[l.bias] in used)]
-    if not bad:
-      break
-    for l in bad:
-      candidates.remove(l)
-      skipped[l.call] = (l.path, 'its parameters are also used elsewhere')
-
-  del has_aux  # the plan does not depend on the loss's outputs
+  paths = [l.path for l in candidates]
+  _drop(candidates, skipped, [l for l in candidates
+                              if paths.count(l.path) > 1],
+        'called more than once')
+  _drop(candidates, skipped, [l for l in candidates if l.is_conv and not
+                              _geometry_reproduces_output(l)],
+        'patch geometry does not match the output')
+  _exclusive_layers(loss_fn, treedef, leaves, example, args, candidates,
+                    skipped)
   layers = tuple(
       dataclasses.replace(l, norm_route=choose_norm_route(
           l.tokens, l.fan_in, l.features // l.groups, norm_route))
