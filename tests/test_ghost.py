@@ -246,33 +246,44 @@ def test_rejects_clipping_without_norm_method():
 # One compiled function for every hypothesis example: same shapes each time.
 _SENS_PARAMS, _SENS_BATCH, _SENS_LOSS = _setup(ConvNet(), (9, 8, 2),
                                                batch_size=5)
-_SENS_FNS = {r: jax.jit(ghost.clipped_grad(_SENS_LOSS,
-                                           dpjax.clip_per_example(0.7),
-                                           norm_route=r))
-             for r in ('speed', 'ghost')}
+_SENS_CLIPS = {
+    'flat': dpjax.clip_per_example(0.7),
+    'per_layer': dpjax.clip_per_layer(clip_norm=0.7, rule='sqrt_size',
+                                      groups='module'),
+    'adaptive': adaptive_clipping.clip_quantile(
+        0.7, rule='equal', count_noise_std=1.0, expected_batch_size=5, key=0),
+}
+_SENS_FNS = {(r, m): jax.jit(ghost.clipped_grad(_SENS_LOSS, c, norm_route=r))
+             for r in ('speed', 'ghost') for m, c in _SENS_CLIPS.items()}
 
 
 @settings(max_examples=25, deadline=None)
 @given(
     route=st.sampled_from(['speed', 'ghost']),
+    mode=st.sampled_from(sorted(_SENS_CLIPS)),
     j=st.integers(0, 4),
     scale=st.sampled_from([1.0, 1e3, 1e15, 1e30, np.inf, np.nan]),
     seed=st.integers(0, 2**16),
 )
-def test_sensitivity_add_remove_one(route, j, scale, seed):
+def test_sensitivity_add_remove_one(route, mode, j, scale, seed):
   # Neighbours: example j present (mask True) or absent (padding), with any
   # content in row j (ordinary, huge, Inf or NaN pixels).
   images = np.array(_SENS_BATCH['image'])
   rng = np.random.default_rng(seed)
   images[j] = rng.normal(size=images[j].shape) * scale
   batch = {'image': jnp.asarray(images), 'label': _SENS_BATCH['label']}
-  fn = _SENS_FNS[route]
-  with_j = fn(_SENS_PARAMS, batch, jnp.ones(5, bool))
-  without = fn(_SENS_PARAMS, batch, jnp.arange(5) != j)
+  fn = _SENS_FNS[route, mode]
+  state = _SENS_CLIPS[mode].init(_SENS_PARAMS)
+  with_j = fn(_SENS_PARAMS, batch, jnp.ones(5, bool), clip_state=state)
+  without = fn(_SENS_PARAMS, batch, jnp.arange(5) != j, clip_state=state)
   diff = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b,
                       with_j.grad_sum, without.grad_sum)
   dist = np.sqrt(sum(np.sum(d ** 2) for d in jax.tree.leaves(diff)))
-  assert dist <= 0.7 * (1 + TOL)
+  assert dist <= float(_SENS_CLIPS[mode].sensitivity(state=state)) * (1 + TOL)
+  if mode == 'adaptive':  # one row adds exactly +-1/2 to every count
+    for a, b in zip(jax.tree.leaves(with_j.clip_state.counts),
+                    jax.tree.leaves(without.clip_state.counts)):
+      assert abs(float(a) - float(b)) == 0.5
 
 
 @pytest.mark.parametrize('norm_route', ['speed', 'ghost'])
