@@ -15,6 +15,8 @@ with a message.
 
     python scripts/benchmark_peers.py --models mnist_cnn cifar_cnn \\
         --peer-python /work/venv-peers/bin/python --iters 20
+    python scripts/benchmark_peers.py --variants jax-nonprivate dpjax-vmap \\
+        dpjax-bookkeeping dpjax-ghost --dpjax-clipping per_layer
 
 A peer environment (never the one dpjax's tests run in):
 
@@ -76,7 +78,7 @@ def _load_models_module():
   return module
 
 
-def _jax_step(variant, model_name, shape, batch_size):
+def _jax_step(variant, model_name, shape, batch_size, clipping='flat'):
   """(step() -> None, info) for a JAX variant."""
   import jax
   import jax.numpy as jnp
@@ -120,10 +122,12 @@ def _jax_step(variant, model_name, shape, batch_size):
     import dpjax
     from dpjax import ghost
     route = variant.split('-', 1)[1]
-    grad_fn = ghost.clipped_grad_for_route(route, loss_fn,
-                                           dpjax.clip_per_example(CLIP))
+    clip = (dpjax.clip_per_example(CLIP) if clipping == 'flat'
+            else dpjax.clip_per_layer(clip_norm=CLIP, groups='module'))
+    grad_fn = ghost.clipped_grad_for_route(route, loss_fn, clip)
     def step(p, opt_state, key, images, labels):
-      out = grad_fn(p, {'image': images, 'label': labels})
+      # Every row is a real example: the fixed batch has no padding.
+      out = grad_fn(p, {'image': images, 'label': labels}, None)
       return noisy_update(out.grad_sum, key, opt_state, p)
   elif variant == 'optax-dpsgd':
     tx = optax.contrib.dpsgd(LR, CLIP, SIGMA, seed=0, momentum=MOMENTUM)
@@ -217,7 +221,7 @@ def _torch_step(variant, model_name, shape, batch_size):
   return run, {'xla_peak_mb': None, 'num_params': int(num)}
 
 
-def worker(variant, model, batch_size, warmup):
+def worker(variant, model, batch_size, warmup, clipping='flat'):
   """Builds one step, then answers 'step' lines with 'wall cpu' seconds."""
   model_name, shape = MODELS[model]
   base = _rss_mb()
@@ -225,7 +229,7 @@ def worker(variant, model, batch_size, warmup):
     if variant.startswith(('torch', 'opacus')):
       run, info = _torch_step(variant, model_name, shape, batch_size)
     else:
-      run, info = _jax_step(variant, model_name, shape, batch_size)
+      run, info = _jax_step(variant, model_name, shape, batch_size, clipping)
   except ImportError as e:
     print(f'SKIP {variant}: {e}', flush=True)
     return
@@ -258,7 +262,7 @@ def _start(variant, model, args):
   proc = subprocess.Popen(
       [python, os.path.abspath(__file__), '--worker', variant, '--models',
        model, '--batch-size', str(args.batch_size), '--warmup',
-       str(args.warmup)],
+       str(args.warmup), '--dpjax-clipping', args.dpjax_clipping],
       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True, env=env)
   line = proc.stdout.readline()
@@ -345,11 +349,16 @@ def main():
                       default=os.environ.get('DPJAX_PEER_PYTHON',
                                              '/work/venv-peers/bin/python'),
                       help='interpreter with jax_privacy, torch and opacus')
+  parser.add_argument('--dpjax-clipping', default='flat',
+                      choices=('flat', 'per_layer'),
+                      help="dpjax's clipping: flat, or per layer (one group"
+                      ' per module); the peers always clip flat')
   parser.add_argument('--json', help='also write the results to this file')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker(args.worker, args.models[0], args.batch_size, args.warmup)
+    worker(args.worker, args.models[0], args.batch_size, args.warmup,
+           args.dpjax_clipping)
     return
   import platform
   print(f'# {platform.machine()}, {os.cpu_count()} CPUs, python'
