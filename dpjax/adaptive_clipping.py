@@ -150,6 +150,16 @@ def gradient_noise_multiplier(noise_multiplier: float, count_noise_std: float,
   return (z ** -2 - z_b ** -2) ** -0.5
 
 
+def _quantile_init(params: PyTree, *, clip_norms: PyTree | None,
+                   clip_norm: float, rule: str | None, groups: str,
+                   root: jax.Array) -> QuantileClipState:
+  """The initial thresholds, zero counts and the count noise's stream."""
+  norms = clipping_lib.initial_clip_norms(params, clip_norms, clip_norm, rule,
+                                          groups)
+  return QuantileClipState(norms, jax.tree.map(jnp.zeros_like, norms),
+                           *keys_lib.init_stream(root))
+
+
 def _quantile_scales(sq_norms: PyTree, state: QuantileClipState,
                      mask: jax.Array | None):
   """Per-group clipping at the state's thresholds, adding this chunk's counts.
@@ -191,6 +201,17 @@ def _quantile_end_step(state: QuantileClipState, *, count_noise_std: float,
   return QuantileClipState(
       clip_norms, jax.tree.map(jnp.zeros_like, state.counts), state.key,
       state.draws + 1)
+
+
+def _initial_bound(initial_clip_norm: float | PyTree, explicit: bool,
+                   rule: str | None) -> float:
+  """sqrt(sum_i C_i^2) of the initial thresholds, checked."""
+  if not explicit:
+    return _validation.positive('initial_clip_norm', initial_clip_norm)
+  if rule is not None:
+    raise ValueError('give either explicit per-group initial thresholds or a'
+                     f' rule, not both (rule={rule!r}).')
+  return clipping_lib.total_bound(initial_clip_norm)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -276,13 +297,7 @@ def clip_quantile(
     Learning with Adaptive Clipping. https://arxiv.org/abs/1905.03871
   """
   explicit = not isinstance(initial_clip_norm, numbers.Real)
-  if explicit and rule is not None:
-    raise ValueError('give either explicit per-group initial thresholds or a'
-                     f' rule, not both (rule={rule!r}).')
-  if explicit:
-    bound = clipping_lib.total_bound(initial_clip_norm)
-  else:
-    bound = _validation.positive('initial_clip_norm', initial_clip_norm)
+  bound = _initial_bound(initial_clip_norm, explicit, rule)
   count_noise_std = _validation.positive('count_noise_std', count_noise_std)
   end_step_fn = functools.partial(
       _quantile_end_step, count_noise_std=count_noise_std,
@@ -292,14 +307,9 @@ def clip_quantile(
           ' It is the public constant q * N, not the realized batch size.'),
       target_quantile=_validation.open_unit('target_quantile',
                                             target_quantile))
-  root = noise_lib.as_key(key)
-
-  def init_fn(params):
-    norms = clipping_lib.initial_clip_norms(
-        params, initial_clip_norm if explicit else None, bound, rule, groups)
-    return QuantileClipState(norms, jax.tree.map(jnp.zeros_like, norms),
-                             *keys_lib.init_stream(root))
-
+  init_fn = functools.partial(
+      _quantile_init, clip_norms=initial_clip_norm if explicit else None,
+      clip_norm=bound, rule=rule, groups=groups, root=noise_lib.as_key(key))
   return QuantileClipping(QuantileClipSpec(
       init=init_fn, clip=clipping_lib.clip_fn_from_norms(_quantile_scales),
       l2_bound=bound, name='adaptive', bound_fn=clipping_lib.threshold_bound,

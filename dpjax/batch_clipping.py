@@ -118,6 +118,24 @@ def group_loss_from_example_loss(loss_fn: Callable[..., Any],
   return group_loss
 
 
+def _groups(batch: PyTree, mask: jax.Array | None, m: int) -> PyTree:
+  """``{'rows': [K, m, ...], 'mask': [K, m]}``, padding rows zeroed."""
+  size = per_example.batch_size_of(batch)
+  if size % m:
+    raise ValueError(
+        f'the batch has {size} rows, not a multiple of the group size'
+        f' {m}; pad it (with mask=False rows) to a multiple of {m}.')
+  mask = clipping_lib.as_mask(mask, size)
+  # A masked row must not reach the gradient even through a zero cotangent
+  # (0 * NaN = NaN), so its values are replaced by zeros.
+  clean = jax.tree.map(
+      lambda x: jnp.where(mask.reshape((-1,) + (1,) * (jnp.ndim(x) - 1)),
+                          x, jnp.zeros((), jnp.result_type(x))), batch)
+  return {'rows': jax.tree.map(
+      lambda x: x.reshape((size // m, m) + jnp.shape(x)[1:]), clean),
+          'mask': mask.reshape(size // m, m)}
+
+
 def batch_clipped_grad(
     group_loss_fn: GroupLossFn,
     clipping: BatchClipping,
@@ -185,24 +203,9 @@ def batch_clipped_grad(
 
   def fn(params, batch, mask=per_example.MASK_REQUIRED, *, clip_state=None,
          args=(), param_mask=None) -> per_example.ClippedGrad:
-    batch, mask = per_example.examples_and_mask(batch, mask)
-    size = per_example.batch_size_of(batch)
-    if size % m:
-      raise ValueError(
-          f'the batch has {size} rows, not a multiple of the group size'
-          f' {m}; pad it (with mask=False rows) to a multiple of {m}.')
-    mask = clipping_lib.as_mask(mask, size)
-    # A masked row must not reach the gradient even through a zero
-    # cotangent (0 * NaN = NaN), so its values are replaced by zeros.
-    clean = jax.tree.map(
-        lambda x: jnp.where(mask.reshape((-1,) + (1,) * (jnp.ndim(x) - 1)),
-                            x, jnp.zeros((), jnp.result_type(x))), batch)
-    groups = jax.tree.map(
-        lambda x: x.reshape((size // m, m) + jnp.shape(x)[1:]), clean)
-    group_masks = mask.reshape(size // m, m)
-    return inner(params, {'rows': groups, 'mask': group_masks},
-                 group_masks.any(axis=1), clip_state=clip_state, args=args,
-                 param_mask=param_mask)
+    groups = _groups(*per_example.examples_and_mask(batch, mask), m)
+    return inner(params, groups, groups['mask'].any(axis=1),
+                 clip_state=clip_state, args=args, param_mask=param_mask)
 
   return fn
 

@@ -282,17 +282,17 @@ def make_per_example_clipping(
       end_step_fn=end_step_fn, scales_from_norms=scales_from_norms))
 
 
-def batch_size_of(per_example_grads: PyTree) -> int:
-  """Leading-axis size shared by all leaves, with a clear error otherwise."""
-  leaves = jax.tree.leaves(per_example_grads)
+def batch_size_of(tree: PyTree, what: str = 'per-example gradients') -> int:
+  """The leading size shared by every leaf of ``tree``, or a clear error."""
+  leaves = jax.tree.leaves(tree)
   if not leaves:
-    raise ValueError('expects a non-empty pytree of per-example gradients.')
-  sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    raise ValueError(f'{what} must be a non-empty pytree of arrays.')
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
   if None in sizes or len(sizes) != 1:
     raise ValueError(
-        'expects per-example gradients with a common batch dimension in the 0th'
-        f' axis of every leaf; got leading sizes {sorted(map(str, sizes))}.'
-    )
+        f'every leaf of the {what} must share the same leading size (a common'
+        f' batch dimension in axis 0); got leading sizes'
+        f' {sorted(map(str, sizes))}. Stack examples along axis 0.')
   return sizes.pop()
 
 
@@ -642,6 +642,21 @@ def per_layer_clip_norms(
   return jax.tree.map(lambda w: clip_norm * w / total, weights)
 
 
+def _per_layer_bound(clip_norms: PyTree | None, clip_norm: float | None,
+                     rule: str) -> float:
+  """The total bound of explicit thresholds or of C split by ``rule``."""
+  if (clip_norms is None) == (clip_norm is None):
+    raise ValueError(
+        'give exactly one of clip_norms (explicit thresholds) and clip_norm'
+        f' (with a rule); got clip_norms={clip_norms!r},'
+        f' clip_norm={clip_norm!r}.')
+  if clip_norms is not None:
+    return total_bound(clip_norms)
+  if rule not in LAYER_RULES:
+    raise ValueError(f'rule must be one of {LAYER_RULES}, got {rule!r}.')
+  return _validation.positive('clip_norm', clip_norm)
+
+
 def clip_per_layer(
     clip_norms: PyTree | None = None,
     *,
@@ -692,19 +707,9 @@ def clip_per_layer(
     McMahan et al., 2018. A General Approach to Adding Differential Privacy
     to Iterative Training Procedures. https://arxiv.org/abs/1812.06210
   """
-  if (clip_norms is None) == (clip_norm is None):
-    raise ValueError(
-        'give exactly one of clip_norms (explicit thresholds) and clip_norm'
-        f' (with a rule); got clip_norms={clip_norms!r},'
-        f' clip_norm={clip_norm!r}.')
+  bound = _per_layer_bound(clip_norms, clip_norm, rule)
   if noise not in LAYER_NOISE:
     raise ValueError(f'noise must be one of {LAYER_NOISE}, got {noise!r}.')
-  if clip_norms is not None:
-    bound = total_bound(clip_norms)
-  else:
-    bound = _validation.positive('clip_norm', clip_norm)
-    if rule not in LAYER_RULES:
-      raise ValueError(f'rule must be one of {LAYER_RULES}, got {rule!r}.')
 
   def init_fn(params):
     return LayerClipState(initial_clip_norms(params, clip_norms, bound, rule,

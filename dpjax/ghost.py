@@ -763,17 +763,14 @@ def clipped_grad(
 ) -> Callable[..., per_example.ClippedGrad]:
   """:func:`dpjax.clipped_grad` by ghost norms and book-keeping.
 
-  Same arguments, same function ``fn(params, batch, mask, *,
-  clip_state=None, args=(), param_mask=None)`` and same
-  :class:`dpjax.ClippedGrad` result (equal within float32 tolerance), for
-  every clipping that clips from norms (flat, per layer, adaptive,
-  automatic, normalized; see :func:`route_refusal`), but Dense and Conv
-  kernels never get per-example gradients from ``vmap``: their per-example
-  norms come from the layer's inputs and output gradients, captured in one
-  batched forward and backward, and their clipped sum is book-kept from the
-  same tensors. Other parameters (see :func:`make_plan`) take the vmap
-  route in the same pass. With ``param_mask`` every layer takes the direct
-  norm route, its per-example gradients cut to the mask.
+  Same arguments, function ``fn(params, batch, mask, *, clip_state=None,
+  args=(), param_mask=None)`` and result (equal within float32 tolerance)
+  for every clipping that clips from norms (:func:`route_refusal`), but
+  Dense and Conv kernels never get per-example gradients from ``vmap``:
+  their per-example norms come from the layer's inputs and output
+  gradients, captured in one batched forward and backward, and their
+  clipped sum is book-kept from the same tensors. Other parameters
+  (:func:`make_plan`) take the vmap route in the same pass.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -810,8 +807,7 @@ def clipped_grad(
     Bu et al., 2023. Differentially Private Optimization on Large Model at
     Small Cost. https://arxiv.org/abs/2210.00038
   """
-  refusal = route_refusal(clipping)
-  if refusal is not None:
+  if (refusal := route_refusal(clipping)) is not None:
     raise ValueError(refusal)
   choose_norm_route(1, 1, 1, norm_route)
   per_example.check_microbatch_size(microbatch_size)
@@ -826,9 +822,9 @@ def clipped_grad(
     example = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
         batch)
+    # A Gram norm is of the whole layer gradient, not of its masked part.
     plan = make_plan(loss_fn, params, example, args, has_aux=has_aux,
-                     norm_route='direct' if param_mask is not None
-                     else norm_route)
+                     norm_route=norm_route if param_mask is None else 'direct')
     if not plan.layers:
       return vmap_fn(params, batch, mask, clip_state=clip_state, args=args,
                      param_mask=param_mask)

@@ -386,16 +386,19 @@ def modelmix_epsilon(
 
   log_a = np.array(log_moments(sigma * c / b, w, c / (math.sqrt(p) * b), p,
                                orders[-1]))
-  best = math.inf
-  for order in orders:
-    ks = np.arange(order + 1)
-    log_terms = (special.gammaln(order + 1) - special.gammaln(ks + 1)
-                 - special.gammaln(order - ks + 1)
-                 + special.xlog1py(order - ks, -q) + special.xlogy(ks, q)
-                 + log_a[:order + 1])
-    log_sum = float(special.logsumexp(log_terms))
-    best = min(best, (steps * log_sum + math.log(1 / delta)) / (order - 1))
-  return best
+  return min(_epsilon_at_order(log_a, a, q, steps, delta) for a in orders)
+
+
+def _epsilon_at_order(log_a: np.ndarray, order: int, q: float, steps: int,
+                      delta: float) -> float:
+  """[T log sum_k C(a, k) (1-q)^(a-k) q^k A_k + log(1/delta)] / (a - 1)."""
+  ks = np.arange(order + 1)
+  log_terms = (special.gammaln(order + 1) - special.gammaln(ks + 1)
+               - special.gammaln(order - ks + 1)
+               + special.xlog1py(order - ks, -q) + special.xlogy(ks, q)
+               + log_a[:order + 1])
+  log_sum = float(special.logsumexp(log_terms))
+  return (steps * log_sum + math.log(1 / delta)) / (order - 1)
 
 
 def clipping_p(clipping: clipping_lib.PerExampleClipping) -> float | None:

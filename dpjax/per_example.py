@@ -93,16 +93,7 @@ class ClippedGrad(NamedTuple):
 
 def batch_size_of(batch: PyTree) -> int:
   """The leading size shared by every leaf of ``batch``, or a clear error."""
-  leaves = jax.tree.leaves(batch)
-  if not leaves:
-    raise ValueError('batch must be a non-empty pytree of arrays.')
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-  if None in sizes or len(sizes) != 1:
-    raise ValueError(
-        'every leaf of the batch must share the same leading (batch) size; got'
-        f' leading sizes {sorted(map(str, sizes))}. Stack examples along axis 0.'
-    )
-  return sizes.pop()
+  return clipping_lib.batch_size_of(batch, 'batch')
 
 
 def per_example_grads(
