@@ -14,7 +14,9 @@ import dpjax
 from configs import default
 from configs import mnist_bn_public
 from dpjax import accounting
+from dpjax import adaptive_clipping
 from dpjax.data import idx
+from dpjax import ghost
 from dpjax import keys
 from dpjax import normalization
 from dpjax import per_example
@@ -606,3 +608,58 @@ def test_batch_policy_runs_from_config_fields(monkeypatch, tmp_path):
       'eval_statistics': 'public'}
   assert summary['clipping_mode'] == 'batch' and summary['sensitivity'] == 2.0
   assert 0 < summary['test_accuracy'] <= 1
+
+
+@pytest.mark.parametrize('policy,stats_gradient', [
+    ('frozen', False), ('privatized', False), ('public', False),
+    ('public', True)])
+def test_policy_losses_on_the_ghost_routes_match_vmap(tiny, policy,
+                                                      stats_gradient):
+  """Inference-mode losses (given statistics) take the fast routes.
+
+  Conv/Dense kernels get ghost norms and book-kept sums, BatchNorm scale and
+  bias the vmap fallback, in one pass; 'public' with stats_gradient runs
+  every layer on the public batch too, so no layer is owned and the route
+  is vmap (route_refusal says so).
+  """
+  if policy == 'privatized':
+    _, norm = _privatized(tiny)
+  else:
+    norm = _normalizer(tiny, policy, stats_gradient=stats_gradient)
+  model, variables = tiny
+  params = variables['params']
+  public = norm.public_batch(0)
+  args = (norm.step_state(params, norm.init_state(variables), public)[0],
+          None if public is None else jnp.asarray(public))
+  images = np.array(_images(8, seed=3))
+  images[1], images[2], images[7] = np.nan, images[2] * 1e30, np.nan
+  batch = {'image': jnp.asarray(images), 'label': jnp.arange(8) % 3}
+  mask = jnp.arange(8) < 7
+  clip = adaptive_clipping.clip_quantile(
+      1.0, rule='equal', groups='module', count_noise_std=1.0,
+      expected_batch_size=8, key=0)
+  state = clip.init(params)
+  loss_fn = norm.example_loss()
+  ref, out = (jax.jit(engine(loss_fn, clip, has_aux=norm.has_aux))(
+      params, batch, mask, clip_state=state, args=args)
+              for engine in (dpjax.clipped_grad, ghost.clipped_grad))
+  for a, b in zip(jax.tree.leaves(out.grad_sum), jax.tree.leaves(ref.grad_sum)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  finite = np.isfinite(ref.stats.norms)
+  np.testing.assert_allclose(out.stats.norms[finite], ref.stats.norms[finite],
+                             rtol=1e-5)
+  assert int(out.stats.num_nonfinite) == int(ref.stats.num_nonfinite) >= 1
+  for a, b in zip(jax.tree.leaves(out.clip_state.counts),
+                  jax.tree.leaves(ref.clip_state.counts)):
+    assert float(a) == float(b)
+  if norm.has_aux:  # the per-example moments the privatized policy releases
+    for a, b in zip(jax.tree.leaves(out.stats.aux),
+                    jax.tree.leaves(ref.stats.aux)):
+      np.testing.assert_allclose(np.where(mask[:, None], a, 0),
+                                 np.where(mask[:, None], b, 0), rtol=1e-6)
+  example = jax.tree.map(lambda x: x[0], batch)
+  owned = ghost.make_plan(loss_fn, params, example, args).layers
+  through = policy == 'public' and stats_gradient
+  assert len(owned) == (0 if through else 3)
+  assert (ghost.route_refusal(clip, stats_through_public=through) is None) == (
+      not through)

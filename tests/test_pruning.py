@@ -16,6 +16,7 @@ import flax.linen as nn
 
 import dpjax
 from configs import default
+from dpjax import ghost
 from dpjax import pruning
 from dpjax import train
 from tests import strategies
@@ -307,6 +308,15 @@ class TestSensitivityWithMasks:
       assert dist <= self.CLIP.sensitivity(Relation.REPLACE_ONE) * (1 + TOL)
 
 
+class _TinyNet(nn.Module):
+  """Two dense layers: the training tests compile in seconds."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Dense(6)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(10)(x)
+
+
 class TestMaskedNoise:
 
   SIGMA, SENS, BATCH, SIZE = 1.3, 0.7, 8.0, 20000
@@ -337,13 +347,62 @@ class TestMaskedNoise:
       assert ratio == pytest.approx(np.sqrt(keep), rel=0.05)
 
 
-class _TinyNet(nn.Module):
-  """Two dense layers: the training tests compile in seconds."""
+class TestFastRoutes:
+  """A pruner's mask given to the ghost/bookkeeping engine as ``param_mask``."""
 
-  @nn.compact
-  def __call__(self, x):
-    x = nn.tanh(nn.Dense(6)(x.reshape((x.shape[0], -1))))
-    return nn.Dense(10)(x)
+  MODEL = _TinyNet()
+  PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
+  CLIP = dpjax.clip_per_layer(clip_norm=0.5, groups='module')
+
+  @classmethod
+  def loss(cls, params, example):
+    logits = cls.MODEL.apply({'params': params}, example['image'][None])[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                           example['label'])
+
+  def _batch(self, bad_row=None, value=np.nan):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(6, 8, 8, 1)).astype(np.float32)
+    if bad_row is not None:
+      images[bad_row] = value
+    return {'image': jnp.asarray(images), 'label': jnp.arange(6) % 10}
+
+  def _mask(self, seed):
+    config = pruning.PruningConfig(mode='freeze', keep_fraction=0.3)
+    return pruning.make_pruner(config).init(
+        self.PARAMS, jax.random.key(seed))[1].mask
+
+  def test_matches_the_masked_loss_on_vmap(self):
+    param_mask, batch = self._mask(0), self._batch(2)
+    mask = jnp.arange(6) < 5
+    ref = dpjax.clipped_grad(pruning.masked_loss(self.loss), self.CLIP)(
+        self.PARAMS, batch, mask, args=(param_mask,))
+    out = ghost.clipped_grad(self.loss, self.CLIP)(
+        self.PARAMS, batch, mask, param_mask=param_mask)
+    for x, y in zip(jax.tree.leaves(out.grad_sum), jax.tree.leaves(ref.grad_sum)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    _assert_zero_off_mask(out.grad_sum, param_mask)
+    assert int(out.stats.num_nonfinite) == int(ref.stats.num_nonfinite) == 1
+
+  @settings(max_examples=15, deadline=None)
+  @given(j=st.integers(0, 5), seed=st.integers(0, 2**16),
+         value=st.sampled_from([np.nan, np.inf, 1e30, 0.5]))
+  def test_sensitivity_add_remove(self, j, seed, value):
+    fn = _GHOST_PRUNED
+    param_mask, batch = self._mask(seed), self._batch(j, value)
+    state = self.CLIP.init(self.PARAMS)
+    with_j = fn(self.PARAMS, batch, jnp.ones(6, bool), state, param_mask)
+    without = fn(self.PARAMS, batch, jnp.arange(6) != j, state, param_mask)
+    assert _dist(with_j, without) <= float(
+        self.CLIP.sensitivity(state=state)) * (1 + TOL)
+    _assert_zero_off_mask(with_j, param_mask)
+
+
+_GHOST_PRUNED = jax.jit(
+    lambda params, batch, mask, state, param_mask: ghost.clipped_grad(
+        TestFastRoutes.loss, TestFastRoutes.CLIP)(
+            params, batch, mask, clip_state=state,
+            param_mask=param_mask).grad_sum)
 
 
 def _train(optimizer, pruning_config, steps=4, clipping=None,
