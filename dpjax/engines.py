@@ -53,20 +53,25 @@ class LossSpec(NamedTuple):
     group_loss_fn: ``group_loss_fn(params, group, group_mask, inputs)`` when
       the run clips groups with their own loss (BatchNorm in training mode
       inside a batch-clipping group); None: the mean of ``loss_fn``.
-    vmap_only: why the fast routes cannot take this loss (None: they can).
+    stats_through_public: whether the loss recomputes BatchNorm statistics
+      from the public batch with gradients through them, which the fast
+      routes cannot take (:func:`dpjax.ghost.route_refusal`).
   """
 
   loss_fn: Callable[..., Any]
   has_aux: bool = False
   group_loss_fn: Callable[..., Any] | None = None
-  vmap_only: str | None = None
+  stats_through_public: bool = False
 
 
 def _with_inputs(fn: Callable[..., per_example_lib.ClippedGrad]) -> Engine:
-  """An engine from a ``fn(params, batch, mask, *, clip_state, args)``."""
+  """An engine from a ``fn(params, batch, mask, *, clip_state, args,
+  param_mask)``: the step's pruning mask (if any) cuts each row's gradient
+  before it is clipped."""
 
   def engine(params, batch, clip_state, inputs):
-    return fn(params, batch, clip_state=clip_state, args=(inputs,))
+    return fn(params, batch, clip_state=clip_state, args=(inputs,),
+              param_mask=inputs.param_mask)
 
   return engine
 
@@ -76,22 +81,17 @@ def per_example(loss: LossSpec, clipping: clipping_lib.PerExampleClipping,
                 microbatch_size: int | None = None) -> Engine:
   """Per-example clipping by ``route`` ('auto', 'vmap', 'ghost', 'bookkeeping').
 
-  Every route computes the same clipped sum; a loss the fast routes cannot
-  take (``loss.vmap_only``) runs on vmap under 'auto' and is refused with
-  the reason under an explicit fast route.
+  Every route computes the same clipped sum; what the fast routes cannot
+  take (:func:`dpjax.ghost.route_refusal`) runs on vmap under 'auto' and is
+  refused with the reason under an explicit fast route.
   """
   if route not in ROUTES:
     raise ValueError(f'perf.grad_route must be one of {ROUTES}, got'
                      f' {route!r}.')
-  if loss.vmap_only is not None:
-    if route in ('ghost', 'bookkeeping'):
-      raise ValueError(
-          f'perf.grad_route={route!r} cannot take this run\'s loss:'
-          f' {loss.vmap_only}. Set perf.grad_route=\'auto\' (or \'vmap\').')
-    route = 'vmap'
   return _with_inputs(ghost.clipped_grad_for_route(
       route, loss.loss_fn, clipping, microbatch_size=microbatch_size,
-      has_aux=loss.has_aux))
+      has_aux=loss.has_aux,
+      stats_through_public=loss.stats_through_public))
 
 
 def groups(loss: LossSpec, clipping: batch_clipping.BatchClipping, *,
@@ -144,6 +144,8 @@ def summed(loss: LossSpec) -> Engine:
                                                    per_example_lib.MASK_REQUIRED)
     mask = jnp.asarray(mask, bool)
     (_, (values, aux)), grads = grad_fn(params, examples, mask, inputs)
+    if inputs.param_mask is not None:
+      grads = per_example_lib.mask_param_grads(grads, inputs.param_mask)
     if loss.group_loss_fn is not None:
       # A piece of padding only has no statistics (and NaN gradients).
       grads = jax.tree.map(lambda g: jnp.where(mask.any(), g, 0), grads)

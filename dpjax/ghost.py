@@ -875,15 +875,15 @@ def route_refusal(clipping: clipping_lib.PerExampleClipping, *,
   if clipping.scales_from_norms is None:
     return (f'clipping {clipping.name!r} needs each per-example gradient'
             ' itself, not only its norms (an L-inf clamp, a group gradient or'
-            ' a custom clip function), so it runs on the vmap route'
-            " (perf.grad_route='vmap' or 'auto').")
+            ' a custom clip function), so it runs on the vmap route: set'
+            " perf.grad_route='auto' (or 'vmap').")
   if stats_through_public:
     return ('the loss recomputes BatchNorm statistics from the public batch'
             ' with gradients through them (normalization.stats_gradient), so'
             ' every layer also runs on that batch and its per-example'
             ' gradient has a term through the statistics that the captured'
-            " layer tensors do not hold; use perf.grad_route='vmap' or"
-            " 'auto'.")
+            " layer tensors do not hold: set perf.grad_route='auto' (or"
+            " 'vmap').")
   return None
 
 
@@ -901,6 +901,7 @@ def clipped_grad_for_route(
     *,
     microbatch_size: int | None = None,
     has_aux: bool = False,
+    stats_through_public: bool = False,
 ) -> Callable[..., per_example.ClippedGrad]:
   """The clipped-gradient function of a route named in ``config.perf``.
 
@@ -930,9 +931,9 @@ def clipped_grad_for_route(
   vmap_fn = per_example.clipped_grad(loss_fn, clipping,
                                      microbatch_size=microbatch_size,
                                      has_aux=has_aux)
-  refusal = route_refusal(clipping)
+  refusal = route_refusal(clipping, stats_through_public=stats_through_public)
   if refusal is not None and route in ('ghost', 'bookkeeping'):
-    raise ValueError(refusal)
+    raise ValueError(f'perf.grad_route={route!r}: {refusal}')
   if route == 'vmap' or refusal is not None:
     return vmap_fn
   ghost_fn = clipped_grad(

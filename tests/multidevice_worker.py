@@ -50,12 +50,23 @@ def composed_on_meshes(images, labels, indices, mask, meshes):
                              clipping=dict(mode='batch', group_size=2),
                              accountant='gdp'),
       'pruning': dict(model=models.SmallCNN(num_classes=4), prune=True),
+      'per_layer_ghost': dict(model=models.SmallCNN(num_classes=4),
+                              clipping=dict(mode='per_layer',
+                                            layers='equal'),
+                              route='ghost'),
       'bn_public': dict(model=TinyBN(), policy='public'),
       'bn_frozen': dict(model=TinyBN(), policy='frozen'),
       'bn_privatized': dict(model=TinyBN(), policy='privatized'),
       'bn_batch': dict(model=TinyBN(), policy='batch',
                        clipping=dict(mode='batch', group_size=2),
                        accountant='gdp'),
+      # 'vmap_twin': an earlier case this one must match on one device.
+      'pruning_bookkeeping': dict(model=models.SmallCNN(num_classes=4),
+                                  prune=True, route='bookkeeping',
+                                  vmap_twin='pruning'),
+      'bn_privatized_bookkeeping': dict(model=TinyBN(), policy='privatized',
+                                        route='bookkeeping',
+                                        vmap_twin='bn_privatized'),
   }
 
   def plan_mode(case):
@@ -107,10 +118,14 @@ def composed_on_meshes(images, labels, indices, mask, meshes):
                     None if normalizer is None else normalizer.public_batch(0))
     return start, flat(state.params), flat(state.model_state)
 
-  results = {}
+  results, one_device = {}, {}
   for name, case in cases.items():
     start, ref, ref_state = run(case, None, None)
+    one_device[name] = ref
     result = {'update_norm': float(np.linalg.norm(ref - start))}
+    if 'vmap_twin' in case:
+      result['vmap_twin'] = float(np.max(np.abs(
+          ref - one_device[case['vmap_twin']])))
     settings = [('2', meshes[2], None), ('8', meshes[8], None),
                 ('2_physical', meshes[2], 8)]
     if plan_mode(case) != 'batch':

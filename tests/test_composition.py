@@ -48,6 +48,8 @@ def test_every_refusal_says_why_and_how_to_fix():
      "shuffling accountant"),
     (features.Selection(mode='batch', route='bookkeeping'),
      'vmap over the groups'),
+    (features.Selection(mode='flat', route='ghost', modelmix=True),
+     'needs each per-example gradient itself'),
 ])
 def test_check_raises_the_reason(selection, match):
   with pytest.raises(ValueError, match=match):
@@ -63,6 +65,12 @@ def test_check_raises_the_reason(selection, match):
     features.Selection(mode='flat', normalization='privatized', modelmix=True,
                        augmult=True),
     features.Selection(mode='none', pruning='freeze'),
+    features.Selection(mode='per_layer', route='ghost', devices=8),
+    features.Selection(mode='adaptive', route='bookkeeping', pruning='freeze'),
+    features.Selection(mode='flat', route='bookkeeping',
+                       normalization='privatized', pruning='select'),
+    features.Selection(mode='flat', route='ghost', normalization='public',
+                       augmult=True),
 ])
 def test_what_used_to_be_refused_now_composes(selection):
   features.check(selection)

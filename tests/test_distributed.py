@@ -71,10 +71,13 @@ def test_dpjax_train_on_two_devices_matches_one(worker):
 
 @pytest.mark.parametrize('kind', [
     'bookkeeping', 'adaptive', 'batch_clipping', 'pruning', 'bn_public',
-    'bn_frozen', 'bn_privatized', 'bn_batch'])
+    'bn_frozen', 'bn_privatized', 'bn_batch', 'per_layer_ghost',
+    'pruning_bookkeeping', 'bn_privatized_bookkeeping'])
 def test_every_engine_and_policy_on_a_mesh_matches_one_device(worker, kind):
   """Formerly refused on a mesh: the fast route, batch clipping, every
-  BatchNorm policy, pruning. The same noisy update on 2 and 8 devices."""
+  BatchNorm policy, pruning; and formerly refused on the fast routes:
+  per-layer clipping, pruning, the privatized statistics. The same noisy
+  update on 2 and 8 devices (and, with a vmap twin, on the vmap route)."""
   result = worker['composed'][kind]
   assert result['update_norm'] > 1e-2
   for setting, diff in result.items():

@@ -474,10 +474,10 @@ def test_param_mask_matches_the_masked_loss_on_vmap(model_name, mode):
   param_mask = _param_mask(params)
   clip = CLIP_MODES[mode]()
   state = clip.init(params)
-  ref = jax.jit(dpjax.clipped_grad(pruning.masked_loss(loss_fn), clip,
-                                   microbatch_size=3))(
-                                       params, batch, mask, clip_state=state,
-                                       args=(param_mask,))
+  masked = pruning.masked_loss(lambda p, ex, inputs: loss_fn(p, ex))
+  ref = jax.jit(dpjax.clipped_grad(masked, clip, microbatch_size=3))(
+      params, batch, mask, clip_state=state,
+      args=(dpjax.StepInputs(param_mask=param_mask),))
   vmap = jax.jit(dpjax.clipped_grad(loss_fn, clip, microbatch_size=3))(
       params, batch, mask, clip_state=state, param_mask=param_mask)
   out = jax.jit(ghost.clipped_grad(loss_fn, clip, microbatch_size=3))(

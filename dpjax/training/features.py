@@ -37,6 +37,7 @@ from dpjax import augmult as augmult_lib
 from dpjax import averaging
 from dpjax import batch_clipping
 from dpjax import engines
+from dpjax import ghost
 from dpjax import keys as keys_lib
 from dpjax import losses
 from dpjax import modelmix as modelmix_lib
@@ -121,14 +122,6 @@ class AugMultFeature(Feature):
     return state, {'aug_key': self.augmult.step_key(state.step)}
 
 
-# Why the fast routes cannot take a loss (engines.LossSpec.vmap_only).
-PRUNING_ON_FAST_ROUTES = (
-    'the pruning mask multiplies the parameters inside the loss, so the'
-    ' per-example norm is of the masked gradient')
-POLICY_ON_FAST_ROUTES = (
-    "the normalization policy's statistics enter the loss")
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class PruningFeature(Feature):
   """Parameter freezing / selection (Adamczewski & Park 2023)."""
@@ -142,11 +135,9 @@ class PruningFeature(Feature):
   def mode(self) -> str:
     return 'select' if self.pruner_config is None else self.pruner_config.mode
 
-  def wrap_loss(self, loss):
-    return loss._replace(loss_fn=pruning.masked_loss(loss.loss_fn),
-                         vmap_only=loss.vmap_only or PRUNING_ON_FAST_ROUTES)
-
   def prepare(self, state, public):
+    # The engine cuts each row's gradient to inputs.param_mask before
+    # clipping (engines._with_inputs), on every route.
     del public
     state = state.replace(pruning=self.pruner.update(
         state.pruning, state.params, self.public_split))
@@ -173,10 +164,11 @@ class NormalizationFeature(Feature):
     norm = self.normalizer
     if self._train_bn or norm.bn_policy == 'batch':
       group = normalization.batchnorm_group_loss(norm.model)
-      return loss._replace(group_loss_fn=group, has_aux=True,
-                           vmap_only=POLICY_ON_FAST_ROUTES)
-    return loss._replace(loss_fn=norm.example_loss(), has_aux=norm.has_aux,
-                         vmap_only=loss.vmap_only or POLICY_ON_FAST_ROUTES)
+      return loss._replace(group_loss_fn=group, has_aux=True)
+    return loss._replace(
+        loss_fn=norm.example_loss(), has_aux=norm.has_aux,
+        stats_through_public=(norm.bn_policy == 'public'
+                              and norm.config.stats_gradient))
 
   def prepare(self, state, public):
     loss_state, next_state = self.normalizer.step_state(
@@ -390,11 +382,6 @@ REFUSALS: tuple[Refusal, ...] = (
             " batch clipping's shuffling accountant (replace-one, per epoch)"
             " does not cover that release: use 'batch', 'public' or 'frozen'"
             ' with batch clipping.', privacy=True),
-    Refusal(lambda s: s.mode in ('per_layer', 'adaptive') and s.route in (
-        'ghost', 'bookkeeping'),
-            'ghost norms and book-keeping clip from one global norm per'
-            ' example; per-layer and adaptive thresholds take the vmap route:'
-            " set perf.grad_route='auto'.", privacy=False),
     Refusal(lambda s: s.mode == 'batch' and s.route in ('ghost',
                                                        'bookkeeping'),
             "clipping.mode='batch' clips group gradients by vmap over the"
@@ -408,11 +395,10 @@ REFUSALS: tuple[Refusal, ...] = (
             ' baseline) normalizes a whole group instead: set'
             ' augmult.num_views=0 or normalization.policy \'public\','
             " 'frozen' or 'privatized'.", privacy=False),
-    Refusal(lambda s: s.route in ('ghost', 'bookkeeping') and (
-        s.pruning != 'none' or s.normalization not in ('none', 'batch')),
-            'ghost norms and book-keeping see the layers of the model, not a'
-            ' pruning mask or the statistics a normalization policy puts in'
-            " the loss: set perf.grad_route='auto' (vmap is used).",
+    Refusal(lambda s: s.modelmix and s.mode != 'none' and s.route in (
+        'ghost', 'bookkeeping'),
+            'modelmix clips each gradient in L2 then L-inf: '
+            + ghost.route_refusal(modelmix_lib.clip_l2_then_linf(1.0, 1.0)),
             privacy=False),
 )
 
