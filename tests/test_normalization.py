@@ -629,8 +629,10 @@ def test_policy_losses_on_the_ghost_routes_match_vmap(tiny, policy,
   model, variables = tiny
   params = variables['params']
   public = norm.public_batch(0)
-  args = (norm.step_state(params, norm.init_state(variables), public)[0],
-          None if public is None else jnp.asarray(public))
+  args = (dpjax.StepInputs(
+      model_state=norm.step_state(params, norm.init_state(variables),
+                                  public)[0],
+      public=None if public is None else jnp.asarray(public)),)
   images = np.array(_images(8, seed=3))
   images[1], images[2], images[7] = np.nan, images[2] * 1e30, np.nan
   batch = {'image': jnp.asarray(images), 'label': jnp.arange(8) % 3}
