@@ -201,6 +201,21 @@ def test_noised_mean_is_the_plans_noise_at_that_step(name, secure):
       np.testing.assert_array_equal(a, b)
 
 
+def test_every_grad_route_gives_the_same_private_gradient():
+  grads = {}
+  for route in ('vmap', 'bookkeeping', 'ghost'):
+    private = dpjax.make_private(
+        batch_loss, optax.sgd(0.1), DATA, noise_multiplier=1.3, noise_seed=4,
+        loss_takes_key=True, grad_route=route, pad_to_multiple_of=PAD,
+        microbatch_size=None if route == 'vmap' else 24, **SETTINGS)
+    batch = next(iter(private.batches))
+    grads[route] = jax.jit(private.value_and_grad)(PARAMS, batch)[1]
+  for route in ('bookkeeping', 'ghost'):
+    for a, b in zip(jax.tree.leaves(grads[route]),
+                    jax.tree.leaves(grads['vmap'])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_private_step_equals_the_users_step_and_secure_noise_runs():
   tx = optax.sgd(0.1)
   make = lambda: dpjax.make_private(  # pylint: disable=g-long-lambda
