@@ -15,9 +15,9 @@ example. Two traps this module closes:
   ``vmap(grad)`` of convolutions returned wrong per-example kernel gradients
   for the second device's examples, with no error;
 * inside ``shard_map`` replicated parameters are cast to device-varying
-  (``jax.lax.pcast(..., to='varying')``): otherwise the transpose of the
-  replicated broadcast sums the gradients ACROSS devices before the
-  per-example clipping, which then clips the wrong vectors.
+  (``jax.lax.pcast(..., to='varying')``, via dpjax._compat): otherwise the
+  transpose of the replicated broadcast sums the gradients ACROSS devices
+  before the per-example clipping, which then clips the wrong vectors.
 
 Multi-host: every host builds the same (seed, step) batch (sampling is a pure
 function of them) and places only its own devices' shards
@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dpjax import _compat
 from dpjax import clipping as clipping_lib
 from dpjax import per_example
 
@@ -88,11 +89,6 @@ def batch_multiple(num_devices: int, physical_batch_size: int | None,
           f' {num_devices}.')
     return physical_batch_size
   return math.lcm(pad_to_multiple_of, num_devices)
-
-
-def _vary(tree: PyTree, axis_name: str) -> PyTree:
-  return jax.tree.map(
-      lambda x: jax.lax.pcast(x, axis_name, to='varying'), tree)
 
 
 def _check_divisible(size: int, mesh, axis_name: str) -> None:
@@ -156,7 +152,7 @@ def clipped_grad(
       loss_fn, clipping, microbatch_size=microbatch_size, has_aux=has_aux)
 
   def local(params, batch, mask, clip_state, args):
-    out = local_fn(_vary(params, axis_name), batch, mask,
+    out = local_fn(_compat.pcast_varying(params, axis_name), batch, mask,
                    clip_state=clip_state, args=args)
     psum = lambda x: jax.lax.psum(x, axis_name)
     new_state = clipping_lib.add_state_increment(clip_state, jax.tree.map(
@@ -199,7 +195,8 @@ def summed_grad(
   grad_fn = jax.value_and_grad(sum_fn)
 
   def local(params, batch, mask, args):
-    value, grads = grad_fn(_vary(params, axis_name), batch, mask, *args)
+    value, grads = grad_fn(_compat.pcast_varying(params, axis_name), batch,
+                           mask, *args)
     return jax.lax.psum((value, grads), axis_name)
 
   def fn(params, batch, mask, *args):
