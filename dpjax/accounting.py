@@ -528,3 +528,25 @@ def batch_clipping_mu(noise_multiplier: float, epochs: int,
     return math.inf
   per_epoch = (g // k) * k * k + (g % k) ** 2
   return math.sqrt(epochs * per_epoch) / sigma
+
+
+def split_noise_multiplier(noise_multiplier: float,
+                           stats_budget: float) -> tuple[float, float]:
+  """Gradient and statistics noise multipliers that cost one step at sigma.
+
+  Two Gaussian releases on the same Poisson batch, the clipped gradient sum
+  with noise sigma_g x C and the clipped statistics sum with noise
+  sigma_s x C_s, are together one Gaussian mechanism with noise multiplier
+  (sigma_g^-2 + sigma_s^-2)^-1/2 (rescale each by its noise std and stack
+  them: one example moves the stack by at most that inverse). With
+  sigma_g = sigma / sqrt(1 - share) and sigma_s = sigma / sqrt(share), that is
+  sigma, so the accountant's per-step event is unchanged.
+
+  Examples:
+    >>> g, s = split_noise_multiplier(1.0, 0.2)
+    >>> round(g, 4), round(s, 4), round((g ** -2 + s ** -2) ** -0.5, 6)
+    (1.118, 2.2361, 1.0)
+  """
+  sigma = _validation.positive('noise_multiplier', noise_multiplier)
+  share = _validation.open_unit('stats_share', stats_budget)
+  return sigma / math.sqrt(1 - share), sigma / math.sqrt(share)

@@ -302,3 +302,28 @@ def private_aggregate(
                                         noise_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def divide_by_count() -> optax.GradientTransformationExtraArgs:
+  """The non-private baseline's aggregate: the gradient sum over ``count``.
+
+  ``update(grad_sum, state, params=None, *, count)`` divides by the REALIZED
+  number of real rows, which only a non-private run may do (a private one
+  divides by the public expected batch size, :func:`add_gaussian_noise`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dpjax import noise
+    >>> tx = noise.divide_by_count()
+    >>> out, _ = tx.update({'w': jnp.array([2.0, 4.0])}, tx.init(None), count=4)
+    >>> out['w'].tolist()
+    [0.5, 1.0]
+  """
+
+  def update_fn(updates, state, params=None, *, count, **extra_args):
+    del params, extra_args
+    count = jnp.maximum(count, 1)
+    return jax.tree.map(lambda g: g / count.astype(g.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state,
+                                               update_fn)

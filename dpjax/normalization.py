@@ -52,6 +52,7 @@ from dpjax import _validation
 from dpjax import clipping as clipping_lib
 from dpjax import keys as keys_lib
 from dpjax import losses
+from dpjax.per_example import StepInputs
 
 PyTree = Any
 BATCH_STATS = 'batch_stats'
@@ -329,28 +330,6 @@ def ema(old: PyTree, new: PyTree, momentum: float) -> PyTree:
 # Privatized statistics.
 
 
-def split_noise_multiplier(noise_multiplier: float,
-                           stats_budget: float) -> tuple[float, float]:
-  """Gradient and statistics noise multipliers that cost one step at sigma.
-
-  Two Gaussian releases on the same Poisson batch, the clipped gradient sum
-  with noise sigma_g x C and the clipped statistics sum with noise
-  sigma_s x C_s, are together one Gaussian mechanism with noise multiplier
-  (sigma_g^-2 + sigma_s^-2)^-1/2 (rescale each by its noise std and stack
-  them: one example moves the stack by at most that inverse). With
-  sigma_g = sigma / sqrt(1 - share) and sigma_s = sigma / sqrt(share), that is
-  sigma, so the accountant's per-step event is unchanged.
-
-  Examples:
-    >>> g, s = split_noise_multiplier(1.0, 0.2)
-    >>> round(g, 4), round(s, 4), round((g ** -2 + s ** -2) ** -0.5, 6)
-    (1.118, 2.2361, 1.0)
-  """
-  sigma = _validation.positive('noise_multiplier', noise_multiplier)
-  share = _validation.open_unit('normalization.stats_budget', stats_budget)
-  return sigma / math.sqrt(1 - share), sigma / math.sqrt(share)
-
-
 def privatize_moments(per_example: PyTree, mask: jax.Array, center: PyTree,
                       clip_norm: float, noise_std: float, divisor: float,
                       key: jax.Array) -> PyTree:
@@ -420,7 +399,7 @@ def batchnorm_group_loss(
     model: nn.Module,
     loss_of_logits: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> Callable[..., tuple[jax.Array, PyTree]]:
-  """``group_loss_fn(params, group, group_mask, model_state) -> (loss, aux)``.
+  """``group_loss_fn(params, group, group_mask, inputs) -> (loss, aux)``.
 
   The batch-clipping group loss with BatchNorm in training mode: statistics
   over the group's real rows only (padding rows enter neither the loss nor
@@ -441,8 +420,10 @@ def batchnorm_group_loss(
     ...          'label': jnp.array([0, 1, 2])}
     >>> variables = Net().init(jax.random.key(0), group['image'])
     >>> loss_fn = batchnorm_group_loss(Net())
+    >>> inputs = StepInputs(
+    ...     model_state={'batch_stats': variables['batch_stats']})
     >>> loss, aux = loss_fn(variables['params'], group, jnp.arange(3) < 2,
-    ...                     {'batch_stats': variables['batch_stats']})
+    ...                     inputs)
     >>> aux['batch_moments']['BatchNorm_0']['mean'].tolist()
     [2.0]
 
@@ -462,7 +443,8 @@ def batchnorm_group_loss(
   loss_of_logits = loss_of_logits or (
       losses.cross_entropy)
 
-  def group_loss_fn(params, group, group_mask, model_state):
+  def group_loss_fn(params, group, group_mask, inputs):
+    model_state = inputs.model_state
     group_mask = jnp.asarray(group_mask, bool)
     images = group['image']
     # Zeroed so that not even a NaN padding row reaches the backward pass.
@@ -593,24 +575,25 @@ class Normalizer:
       self,
       loss_of_logits: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
   ) -> Callable[..., Any]:
-    """``loss_fn(params, example, model_state, public)`` for ONE example.
+    """``loss_fn(params, example, inputs)`` for ONE example.
 
     The model runs in inference mode with the statistics the policy gives:
-    ``model_state`` (``frozen``, ``privatized``; ``public`` with the step's
-    public statistics put there by the caller), or, for ``public`` with
-    ``stats_gradient``, the statistics of ``public`` recomputed inside the
-    loss so that gradients flow through them. With ``privatized`` it returns
-    ``(loss, moments)``: the example's BatchNorm input moments.
+    ``inputs.model_state`` (``frozen``, ``privatized``; ``public`` with the
+    step's public statistics put there by the caller), or, for ``public``
+    with ``stats_gradient``, the statistics of ``inputs.public`` recomputed
+    inside the loss so that gradients flow through them. With ``privatized``
+    it returns ``(loss, moments)``: the example's BatchNorm input moments.
     """
     loss_of_logits = loss_of_logits or (
         losses.cross_entropy)
     model, kwargs = self.model, self._apply_kwargs(False)
     through_stats = self.bn_policy == 'public' and self.config.stats_gradient
 
-    def loss_fn(params, example, model_state, public):
-      variables = {'params': params, **model_state}
+    def loss_fn(params, example, inputs):
+      variables = {'params': params, **inputs.model_state}
       if through_stats:
-        variables[BATCH_STATS] = batch_statistics(model, variables, public)
+        variables[BATCH_STATS] = batch_statistics(model, variables,
+                                                  inputs.public)
       record = {} if self.has_aux else None
       with batchnorm_interceptor(record):
         logits = model.apply(variables, example['image'][None], **kwargs)[0]
@@ -655,25 +638,10 @@ class Normalizer:
       return logits
     return self.model.apply(variables, images, **self._apply_kwargs(False))
 
-  def noise_plan(self, plan):
-    """``plan`` with the gradient's noise multiplier under this policy.
-
-    With ``privatized`` the gradient gets its share of the noise
-    (:func:`split_noise_multiplier`); the accountant's event is unchanged.
-    """
-    if self.gradient_noise_multiplier is None:
-      return plan
-    return dataclasses.replace(
-        plan, gradient_noise_multiplier=self.gradient_noise_multiplier)
-
-  def gradient_noise(self, plan) -> optax.GradientTransformation:
-    """The plan's noise, or with ``privatized`` the gradient's share of it."""
-    return self.noise_plan(plan).noise()
-
   def summary(self) -> dict[str, Any]:
     """Entries for summary.json: ``normalization``, the policies and their
     settings (with ``privatized``, both noise multipliers and how they are
-    accounted; the gradient's noise std is in :meth:`noise_plan`'s summary)."""
+    accounted; the gradient's noise std is in the plan's summary)."""
     out: dict[str, Any] = {'policies': dict(self.policies)}
     if self.bn_policy in ('public', 'frozen', 'privatized', 'batch'):
       out['public_batch_size'] = (
@@ -699,6 +667,13 @@ class Normalizer:
               f' noise multiplier {joint:.6g}'),
       })
     return entries
+
+
+def resolve_policies(variables: Mapping[str, PyTree],
+                     config: NormalizationConfig) -> dict[str, str]:
+  """Collection -> policy for a model's variables (empty: no collections)."""
+  collections = _collections(variables)
+  return parse_policy(config.policy, collections) if collections else {}
 
 
 def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
@@ -742,8 +717,7 @@ def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
     A :class:`Normalizer`.
   """
   config = config or NormalizationConfig()
-  collections = _collections(variables)
-  policies = parse_policy(config.policy, collections) if collections else {}
+  policies = resolve_policies(variables, config)
   extra: dict[str, Any] = {}
   if private and policies:
     check_policies(policies, has_public=public_images is not None,
@@ -774,8 +748,13 @@ def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
             "policy 'privatized' releases per-example feature moments, which"
             " batch clipping (clipping.mode='batch') does not produce; use"
             " 'batch', 'public' or 'frozen' with batch clipping.")
-      sigma_g, sigma_s = split_noise_multiplier(plan.grad_noise_multiplier,
-                                                config.stats_budget)
+      if plan.stats_noise_multiplier is None:
+        raise ValueError(
+            "policy 'privatized' is a second release of each batch: build the"
+            ' plan with PrivacyConfig(stats_share=normalization.stats_budget)'
+            ' so that both releases are accounted as one step.')
+      sigma_g, sigma_s = (plan.grad_noise_multiplier,
+                          plan.stats_noise_multiplier)
       clip = clipping_lib.clip_per_example(config.stats_clip_norm)
       extra = dict(
           gradient_noise_multiplier=sigma_g, stats_noise_multiplier=sigma_s,

@@ -121,16 +121,7 @@ class ClippedGrad(NamedTuple):
 
 def batch_size_of(batch: PyTree) -> int:
   """The leading size shared by every leaf of ``batch``, or a clear error."""
-  leaves = jax.tree.leaves(batch)
-  if not leaves:
-    raise ValueError('batch must be a non-empty pytree of arrays.')
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-  if None in sizes or len(sizes) != 1:
-    raise ValueError(
-        'every leaf of the batch must share the same leading (batch) size; got'
-        f' leading sizes {sorted(map(str, sizes))}. Stack examples along axis 0.'
-    )
-  return sizes.pop()
+  return clipping_lib.batch_size_of(batch, 'batch')
 
 
 def per_example_grads(
@@ -151,6 +142,35 @@ def per_example_grads(
   return fn
 
 
+def mask_param_grads(per_example_grads: PyTree,
+                     param_mask: PyTree | None) -> PyTree:
+  """Per-example gradients cut to a parameter mask (None: unchanged).
+
+  ``param_mask`` has the parameters' structure with boolean leaves of their
+  shapes; every coordinate outside it becomes an exact zero in every row (a
+  select, never a product, so a NaN there cannot reach the norm). This is
+  the per-example gradient of :func:`dpjax.pruning.masked_loss`.
+  """
+  if param_mask is None:
+    return per_example_grads
+  return jax.tree.map(
+      lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)),
+      per_example_grads, param_mask)
+
+
+def check_param_mask(params: PyTree, param_mask: PyTree | None) -> None:
+  """A clear error unless ``param_mask`` is None or shaped like ``params``."""
+  if param_mask is None:
+    return
+  shapes = lambda t: jax.tree.map(jnp.shape, t)
+  if (jax.tree.structure(param_mask) != jax.tree.structure(params)
+      or shapes(param_mask) != shapes(params)):
+    raise ValueError(
+        'param_mask must have the structure and shapes of the parameters'
+        f' (one boolean per coordinate); got {shapes(param_mask)} for'
+        f' parameters {shapes(params)}.')
+
+
 def _pad_rows(x: jax.Array, extra: int) -> jax.Array:
   pad = [(0, extra)] + [(0, 0)] * (x.ndim - 1)
   return jnp.pad(x, pad)
@@ -164,8 +184,9 @@ def clipped_grad(
     has_aux: bool = False,
     keep_batch_dim: bool = False,
 ) -> Callable[..., ClippedGrad]:
-  """Builds ``fn(params, batch, mask, *, clip_state=None, args=())``.
+  """Builds the per-example (vmap) clipped-gradient function ``fn``.
 
+  ``fn(params, batch, mask, *, clip_state=None, args=(), param_mask=None)``:
   ``batch`` is a :class:`dpjax.Batch` (examples with their mask, from
   ``sampler.sample(step).take(data)``), or a pytree of examples with
   ``mask`` given: a padded batch cannot reach clipping without its mask.
@@ -175,6 +196,9 @@ def clipped_grad(
   ``microbatch_size=m`` it scans over ceil(B / m) microbatches of m rows
   (padding the last one with masked rows, so B need not be divisible by m);
   peak memory then grows with m, not B. The result does not depend on m.
+  With ``param_mask`` (a pruning mask, :mod:`dpjax.pruning`), each
+  per-example gradient is cut to it before clipping
+  (:func:`mask_param_grads`), as with ``pruning.masked_loss(loss_fn)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -205,28 +229,32 @@ def clipped_grad(
     A function returning :class:`ClippedGrad` ``(grad_sum, clip_state,
     stats)``. Call it under ``jax.jit``.
   """
-  _check_microbatch_size(microbatch_size)
+  check_microbatch_size(microbatch_size)
   if keep_batch_dim:
     loss_fn = batch_loss_lib.batch_of_one(loss_fn, has_aux=has_aux)
   grads_fn = per_example_grads(loss_fn, has_aux=has_aux)
 
-  def chunk_fn(params, chunk, chunk_mask, clip_state, args):
+  def chunk_fn(params, param_mask, chunk, chunk_mask, clip_state, args):
     values, grads = grads_fn(params, chunk, *args)
     losses, aux = values if has_aux else (values, None)
-    out, clip_state = clipping.clip(grads, clip_state, chunk_mask)
+    out, clip_state = clipping.clip(mask_param_grads(grads, param_mask),
+                                    clip_state, chunk_mask)
     losses = jnp.where(chunk_mask, losses, 0.0)
     return out, clip_state, losses, aux
 
   def fn(params, batch, mask=MASK_REQUIRED, *, clip_state=None,
-         args=()) -> ClippedGrad:
+         args=(), param_mask=None) -> ClippedGrad:
     batch, mask = examples_and_mask(batch, mask)
-    return microbatched(functools.partial(chunk_fn, params), params, batch,
-                        mask, clip_state, clipping, microbatch_size, args)
+    check_param_mask(params, param_mask)
+    return microbatched(functools.partial(chunk_fn, params, param_mask),
+                        params, batch, mask, clip_state, clipping,
+                        microbatch_size, args)
 
   return fn
 
 
-def _check_microbatch_size(microbatch_size: int | None) -> None:
+def check_microbatch_size(microbatch_size: int | None) -> None:
+  """A clear error unless ``microbatch_size`` is a positive int or None."""
   if microbatch_size is not None and (
       isinstance(microbatch_size, bool)
       or not isinstance(microbatch_size, int)

@@ -15,6 +15,8 @@ does. Reported: median wall and CPU milliseconds per step, ratios, and peak
 memory (XLA's buffer assignment of the compiled step for JAX, the process's
 peak RSS growth for everything), and a sanity line: torch's non-private step
 against JAX's, the same model and batch in two frameworks.
+    python scripts/benchmark_peers.py --variants jax-nonprivate dpjax-vmap \\
+        dpjax-bookkeeping dpjax-ghost --dpjax-clipping per_layer
 
 A timing is a measurement only on an otherwise idle machine: the script
 refuses to start while the 1-minute load average exceeds the core count,
@@ -138,7 +140,7 @@ def _make_private_step(model, sgd, images, labels):
   return step
 
 
-def _jax_step(variant, model_name, shape, batch_size):
+def _jax_step(variant, model_name, shape, batch_size, clipping='flat'):
   """(step() -> None, info) for a JAX variant."""
   import jax
   import jax.numpy as jnp
@@ -184,10 +186,12 @@ def _jax_step(variant, model_name, shape, batch_size):
     import dpjax
     from dpjax import ghost
     route = variant.split('-', 1)[1]
-    grad_fn = ghost.clipped_grad_for_route(route, loss_fn,
-                                           dpjax.clip_per_example(CLIP))
+    clip = (dpjax.clip_per_example(CLIP) if clipping == 'flat'
+            else dpjax.clip_per_layer(clip_norm=CLIP, groups='module'))
+    grad_fn = ghost.clipped_grad_for_route(route, loss_fn, clip)
     def step(p, opt_state, key, images, labels):
-      out = grad_fn(p, {'image': images, 'label': labels}, None)  # all real
+      # Every row is a real example: the fixed batch has no padding.
+      out = grad_fn(p, {'image': images, 'label': labels}, None)
       return noisy_update(out.grad_sum, key, opt_state, p)
   elif variant == 'optax-dpsgd':
     tx = optax.contrib.dpsgd(LR, CLIP, SIGMA, seed=0, momentum=MOMENTUM)
@@ -283,7 +287,8 @@ def _torch_step(variant, model_name, shape, batch_size, threads):
                'torch_threads': torch.get_num_threads()}
 
 
-def worker(variant, model, batch_size, warmup, iters, threads):
+def worker(variant, model, batch_size, warmup, iters, threads,
+           clipping='flat'):
   """Builds one step, warms up, times ``iters`` steps; prints one RESULT line."""
   model_name, shape = MODELS[model]
   base = _rss_mb()
@@ -291,7 +296,7 @@ def worker(variant, model, batch_size, warmup, iters, threads):
     if variant.startswith(('torch', 'opacus')):
       run, info = _torch_step(variant, model_name, shape, batch_size, threads)
     else:
-      run, info = _jax_step(variant, model_name, shape, batch_size)
+      run, info = _jax_step(variant, model_name, shape, batch_size, clipping)
   except ImportError as e:
     print(f'SKIP {variant}: {e}', flush=True)
     return
@@ -344,7 +349,8 @@ def run_variant(variant, model, args):
   proc = subprocess.run(
       [python, os.path.abspath(__file__), '--worker', variant, '--models',
        model, '--batch-size', str(args.batch_size), '--warmup',
-       str(args.warmup), '--iters', str(args.iters), '--threads', threads],
+       str(args.warmup), '--iters', str(args.iters), '--threads', threads,
+       '--dpjax-clipping', args.dpjax_clipping],
       capture_output=True, text=True, env=env, check=False)
   for line in proc.stdout.splitlines():
     if line.startswith('RESULT '):
@@ -445,6 +451,10 @@ def _args():
                                              '/work/venv-peers/bin/python'),
                       help='interpreter with jax_privacy, torch and opacus')
   parser.add_argument('--json', help='also write the results to this file')
+  parser.add_argument('--dpjax-clipping', default='flat',
+                      choices=('flat', 'per_layer'),
+                      help="dpjax's clipping: flat, or per layer (one group"
+                      ' per module); the peers always clip flat')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if not args.worker and not args.check:
@@ -464,7 +474,7 @@ def main():
   args = _args()
   if args.worker:
     worker(args.worker, args.models[0], args.batch_size, args.warmup,
-           args.iters, args.threads)
+           args.iters, args.threads, args.dpjax_clipping)
     return
   cores = num_cores()
   try:

@@ -11,6 +11,7 @@ import pytest
 
 import dpjax
 from dpjax import accumulation
+from dpjax import plan as plan_lib
 from dpjax import train
 
 
@@ -103,8 +104,10 @@ def test_noise_is_drawn_once_per_logical_step():
 
 
 def test_non_private_accumulation_matches_one_call():
-  ref, _ = train.make_train_step(MODEL, None)(_state(optax.sgd(0.5)), *_data())
+  mean_sgd = lambda: optax.chain(plan_lib.NonPrivatePlan().noise(),
+                                 optax.sgd(0.5))
+  ref, _ = train.make_train_step(MODEL, None)(_state(mean_sgd()), *_data())
   out, _ = train.make_train_step(MODEL, None, physical_batch_size=8)(
-      _state(optax.sgd(0.5)), *_data())
+      _state(mean_sgd()), *_data())
   np.testing.assert_allclose(_flat(out.params), _flat(ref.params),
                              rtol=1e-5, atol=1e-6)

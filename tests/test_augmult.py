@@ -42,9 +42,9 @@ def _identity(key, image):
   return image
 
 
-def _clipped(loss_fn, params, batch, clip_norm, *args):
+def _clipped(loss_fn, params, batch, clip_norm, key=None):
   fn = jax.jit(dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(clip_norm)))
-  return fn(params, batch, None, args=args)
+  return fn(params, batch, None, args=(dpjax.StepInputs(aug_key=key),))
 
 
 def test_one_identity_view_is_plain_dp_sgd():

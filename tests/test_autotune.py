@@ -12,6 +12,7 @@ import pytest
 import dpjax
 from dpjax import data as data_lib
 from dpjax import autotune
+from dpjax import engines
 from dpjax import train
 
 _W = jax.ShapeDtypeStruct((128, 128), jnp.float32)
@@ -114,14 +115,14 @@ def test_train_tunes_microbatch_to_budget():
   train_data = data_lib.ArrayDataset(np.asarray(images), np.asarray(labels))
   size = plan.sampler.max_batch_size
   below = autotune.candidate_sizes(size)[-2]
-  loss_fn = train.example_loss(_Tiny())
+  loss = engines.LossSpec(train.example_loss(_Tiny()))
   spec = jax.ShapeDtypeStruct
-  grad = train.clipped_grad_fn(plan, loss_fn, below)
-  budget = autotune.peak_bytes(
-      jax.jit(lambda p, b, m, s: grad(p, b, m, clip_state=s)), state.params,
-      {'image': spec((size, 5, 5, 1), jnp.float32),
-       'label': spec((size,), jnp.int32)},
-      spec((size,), jnp.bool_), state.clip_state)
+  engine = engines.select(plan, loss, microbatch_size=below)
+  batch = dpjax.Batch({'image': spec((size, 5, 5, 1), jnp.float32),
+                       'label': spec((size,), jnp.int32)},
+                      spec((size,), jnp.bool_))
+  budget = autotune.peak_bytes(jax.jit(engine), state.params, batch,
+                               state.clip_state, dpjax.StepInputs())
   m = train.tune_microbatch(_Tiny(), plan, state, train_data, size,
                             budget_mb=budget / 2**20)
   assert m == below
@@ -130,4 +131,5 @@ def test_train_tunes_microbatch_to_budget():
 def test_grad_route_is_checked():
   plan, *_ = _dp_setup('auto')
   with pytest.raises(ValueError, match='grad_route'):
-    train.clipped_grad_fn(plan, train.example_loss(_Tiny()), None, 'fast')
+    engines.select(plan, engines.LossSpec(train.example_loss(_Tiny())),
+                   route='fast')

@@ -19,8 +19,10 @@ from dpjax import accounting
 from dpjax import batch_clipping
 from dpjax import data as data_lib
 from dpjax import models
+from dpjax import pruning
 from dpjax import sampling
 from dpjax import train
+from dpjax.training import run as run_lib
 
 Relation = dp_accounting.NeighboringRelation
 TOL = 1e-5
@@ -117,6 +119,21 @@ class TestEngine:
                       jax.tree.leaves(out.grad_sum)):
         np.testing.assert_array_equal(a, b)
       assert int(out.stats.num_nonfinite) == 0
+
+  def test_param_mask_cuts_each_group_gradient_before_clipping(self):
+    bc = _bc(clip_norm=0.5, group_size=3)
+    group_loss = batch_clipping.group_loss_from_example_loss(_example_loss, 3)
+    param_mask = {'w': jnp.asarray(np.arange(15).reshape(5, 3) % 2 == 0),
+                  'b': jnp.array([True, False, True])}
+    masked = lambda p, g, gm, pm: group_loss(
+        pruning.mask_params(p, pm), g, gm)
+    data, mask = _data(), jnp.arange(12) < 11
+    out = batch_clipping.batch_clipped_grad(group_loss, bc)(
+        PARAMS, data, mask, param_mask=param_mask)
+    ref = batch_clipping.batch_clipped_grad(masked, bc)(
+        PARAMS, data, mask, args=(param_mask,))
+    assert _dist(out.grad_sum, ref.grad_sum) < 1e-6
+    assert float(out.grad_sum['b'][1]) == 0.0
 
   def test_rejects_batch_not_multiple_of_group_size(self):
     fn = batch_clipping.batch_clipped_grad(_linear_group_loss, _bc(1.0, 5))
@@ -397,7 +414,7 @@ class TestAlc:
     params = model.init(jax.random.key(0), splits.train.images[:1])['params']
 
     def thresholds_with(s):
-      alc = train.layerwise_thresholds(plan, model, s)
+      alc = run_lib.alc_feature(plan, model, s, None).schedule
       return [float(c) for c in jax.tree.leaves(alc(params, 0))]
 
     def change(ds, i):

@@ -14,13 +14,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from scipy import stats
 
 import dpjax
 from dpjax import keys
 from dpjax import normalization
+from dpjax import config_validation
+from dpjax import plan as plan_lib
 from dpjax import train
+from dpjax.training import run as run_lib
 
 STEPS = 256
 DEVICES = 8
@@ -134,7 +138,7 @@ def test_no_module_makes_its_own_key():
 
 
 def _config(**privacy):
-  config = train.config_validation.load_config('configs/default.py')
+  config = config_validation.load_config('configs/default.py')
   config.privacy.update(privacy)
   return config
 
@@ -169,7 +173,7 @@ class TestConsumersUseTheirStreams:
   def test_augmentation(self):
     config = _config()
     config.augmult.num_views = 2
-    aug = train._augmult(config, self.schedule)  # pylint: disable=protected-access
+    aug = run_lib.augmult_of(config, self.schedule)
     for t in range(3):
       assert _data(aug.step_key(t)) == _data(
           self.schedule.key(keys.AUGMENT, t))
@@ -197,7 +201,11 @@ class TestConsumersUseTheirStreams:
   def test_modelmix(self):
     config = _config()
     config.modelmix.enabled = True
-    tx = train._optimizer_chain(config, None, self.schedule, 10)  # pylint: disable=protected-access
+    config.privacy.enabled = False
+    mixing = run_lib.build_features(
+        config, None, plan_lib.NonPrivatePlan(), self.schedule,
+        normalization.make_normalizer(None, {'params': {}}), None, None)
+    tx = mixing.optimizer_chain(plan_lib.NonPrivatePlan(), optax.sgd(1.0))
     state = tx.init({'w': jnp.zeros(2)})
     mix_state = [s for s in jax.tree.leaves(
         state, is_leaf=lambda x: isinstance(x, dpjax.ModelMixState))
@@ -223,7 +231,7 @@ class TestIndependence:
     schedule = keys.KeySchedule(0, 9)
     config = _config()
     config.augmult.num_views = 1
-    aug = train._augmult(config, schedule)  # pylint: disable=protected-access
+    aug = run_lib.augmult_of(config, schedule)
     noise_root = dpjax.make_plan(
         dpjax.PrivacyConfig(noise_multiplier=1.0, steps=5,
                             expected_batch_size=1), 100,

@@ -211,3 +211,28 @@ def test_a_padded_batch_cannot_reach_clipping_without_its_mask(engine):
                              rtol=1e-5, atol=1e-6)
   # What the mask prevents: the padding rows counted as example 0.
   assert not np.allclose(fn(w, batch.examples, None).grad_sum, out.grad_sum)
+
+
+@pytest.mark.parametrize('microbatch_size', [None, 2])
+def test_param_mask_cuts_every_row_before_clipping(microbatch_size):
+  params, batch, loss_fn = _setup(MLP(), (4, 4, 1), batch_size=5)
+  rng = np.random.default_rng(0)
+  param_mask = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) < 0.5),
+                            params)
+  clip = dpjax.clip_per_example(0.1)
+  out = jax.jit(dpjax.clipped_grad(loss_fn, clip,
+                                   microbatch_size=microbatch_size))(
+                                       params, batch, None,
+                                       param_mask=param_mask)
+  # The reference: each row's gradient cut to the mask, then clipped.
+  _, grads = dpjax.per_example.per_example_grads(loss_fn)(params, batch)
+  cut = jax.tree.map(lambda g, m: np.where(m, g, 0.0), grads, param_mask)
+  expected, _ = clip.clip(cut, clip.init(params), None)
+  for a, b, m in zip(jax.tree.leaves(out.grad_sum),
+                     jax.tree.leaves(expected.grad_sum),
+                     jax.tree.leaves(param_mask)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(a)[~np.asarray(m)] == 0.0)
+  with pytest.raises(ValueError, match='param_mask must have the structure'):
+    dpjax.clipped_grad(loss_fn, clip)(params, batch, None,
+                                      param_mask=jnp.ones(3, bool))

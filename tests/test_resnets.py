@@ -155,7 +155,7 @@ def test_per_example_gradients_match_a_loop(name, options):
         model, variables, normalization.NormalizationConfig(policy='frozen'))
     loss_fn = norm.example_loss()
     _per_example_check(loss_fn, variables['params'], batch,
-                       norm.init_state(variables), None)
+                       dpjax.StepInputs(model_state=norm.init_state(variables)))
   else:
     _per_example_check(train.example_loss(model), variables['params'], batch)
 
