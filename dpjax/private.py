@@ -41,13 +41,14 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.experimental import io_callback
 import numpy as np
 import optax
 
 from dpjax import accounting
 from dpjax import batch_loss as batch_loss_lib
 from dpjax import example_keys
-from dpjax import ghost
+from dpjax import engines
 from dpjax import keys as keys_lib
 from dpjax import noise as noise_lib
 from dpjax import per_example
@@ -70,14 +71,16 @@ class PrivateBatch(NamedTuple):
     batch: a :class:`dpjax.Batch`: the padded rows (with their dataset
       indices, :class:`dpjax.example_keys.Indexed`) and the mask.
     step: the logical step (int32).
-    noise_key: the step's key of the secret noise stream (``keys.NOISE``).
+    noise: the secret noise stream at this step (root, count = step): the
+      state :meth:`dpjax.DPPlan.noise`'s transform draws the step's noise
+      from.
     dropout_key: the step's key of the secret dropout stream
       (``keys.DROPOUT``); each example folds in its dataset index.
   """
 
   batch: sampling.Batch
   step: Any
-  noise_key: Any
+  noise: noise_lib.GaussianNoiseState
   dropout_key: Any
 
   def __repr__(self) -> str:
@@ -261,30 +264,8 @@ class PrivateBatches:
       self.plan.record_step(self.ledger, step)
       yield PrivateBatch(
           batch, np.int32(step),
-          keys_lib.for_step(self._noise_root, step),
+          noise_lib.GaussianNoiseState(self._noise_root, np.int32(step)),
           keys_lib.for_step(self._dropout_root, step))
-
-
-def noised_mean(plan: plan_lib.DPPlan, grad_sum: PyTree, clip_state: Any,
-                draw_key: jax.Array) -> PyTree:
-  """What ``plan.noise()`` releases for the draw whose key is ``draw_key``.
-
-  The same noise (std on the sum, per-group scales, secure draws) and the
-  same public divisor as the plan's transform at the step whose key this
-  is, for a caller that holds the step's key instead of the stream's state.
-  """
-  clipping = plan.clipping
-  secure = plan.config.secure_noise
-  if clipping.bound_fn is None and clipping.noise_scale_fn is None:
-    noise = noise_lib.gaussian_noise_like(draw_key, grad_sum, plan.noise_std,
-                                          secure)
-  else:
-    scale = clipping.noise_scale(clip_state, plan.relation)
-    noise = noise_lib.noise_like_scaled(
-        draw_key, grad_sum, scale, plan.grad_noise_multiplier, secure)
-  divisor = plan.public_divisor
-  return jax.tree.map(lambda g, n: (g + n) / jnp.asarray(divisor, g.dtype),
-                      grad_sum, noise)
 
 
 @dataclasses.dataclass
@@ -304,11 +285,27 @@ class Private:
   ledger: accounting.PrivacyLedger
   optimizer: optax.GradientTransformation
   _example_loss: LossFn = dataclasses.field(repr=False)
-  _engine: Callable[[LossFn], Callable[..., Any]] = dataclasses.field(
-      repr=False)
+  _engine: Callable[[LossFn], engines.Engine] = dataclasses.field(repr=False)
 
   def __post_init__(self):
     self.step = jax.jit(self._step)
+    self._noise = optax.with_extra_args_support(self.plan.noise())
+    self._released: set[int] = set()
+
+  def _release(self, step: np.ndarray) -> None:
+    """Host side: each step's noise is drawn for one release only.
+
+    A second gradient of the same batch would carry the same noise, and the
+    difference of the two releases would be noise-free.
+    """
+    step = int(step)
+    if step in self._released:
+      raise ValueError(
+          f'value_and_grad already released the private gradient of step'
+          f' {step}; a second one reuses its noise, and the difference of the'
+          ' two is the noise-free gradient. Call value_and_grad (or grad)'
+          ' once per batch of private.batches.')
+    self._released.add(step)
 
   def epsilon(self) -> float:
     """Epsilon spent so far (every batch handed out), at the plan's delta."""
@@ -326,7 +323,8 @@ class Private:
     expected batch size: a private release, for any optimizer. The loss is
     the mean over the batch's real rows, a diagnostic computed without
     noise: not differentially private (do not publish it).
-    Call it once per batch, inside the loop's jitted step.
+    Call it once per batch, inside the loop's jitted step: a second call
+    on the same batch raises (its noise would be reused).
     """
     batch = _as_private_batch(batch)
     inputs = per_example.StepInputs(dropout_key=batch.dropout_key)
@@ -339,9 +337,11 @@ class Private:
       def loss_fn(p, example, step_inputs):
         return module_loss(nnx.merge(graphdef, p, rest), example, step_inputs)
 
-    out = self._engine(loss_fn)(params, batch.batch, args=(inputs,))
-    grads = noised_mean(self.plan, out.grad_sum, out.clip_state,
-                        batch.noise_key)
+    io_callback(self._release, None, batch.step, ordered=True)
+    out = self._engine(loss_fn)(params, batch.batch,
+                                self.plan.init_clip_state(params), inputs)
+    grads, _ = self._noise.update(out.grad_sum, batch.noise,
+                                  clip_state=out.clip_state)
     real = jnp.sum(batch.batch.mask)
     loss = jnp.sum(out.stats.losses) / jnp.maximum(real, 1)
     return loss, grads
@@ -448,7 +448,7 @@ def make_private(
     microbatch_size: examples per vectorized chunk (memory; never changes
       the result).
     grad_route: 'auto', 'vmap', 'ghost' or 'bookkeeping'
-      (:func:`dpjax.ghost.clipped_grad_for_route`; the same clipped sum).
+      (:func:`dpjax.engines.select`; every route, the same clipped sum).
     pad_to_multiple_of: padded batch sizes are multiples of this (a
       performance setting, see :class:`dpjax.sampling.PoissonSampler`).
 
@@ -463,9 +463,9 @@ def make_private(
   _check_choices(target_epsilon, noise_multiplier, epochs, steps)
   _check_clipping(clipping)
   _check_loss_args(loss_fn, loss_takes_key)
-  if grad_route not in ghost.GRAD_ROUTES:
+  if grad_route not in engines.ROUTES:
     raise ValueError(
-        f'grad_route must be one of {ghost.GRAD_ROUTES}, got {grad_route!r}.')
+        f'grad_route must be one of {engines.ROUTES}, got {grad_route!r}.')
   arrays = as_arrays(data)
   config = plan_lib.PrivacyConfig(
       clip_norm=clip_norm, noise_multiplier=noise_multiplier,
@@ -484,10 +484,9 @@ def make_private(
   batches = PrivateBatches(plan, example_keys.with_indices(arrays), ledger,
                            min(num_passes, plan.num_steps))
 
-  def engine(example_loss: LossFn) -> Callable[..., Any]:
-    return ghost.clipped_grad_for_route(
-        grad_route, example_loss, plan.clipping,
-        microbatch_size=microbatch_size)
+  def engine(example_loss: LossFn) -> engines.Engine:
+    return engines.select(plan, engines.LossSpec(example_loss),
+                          route=grad_route, microbatch_size=microbatch_size)
 
   return Private(plan, batches, ledger, optimizer,
                  _example_loss(loss_fn, keep_batch_dim, loss_takes_key),

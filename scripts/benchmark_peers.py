@@ -131,8 +131,12 @@ def _make_private_step(model, sgd, images, labels):
   def step(p, opt_state, key, images, labels):
     examples = dpjax.example_keys.Indexed(
         {'image': images, 'label': labels}, index)
-    batch = private_lib.PrivateBatch(dpjax.Batch(examples, mask),
-                                     jnp.int32(0), key, key)
+    # A fresh step number per call: value_and_grad refuses a second release
+    # of one step (its noise would be reused).
+    step_number = jax.random.randint(key, (), 0, jnp.iinfo(jnp.int32).max)
+    batch = private_lib.PrivateBatch(
+        dpjax.Batch(examples, mask), step_number,
+        dpjax.GaussianNoiseState(key, step_number), key)
     _, grads = private.value_and_grad(p, batch)
     updates, opt_state = sgd.update(grads, opt_state, p)
     return optax.apply_updates(p, updates), opt_state

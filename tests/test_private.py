@@ -182,23 +182,27 @@ def test_the_update_matches_the_explicit_api(name):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize('secure', [False, True])
-@pytest.mark.parametrize('name', sorted(CLIPPINGS))
-def test_noised_mean_is_the_plans_noise_at_that_step(name, secure):
-  config = dpjax.PrivacyConfig(noise_multiplier=1.3, clipping=CLIPPINGS[name],
-                               secure_noise=secure, **SETTINGS)
-  plan = dpjax.make_plan(config, N, keys=dpjax.KeySchedule.create(
-      seed=0, noise_seed=9))
-  grad_sum = jax.tree.map(jnp.ones_like, PARAMS)
-  clip_state = plan.clipping.init(PARAMS)
-  noise = optax.with_extra_args_support(plan.noise())
-  state = noise.init(PARAMS)
-  for step in range(3):
-    expected, state = noise.update(grad_sum, state, clip_state=clip_state)
-    out = private_lib.noised_mean(plan, grad_sum, clip_state,
-                                  plan.keys.key(keys.NOISE, step))
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
-      np.testing.assert_array_equal(a, b)
+def test_each_batch_carries_the_plans_noise_state_at_its_step():
+  # value_and_grad runs the plan's own noise transform from this state: the
+  # noise formula lives in one place (dpjax/noise.py).
+  private = _private(noise_seed=9)
+  state = private.plan.noise().init(jnp.zeros(4))
+  for step, batch in zip(range(3), private.batches):
+    assert int(batch.noise.count) == step == int(batch.step)
+    np.testing.assert_array_equal(jax.random.key_data(batch.noise.key),
+                                  jax.random.key_data(state.key))
+
+
+def test_a_second_gradient_of_the_same_batch_is_refused():
+  # Its noise would be the first one's: the difference is noise-free.
+  private = _private()
+  batch = next(iter(private.batches))
+  value_and_grad = jax.jit(private.value_and_grad)
+  jax.block_until_ready(value_and_grad(jnp.zeros(4), batch))
+  with pytest.raises(Exception, match='reuses its noise'):
+    jax.block_until_ready(value_and_grad(jnp.ones(4), batch))
+  jax.block_until_ready(value_and_grad(jnp.ones(4),
+                                       next(iter(private.batches))))
 
 
 def test_every_grad_route_gives_the_same_private_gradient():
@@ -297,9 +301,9 @@ def test_noise_is_secret_by_default_and_reproducible_with_noise_seed():
   c, d = _private(noise_seed=5), _private(noise_seed=5)
   batch_c, batch_d = next(iter(c.batches)), next(iter(d.batches))
   np.testing.assert_array_equal(batch_c.batch.mask, batch_d.batch.mask)
-  np.testing.assert_array_equal(jax.random.key_data(batch_c.noise_key),
-                                jax.random.key_data(batch_d.noise_key))
-  assert 'noise_key' not in repr(batch_c) and 'examples' not in repr(batch_c)
+  np.testing.assert_array_equal(jax.random.key_data(batch_c.noise.key),
+                                jax.random.key_data(batch_d.noise.key))
+  assert 'noise' not in repr(batch_c) and 'examples' not in repr(batch_c)
 
 
 def test_secret_keys_are_arguments_of_the_compiled_step():
