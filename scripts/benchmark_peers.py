@@ -14,7 +14,10 @@ with as many intra-op threads as there are cores (``--threads``), as XLA
 does. Reported: median wall and CPU milliseconds per step, ratios, and peak
 memory (XLA's buffer assignment of the compiled step for JAX, the process's
 peak RSS growth for everything), and a sanity line: torch's non-private step
-against JAX's, the same model and batch in two frameworks.
+against JAX's, the same model and batch in two frameworks. dpjax's variants
+clip flat by default; ``--dpjax-clipping per_layer`` times per-layer
+clipping (one group per module) on dpjax's routes:
+
     python scripts/benchmark_peers.py --variants jax-nonprivate dpjax-vmap \\
         dpjax-bookkeeping dpjax-ghost --dpjax-clipping per_layer
 
