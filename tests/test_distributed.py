@@ -98,3 +98,23 @@ def test_batch_multiple():
   assert distributed.batch_multiple(4, 64, 6) == 64
   with pytest.raises(ValueError, match='multiple of 4'):
     distributed.batch_multiple(4, 30, 6)
+
+
+def test_clipped_grad_takes_a_param_mask():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import dpjax  # pylint: disable=g-import-not-at-top
+  loss = lambda w, ex: jnp.sum(w * ex['g'])
+  batch = {'g': jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)),
+                            jnp.float32)}
+  param_mask = jnp.array([True, False, True])
+  clip = dpjax.clip_per_example(0.5)
+  ref = dpjax.clipped_grad(loss, clip)(jnp.zeros(3), batch, None,
+                                       param_mask=param_mask)
+  out = distributed.clipped_grad(loss, clip, distributed.make_mesh(1))(
+      jnp.zeros(3), batch, None, param_mask=param_mask)
+  np.testing.assert_allclose(out.grad_sum, ref.grad_sum, rtol=1e-6)
+  assert float(out.grad_sum[1]) == 0.0
+  with pytest.raises(ValueError, match='param_mask'):
+    distributed.clipped_grad(loss, clip, distributed.make_mesh(1))(
+        jnp.zeros(3), batch, None, param_mask=jnp.array([True]))
