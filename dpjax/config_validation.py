@@ -31,6 +31,7 @@ import numpy as np
 
 from dpjax import augmult as augmult_lib
 from dpjax import data as data_lib
+from dpjax import scatternet
 
 # Inputs beyond this magnitude are not normalized images: their gradients
 # overflow float32 norms, and clipping would silently zero them.
@@ -120,7 +121,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   Sections: ``perf`` (num_devices, physical_batch_size,
   checkpoint_every_steps), ``averaging`` (ema_decay, polyak,
-  polyak_start_step) and ``augmult`` (num_views, augmentations).
+  polyak_start_step), ``augmult`` (num_views, augmentations), ``eval_size``,
+  and ``data.features`` (known, and set for the scattering models).
   """
   perf = _section(config, 'perf')
   if perf.get('num_devices') is not None:
@@ -147,6 +149,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if avg.get('polyak_start_step') is not None:
     _int('averaging.polyak_start_step', avg.polyak_start_step, 0)
 
+  if config.get('eval_size') is not None:
+    _int('eval_size', config.eval_size, 1,
+         ' None evaluates on the whole test set every time.')
+  _check_features(config)
+
   aug = _section(config, 'augmult')
   if aug.get('num_views') is not None:
     views = _int('augmult.num_views', aug.num_views, 0,
@@ -156,6 +163,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         augmult_lib.get_augmentation(tuple(aug.augmentations))
       except ValueError as e:
         raise ConfigError(f'augmult.augmentations: {e}') from None
+
+
+def _check_features(config: ml_collections.ConfigDict) -> None:
+  """``data.features`` is known, and the scattering models get features."""
+  features = _section(config, 'data').get('features')
+  try:
+    data_lib.features_lib.check_features(features)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  model = _section(config, 'model').get('name')
+  if model in scatternet.MODELS and features != 'scatternet':
+    raise ConfigError(
+        f'model.name={model!r} takes scattering features, not pixels: set'
+        " data.features='scatternet' (computed once and cached beside the"
+        ' tfds data).')
 
 
 def check_splits(splits: data_lib.DataSplits) -> None:
@@ -183,8 +205,11 @@ def check_splits(splits: data_lib.DataSplits) -> None:
       raise ValueError(
           f'{where}: images have shape {ds.images.shape[1:]} but the train'
           f' split\'s are {shape}; every split must share one image shape.')
-    if ds.images.size and np.abs(ds.images).max() > MAX_ABS_INPUT:
+    # Extremes as Python floats: no |images| copy, no float16 overflow.
+    peak = max(float(ds.images.max()), -float(ds.images.min())) if (
+        ds.images.size) else 0.0
+    if peak > MAX_ABS_INPUT:
       raise ValueError(
-          f'{where}: image values reach {np.abs(ds.images).max():.3g}, beyond'
+          f'{where}: image values reach {peak:.3g}, beyond'
           f' {MAX_ABS_INPUT:g}: normalize the inputs (e.g. scale pixels to'
           ' [0, 1]).')

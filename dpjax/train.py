@@ -514,9 +514,11 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The public-data and subset options of ``config.data`` for data.load."""
+  """The public-data, subset and feature options of ``config.data`` for
+  data.load."""
   return {k: config[k] for k in ('public_dataset', 'public_manual_dir',
-                                 'public_size', 'train_size') if k in config}
+                                 'public_size', 'train_size', 'features')
+          if k in config}
 
 
 def normalization_config(
@@ -731,6 +733,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   delta = config.privacy.delta
   eval_every = config.eval_every_steps or max(1, num_steps // 10)
+  # Evaluations during training may use a subset; the last uses every example.
+  eval_set = data_lib.eval_subset(splits.test, config.get('eval_size'))
   ckpt_every = config.perf.checkpoint_every_steps
   ckpt_every = eval_every if ckpt_every is None else ckpt_every
   eps = 0.0
@@ -762,7 +766,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", eps=f'{eps:.3f}',
                       **(mixing_report.postfix() if mixing else {}))
     if eval_now:
-      result = evaluate(state.params, splits.test, state.model_state)
+      test_set = splits.test if last else eval_set
+      result = evaluate(state.params, test_set, state.model_state)
       history['step'].append(step + 1)
       history['test_accuracy'].append(result['accuracy'])
       history['test_loss'].append(result['loss'])
@@ -771,7 +776,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         history['epsilon_modelmix'].append(mixing_report.plot_value())
       for name, params in averaging.averaged_params(state.opt_state).items():
         history.setdefault(f'test_accuracy_{name}', []).append(
-            evaluate(params, splits.test, state.model_state)['accuracy'])
+            evaluate(params, test_set, state.model_state)['accuracy'])
     if ckpt_every and ((step + 1) % ckpt_every == 0 or last):
       checkpointer.save(step + 1, state, dict(
           meta, ledger=checkpoint.ledger_to_json(ledger), history=history,

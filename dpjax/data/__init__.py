@@ -5,8 +5,10 @@ from __future__ import annotations
 from dpjax.data.base import ArrayDataset
 from dpjax.data.base import check_dataset
 from dpjax.data.base import DataSplits
+from dpjax.data.base import eval_subset
 from dpjax.data.base import split_public
 from dpjax.data.base import subsample_train
+from dpjax.data import features as features_lib
 
 DATASETS: tuple[str, ...] = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
 
@@ -34,7 +36,8 @@ def load(name: str, *, manual_dir: str | None = None,
          tfds_data_dir: str | None = None, public_fraction: float = 0.0,
          public_seed: int = 0, public_dataset: str | None = None,
          public_manual_dir: str | None = None, public_size: int | None = None,
-         train_size: int | None = None) -> DataSplits:
+         train_size: int | None = None,
+         features: str | None = None) -> DataSplits:
   """Loads a dataset by name (see :data:`DATASETS`); never downloads.
 
   Public data, never trained on privately and never charged to the
@@ -45,8 +48,15 @@ def load(name: str, *, manual_dir: str | None = None,
   ``public_size`` keeps that many public examples (seeded, from the indices
   alone). ``train_size`` keeps a seeded subset of the private training set
   (for small experiments; N is then ``train_size``).
+
+  ``features='scatternet'`` replaces every split's images by their
+  scattering transform, computed once per split and cached beside the tfds
+  data (:mod:`dpjax.data.features`), before any public split or subset is
+  taken, so every slice of a dataset shares one cache file.
   """
-  splits = _load_one(name, manual_dir, tfds_data_dir)
+  features_lib.check_features(features)
+  splits = features_lib.featurize(_load_one(name, manual_dir, tfds_data_dir),
+                                  features, tfds_data_dir)
   if public_dataset is not None:
     if public_fraction:
       raise ValueError(
@@ -56,7 +66,10 @@ def load(name: str, *, manual_dir: str | None = None,
       raise ValueError(
           f'data.public_dataset={public_dataset!r} is the private dataset'
           ' itself; hold out a slice with data.public_fraction instead.')
-    public = _load_one(public_dataset, public_manual_dir, tfds_data_dir).train
+    public = _load_one(public_dataset, public_manual_dir, tfds_data_dir)
+    public = public.train if features is None else (
+        features_lib.featurize_dataset(public.train, f'{public.name}-train',
+                                       features, tfds_data_dir))
     if public.images.shape[1:] != splits.train.images.shape[1:]:
       raise ValueError(
           f'public dataset {public_dataset!r} has images of shape'

@@ -72,6 +72,27 @@ def subsample_train(splits: DataSplits, size: int,
                                             splits.train.labels[keep]))
 
 
+def eval_subset(ds: ArrayDataset, size: int | None,
+                seed: int = 0) -> ArrayDataset:
+  """A seeded random ``size`` examples of ``ds`` (all of it for None or a
+  size >= its length), in their original order.
+
+  Examples:
+    >>> ds = ArrayDataset(np.zeros((10, 1, 1, 1)), np.arange(10))
+    >>> len(eval_subset(ds, 4)), len(eval_subset(ds, None))
+    (4, 10)
+  """
+  if size is None or size >= len(ds):
+    return ds
+  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
+      size < 1):
+    raise ValueError(
+        f'eval_size must be a positive integer (or None: the whole test'
+        f' set), got {size!r}.')
+  keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:size])
+  return ArrayDataset(ds.images[keep], ds.labels[keep])
+
+
 def check_dataset(ds: ArrayDataset, num_classes: int, where: str) -> None:
   """Refuses data a training run would silently mishandle."""
   if ds.images.shape[0] != ds.labels.shape[0]:
