@@ -1,6 +1,7 @@
 """Tests for dpjax/scatternet.py: the scattering transform against Kymatio and
 against its analytic properties, and the models over its features."""
 
+import importlib
 import math
 
 import jax
@@ -8,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import scatternet_base
+from dpjax import config_validation
 from dpjax import models
 from dpjax import scatternet
 
@@ -163,3 +166,21 @@ def test_scatter_model_options_are_checked():
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 7, 7, 81)))
   with pytest.raises(ValueError, match='model.norm must be one of'):
     models.get_model('scatter_cnn', 10, norm='layer')
+
+
+@pytest.mark.parametrize('dataset', ['mnist', 'fashion_mnist', 'cifar10'])
+@pytest.mark.parametrize('model', ['linear', 'cnn'])
+def test_scatternet_configs(dataset, model):
+  """Every ScatterNet config: features, GroupNorm, epsilon 3, the paper's
+  clip norm, and a valid config for dpjax-train."""
+  config = importlib.import_module(f'configs.scatternet_{dataset}').get_config(
+      model)
+  assert config.data.features == 'scatternet'
+  assert config.model.name == f'scatter_{model}'
+  assert (config.model.norm, config.model.num_groups) == ('group', 27)
+  assert (config.privacy.target_epsilon, config.privacy.delta,
+          config.privacy.clip_norm) == (3.0, 1e-5, 0.1)
+  config_validation.validate_config(config)
+  with pytest.raises(ValueError, match='model argument'):
+    scatternet_base.scatternet_config('mnist', '.', 'resnet', batch_size=1,
+                                      learning_rate=1.0, epochs=1.0)

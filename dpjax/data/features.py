@@ -122,6 +122,9 @@ def cached(images: np.ndarray, name: str, settings: ScatterSettings,
   try:
     with os.fdopen(fd, 'wb') as f:
       np.save(f, features)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide it from others
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
