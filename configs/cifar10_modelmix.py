@@ -11,6 +11,9 @@ Both are reported (`epsilon`, `epsilon_modelmix`). Every coordinate is mixed,
 GroupNorm parameters included (the authors' code skipped them).
 
     dpjax-train --config configs/cifar10_modelmix.py --workdir runs/c10_modelmix
+
+Data: the python batches in $DPJAX_DATA_DIR/cifar10/cifar-10-batches-py
+(default ../shared/data), read by dpjax's tfds builder; nothing is downloaded.
 """
 
 import os

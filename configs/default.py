@@ -14,8 +14,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'digits'
+  # Raw files of 'mnist', 'fashion_mnist', 'cifar10' (None:
+  # $DPJAX_DATA_DIR/<dataset>) and the cache of their prepared copy, keyed on
+  # the files' SHA-256 (None: $DPJAX_CACHE_DIR, else <workdir>/data_cache).
   config.data.manual_dir = ml_collections.config_dict.placeholder(str)
   config.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+  # name = 'arrays': your own .npz file (images, labels, optionally
+  # test_images, test_labels; dpjax/data/arrays.py). Without a test split,
+  # test_fraction of it is held out; num_classes None: largest label + 1.
+  config.data.path = ml_collections.config_dict.placeholder(str)
+  config.data.num_classes = ml_collections.config_dict.placeholder(int)
+  config.data.test_fraction = 0.1
   # Fraction of the training set held out as PUBLIC data (removed from the
   # private set; used for BatchNorm statistics or clip thresholds).
   config.data.public_fraction = 0.0
@@ -28,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_size = ml_collections.config_dict.placeholder(int)
   # Fixed per-example features instead of pixels: 'scatternet' (the
   # scattering transform of Tramer & Boneh 2021, for the 'scatter_linear'
-  # and 'scatter_cnn' models), computed once and cached beside the tfds data.
+  # and 'scatter_cnn' models), computed once and cached with the prepared data.
   config.data.features = ml_collections.config_dict.placeholder(str)
 
   config.model = ml_collections.ConfigDict()
@@ -58,8 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.normalization.eval_statistics = 'public'
 
   # Everything that changes the privacy guarantee, and nothing else. A set
-  # `steps` replaces `epochs`; a set `noise_multiplier` replaces
-  # `target_epsilon`.
+  # `steps` replaces `epochs`. Exactly one of `target_epsilon` (calibrates the
+  # noise) and `noise_multiplier` is set: for a fixed noise, unset the target
+  # (--config.privacy.noise_multiplier=1.1
+  # --config.privacy.target_epsilon=None).
   config.privacy = ml_collections.ConfigDict()
   config.privacy.enabled = True
   config.privacy.clip_norm = 1.0
@@ -74,6 +85,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.privacy.epochs = 20.0
   config.privacy.steps = ml_collections.config_dict.placeholder(int)
   config.privacy.accountant = 'rdp'
+  # The secret seed of the sampler, the noise and every other mechanism
+  # draw. None (default): drawn from the OS entropy, kept in the checkpoints
+  # only, so two runs differ. Set it for a bit-identical rerun; the
+  # guarantee then assumes it stays secret (whoever knows it can remove the
+  # noise). config.seed only drives what may be public (init, data split).
+  config.privacy.noise_seed = ml_collections.config_dict.placeholder(int)
+  # Noise drawn as a sum of four Gaussians (Holohan & Braghin 2021), against
+  # floating-point attacks on the Gaussian sampler (Jin et al. 2022).
+  config.privacy.secure_noise = False
   # The clipping mode fixes sampler, relation and accountant event
   # (dpjax/plan.py, ClippingConfig): 'flat' | 'per_layer' | 'automatic' |
   # 'adaptive' per example with Poisson sampling; 'batch' (batch clipping of

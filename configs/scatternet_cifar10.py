@@ -9,7 +9,7 @@ Poisson-sampled. Settings in configs/scatternet_base.py; recipes below.
     dpjax-train --config configs/scatternet_cifar10.py:cnn --workdir runs/scat_c10_cnn
 
 Data: the python batches in $DPJAX_DATA_DIR/cifar10/cifar-10-batches-py
-(default ../shared/data); features cached beside the tfds data on first use.
+(default ../shared/data); features cached with the prepared data on first use.
 """
 
 from configs import scatternet_base

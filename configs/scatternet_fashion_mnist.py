@@ -10,7 +10,7 @@ truly Poisson-sampled. Settings in configs/scatternet_base.py; recipes below.
     dpjax-train --config configs/scatternet_fashion_mnist.py:cnn --workdir runs/scat_fm_cnn
 
 Data: the IDX files in $DPJAX_DATA_DIR/fashion_mnist (default
-../shared/data/fashion_mnist); features cached beside the tfds data.
+../shared/data/fashion_mnist); features cached with the prepared data.
 """
 
 from configs import scatternet_base

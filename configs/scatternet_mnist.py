@@ -9,7 +9,7 @@ truly Poisson-sampled. Settings in configs/scatternet_base.py; recipes below.
     dpjax-train --config configs/scatternet_mnist.py:cnn --workdir runs/scat_mnist_cnn
 
 Data: the IDX files in $DPJAX_DATA_DIR/mnist (default ../shared/data/mnist);
-features cached beside the tfds data on first use.
+features cached with the prepared data on first use.
 """
 
 from configs import scatternet_base

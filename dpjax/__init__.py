@@ -29,10 +29,14 @@ from dpjax.per_example import clipped_grad
 from dpjax.per_example import ClippedGrad
 from dpjax.per_example import per_example_grads
 from dpjax.per_example import PerExampleStats
+from dpjax.per_example import StepInputs
 from dpjax.plan import ClippingConfig
 from dpjax.plan import DPPlan
 from dpjax.plan import make_plan
 from dpjax.plan import PrivacyConfig
+from dpjax.keys import KeySchedule
+from dpjax.sampling import Batch
+from dpjax.sampling import PaddedBatch
 from dpjax.sampling import PoissonSampler
 
 __version__ = '0.1.0'

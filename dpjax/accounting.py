@@ -213,6 +213,90 @@ def calibrate_noise_multiplier(
   return float(sigma)
 
 
+# RDP -> (epsilon, delta). dp-accounting's RdpAccountant (dpjax's 'rdp')
+# uses the improved conversion of Canonne, Kamath & Steinke 2020 (Prop. 12)
+# and Asoodeh et al. 2021; TF Privacy's older ``compute_dp_sgd_privacy``
+# used the classic one of Mironov 2017 (Prop. 3), on these orders, with
+# ceil(epochs N / B) steps. Both are valid upper bounds on epsilon; the
+# classic one is looser, so the same run reads larger there.
+CLASSIC_RDP_ORDERS: tuple[float, ...] = (
+    (1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5)
+    + tuple(float(a) for a in range(5, 64)) + (128.0, 256.0, 512.0))
+RDP_CONVERSIONS: tuple[str, ...] = ('improved', 'classic')
+
+
+class ClassicRdpAccountant(rdp.RdpAccountant):
+  """RDP with the classic conversion: eps = min_a RDP(a) + log(1/delta)/(a-1).
+
+  Reproduces the epsilons of TF Privacy's legacy ``compute_dp_sgd_privacy``
+  (with its orders, :data:`CLASSIC_RDP_ORDERS`), e.g. 3.01 for N = 60000,
+  B = 256, sigma = 1.1, 60 epochs, where the improved conversion gives 2.60.
+
+  Examples:
+    >>> import dp_accounting
+    >>> from dpjax import accounting
+    >>> acc = accounting.ClassicRdpAccountant()
+    >>> _ = acc.compose(accounting.dpsgd_event(1.1, 256 / 60000, 14063))
+    >>> round(acc.get_epsilon(1e-5), 3)
+    3.009
+
+  References:
+    Mironov, 2017. Renyi Differential Privacy, Proposition 3.
+    https://arxiv.org/abs/1702.07476
+  """
+
+  def __init__(self, orders=CLASSIC_RDP_ORDERS,
+               neighboring_relation: dp_accounting.NeighboringRelation = (
+                   dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)):
+    super().__init__(orders, neighboring_relation)
+
+  def get_epsilon_and_optimal_order(self, target_delta: float):
+    delta = _validation.open_unit('delta', target_delta)
+    orders, rdp_values = self.orders, self.rdp
+    eps = rdp_values + math.log(1 / delta) / (orders - 1)
+    best = int(eps.argmin())
+    return float(max(0.0, eps[best])), float(orders[best])
+
+  def get_epsilon(self, target_delta: float) -> float:
+    return self.get_epsilon_and_optimal_order(target_delta)[0]
+
+
+def rdp_epsilon(event: dp_accounting.DpEvent, delta: float,
+                conversion: str = 'improved') -> tuple[float, float]:
+  """``(epsilon, optimal order)`` of ``event`` by RDP with ``conversion``.
+
+  ``'improved'`` is what :func:`epsilon` computes for ``'rdp'``;
+  ``'classic'`` is :class:`ClassicRdpAccountant` (TF Privacy's legacy
+  numbers).
+  """
+  if conversion not in RDP_CONVERSIONS:
+    raise ValueError(
+        f'conversion must be one of {RDP_CONVERSIONS}, got {conversion!r}.')
+  check_delta(delta)
+  if _has_zero_noise(event):
+    return math.inf, math.nan
+  acc = (ClassicRdpAccountant() if conversion == 'classic'
+         else rdp.RdpAccountant())
+  with _quiet_dp_accounting():
+    acc.compose(event)
+    eps, order = acc.get_epsilon_and_optimal_order(delta)
+  return float(eps), float(order)
+
+
+def calibrate_noise_multiplier_classic(target_epsilon: float, delta: float,
+                                       sampling_rate: float, steps: int,
+                                       tol: float = 1e-4) -> float:
+  """:func:`calibrate_noise_multiplier` under the classic RDP conversion."""
+  target_epsilon = _validation.positive('target_epsilon', target_epsilon)
+  check_delta(delta)
+  with _quiet_dp_accounting():
+    return float(dp_accounting.calibrate_dp_mechanism(
+        ClassicRdpAccountant,
+        lambda sigma: dpsgd_event(sigma, sampling_rate, steps),
+        target_epsilon, delta, dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+        tol=tol))
+
+
 @dataclasses.dataclass
 class PrivacyLedger:
   """Every DP event a training run has released, in order.
@@ -444,3 +528,25 @@ def batch_clipping_mu(noise_multiplier: float, epochs: int,
     return math.inf
   per_epoch = (g // k) * k * k + (g % k) ** 2
   return math.sqrt(epochs * per_epoch) / sigma
+
+
+def split_noise_multiplier(noise_multiplier: float,
+                           stats_budget: float) -> tuple[float, float]:
+  """Gradient and statistics noise multipliers that cost one step at sigma.
+
+  Two Gaussian releases on the same Poisson batch, the clipped gradient sum
+  with noise sigma_g x C and the clipped statistics sum with noise
+  sigma_s x C_s, are together one Gaussian mechanism with noise multiplier
+  (sigma_g^-2 + sigma_s^-2)^-1/2 (rescale each by its noise std and stack
+  them: one example moves the stack by at most that inverse). With
+  sigma_g = sigma / sqrt(1 - share) and sigma_s = sigma / sqrt(share), that is
+  sigma, so the accountant's per-step event is unchanged.
+
+  Examples:
+    >>> g, s = split_noise_multiplier(1.0, 0.2)
+    >>> round(g, 4), round(s, 4), round((g ** -2 + s ** -2) ** -0.5, 6)
+    (1.118, 2.2361, 1.0)
+  """
+  sigma = _validation.positive('noise_multiplier', noise_multiplier)
+  share = _validation.open_unit('stats_share', stats_budget)
+  return sigma / math.sqrt(1 - share), sigma / math.sqrt(share)

@@ -63,26 +63,28 @@ def make_logical_step(
   """One logical step from a per-physical-batch gradient and an update.
 
   Args:
-    grad_step: ``grad_step(state, data, indices, mask) -> (grads, sums)``:
-      the clipped gradient SUM of the physical batch and additive statistics
-      (e.g. the loss sum). Jitted here.
-    apply_step: ``apply_step(state, grads, sums) -> state``, the once-per-step
-      update (noise, optimizer). Jitted here, donating ``state``.
+    grad_step: ``grad_step(state, data, indices, mask, context) -> (grads,
+      sums)``: the clipped gradient SUM of the physical batch and additive
+      statistics (e.g. the loss sum). Jitted here.
+    apply_step: ``apply_step(state, grads, sums, context) -> state``, the
+      once-per-step update (noise, optimizer). Jitted here, donating
+      ``state``. ``context`` is whatever the caller prepared for the whole
+      logical step (its step inputs), the same for every piece.
     physical_batch_size: rows per ``grad_step`` call; None: the whole batch
       in one call.
     place_batch: puts a physical batch's ``indices`` / ``mask`` on the
       devices (e.g. :func:`dpjax.distributed.put_sharded`).
 
   Returns:
-    ``step(state, data, indices, mask) -> (state, sums)``; ``sums`` adds up
-    the physical batches' statistics.
+    ``step(state, data, indices, mask, context=None) -> (state, sums)``;
+    ``sums`` adds up the physical batches' statistics.
 
   Examples:
     >>> import jax.numpy as jnp, numpy as np
     >>> from dpjax import accumulation
-    >>> grad_step = lambda s, data, i, m: (jnp.sum(jnp.where(m, data[i], 0)),
-    ...                                    {'count': m.sum()})
-    >>> apply_step = lambda s, g, sums: s + g
+    >>> grad_step = lambda s, data, i, m, c: (
+    ...     jnp.sum(jnp.where(m, data[i], 0)), {'count': m.sum()})
+    >>> apply_step = lambda s, g, sums, c: s + g
     >>> step = accumulation.make_logical_step(grad_step, apply_step,
     ...                                       physical_batch_size=2)
     >>> state, sums = step(jnp.float32(0), jnp.arange(10.0),
@@ -95,14 +97,14 @@ def make_logical_step(
   add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b),
                 donate_argnums=(0,))
 
-  def step(state, data, indices, mask):
+  def step(state, data, indices, mask, context=None):
     total = None
     for idx, m in split_batch(indices, mask, physical_batch_size):
       if place_batch is not None:
         idx, m = place_batch(idx), place_batch(m)
-      out = grad_jit(state, data, idx, m)
+      out = grad_jit(state, data, idx, m, context)
       total = out if total is None else add(total, out)
     grads, sums = total
-    return apply_jit(state, grads, sums), sums
+    return apply_jit(state, grads, sums, context), sums
 
   return step

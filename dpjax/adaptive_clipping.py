@@ -28,6 +28,8 @@ Privacy invariants owned here (DESIGN.md, 1, 2 and 5):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -37,6 +39,8 @@ import jax.numpy as jnp
 
 from dpjax import _validation
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
+from dpjax import noise as noise_lib
 
 PyTree = Any
 
@@ -54,12 +58,15 @@ class QuantileClipState(NamedTuple):
       prefix of the parameters (one per clip group).
     counts: same structure; sum over this step's real examples so far of
       1[norm <= threshold] - 1/2. Reset to zero by ``end_step``.
-    key: PRNG key of the count noise.
+    key: the count noise's stream root; draw t uses ``keys.for_step(key,
+      draws)``.
+    draws: number of count releases so far.
   """
 
   clip_norms: PyTree
   counts: PyTree
   key: jax.Array
+  draws: jax.Array
 
 
 def count_noise_multiplier(count_noise_std: float, num_counts: int = 1
@@ -143,6 +150,93 @@ def gradient_noise_multiplier(noise_multiplier: float, count_noise_std: float,
   return (z ** -2 - z_b ** -2) ** -0.5
 
 
+def _quantile_init(params: PyTree, *, clip_norms: PyTree | None,
+                   clip_norm: float, rule: str | None, groups: str,
+                   root: jax.Array) -> QuantileClipState:
+  """The initial thresholds, zero counts and the count noise's stream."""
+  norms = clipping_lib.initial_clip_norms(params, clip_norms, clip_norm, rule,
+                                          groups)
+  return QuantileClipState(norms, jax.tree.map(jnp.zeros_like, norms),
+                           *keys_lib.init_stream(root))
+
+
+def _quantile_scales(sq_norms: PyTree, state: QuantileClipState,
+                     mask: jax.Array | None):
+  """Per-group clipping at the state's thresholds, adding this chunk's counts.
+
+  Every real row adds +1/2 to a group whose norm is within its threshold and
+  -1/2 otherwise; a non-finite row (not kept) counts as over every
+  threshold, padding rows add nothing. The norms are those the rows are
+  clipped with: on the ghost routes an upper bound of the exact norm for
+  Gram-norm layers (:mod:`dpjax.ghost`), so a row within that bound's
+  rounding margin of a threshold counts as over it, as it is clipped there.
+  Any 0/1 function of one example gives a count of sensitivity 1/2, so the
+  release is as private whichever norm is used.
+  """
+  scales, norms = clipping_lib.group_norm_scales(sq_norms, state.clip_norms,
+                                                 mask)
+  mask = clipping_lib.as_mask(mask, scales.keep.shape[0])
+  counts = jax.tree.map(
+      lambda total, c, n: total + jnp.sum(
+          jnp.where(mask, jnp.where(scales.keep & (n <= c), 0.5, -0.5), 0.0)),
+      state.counts, state.clip_norms, norms)
+  return scales, state._replace(counts=counts)
+
+
+def _quantile_end_step(state: QuantileClipState, *, count_noise_std: float,
+                       learning_rate: float, expected_batch_size: float,
+                       target_quantile: float) -> QuantileClipState:
+  """Noises the step's counts once and moves each threshold geometrically."""
+  draw_key = keys_lib.for_step(state.key, state.draws)
+  leaves, treedef = jax.tree.flatten(state.counts)
+  noise = jax.random.normal(draw_key, (len(leaves),)) * count_noise_std
+  noisy = jax.tree.unflatten(
+      treedef, [c + noise[i] for i, c in enumerate(leaves)])
+  clip_norms = jax.tree.map(
+      lambda c, n: jnp.clip(
+          c * jnp.exp(-learning_rate * (
+              n / expected_batch_size + 0.5 - target_quantile)),
+          MIN_CLIP_NORM, MAX_CLIP_NORM),
+      state.clip_norms, noisy)
+  return QuantileClipState(
+      clip_norms, jax.tree.map(jnp.zeros_like, state.counts), state.key,
+      state.draws + 1)
+
+
+def _initial_bound(initial_clip_norm: float | PyTree, explicit: bool,
+                   rule: str | None) -> float:
+  """sqrt(sum_i C_i^2) of the initial thresholds, checked."""
+  if not explicit:
+    return _validation.positive('initial_clip_norm', initial_clip_norm)
+  if rule is not None:
+    raise ValueError('give either explicit per-group initial thresholds or a'
+                     f' rule, not both (rule={rule!r}).')
+  return clipping_lib.total_bound(initial_clip_norm)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantileClipSpec(clipping_lib.ClipSpec):
+  """:class:`dpjax.clipping.ClipSpec` of adaptive clipping.
+
+  Attributes:
+    count_noise_std: sigma_b, std of the noise on each released count.
+  """
+
+  count_noise_std: float
+
+
+class QuantileClipping(clipping_lib.PerExampleClipping):
+  """Adaptive clipping: a :class:`dpjax.PerExampleClipping` with counts."""
+
+  spec_type = QuantileClipSpec
+  spec: QuantileClipSpec
+  count_noise_std = property(lambda self: self.spec.count_noise_std)
+
+  def num_counts(self, state: QuantileClipState) -> int:
+    """K, the number of counts (clip groups) released per step."""
+    return len(jax.tree.leaves(state.clip_norms))
+
+
 def clip_quantile(
     initial_clip_norm: float | PyTree,
     *,
@@ -153,7 +247,7 @@ def clip_quantile(
     key: jax.Array | int,
     rule: str | None = None,
     groups: str = 'tensor',
-) -> clipping_lib.PerExampleClipping:
+) -> QuantileClipping:
   """Per-example clipping whose thresholds follow a quantile of the norms.
 
   Flat (one threshold) by default; per layer with ``rule`` (the initial
@@ -194,75 +288,30 @@ def clip_quantile(
     groups: ``'tensor'`` or ``'module'``, the clip groups of a rule.
 
   Returns:
-    A :class:`dpjax.PerExampleClipping` with :class:`QuantileClipState`; its
-    ``num_counts(state)`` attribute gives K for the accountant.
+    A :class:`QuantileClipping` with :class:`QuantileClipState`; its
+    ``num_counts(state)`` method gives K for the accountant. It clips from
+    norms, so it runs on every route (:mod:`dpjax.ghost`).
 
   References:
     Andrew, Thakkar, McMahan, Ramaswamy, 2021. Differentially Private
     Learning with Adaptive Clipping. https://arxiv.org/abs/1905.03871
   """
   explicit = not isinstance(initial_clip_norm, numbers.Real)
-  if explicit and rule is not None:
-    raise ValueError('give either explicit per-group initial thresholds or a'
-                     f' rule, not both (rule={rule!r}).')
-  if explicit:
-    bound = sum(c * c for c in clipping_lib._check_clip_norms(  # pylint: disable=protected-access
-        initial_clip_norm)) ** 0.5
-  else:
-    bound = _validation.positive('initial_clip_norm', initial_clip_norm)
-  target_quantile = _validation.open_unit('target_quantile', target_quantile)
-  learning_rate = _validation.positive('learning_rate', learning_rate)
+  bound = _initial_bound(initial_clip_norm, explicit, rule)
   count_noise_std = _validation.positive('count_noise_std', count_noise_std)
-  expected_batch_size = _validation.positive(
-      'expected_batch_size', expected_batch_size,
-      ' It is the public constant q * N, not the realized batch size.')
-  first_key = key if not isinstance(key, int) else jax.random.key(key)
-
-  def init_fn(params):
-    if explicit:
-      norms = initial_clip_norm
-    elif rule is None:
-      norms = bound
-    else:
-      norms = clipping_lib.per_layer_clip_norms(params, bound, rule, groups)
-    norms = jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), norms)
-    return QuantileClipState(norms, jax.tree.map(jnp.zeros_like, norms),
-                             jnp.copy(first_key))  # donation-safe
-
-  def clip_fn(per_example_grads, state, mask):
-    out, norms, keep = clipping_lib.clip_groups(
-        per_example_grads, state.clip_norms, mask)
-    mask = clipping_lib.as_mask(mask, keep.shape[0])
-    # A non-finite row counts as over the threshold: every real row adds
-    # +-1/2, padding rows add nothing.
-    counts = jax.tree.map(
-        lambda total, c, n: total + jnp.sum(
-            jnp.where(mask, jnp.where(keep & (n <= c), 0.5, -0.5), 0.0)),
-        state.counts, state.clip_norms, norms)
-    return out, state._replace(counts=counts)
-
-  def end_step_fn(state):
-    next_key, draw_key = jax.random.split(state.key)
-    leaves, treedef = jax.tree.flatten(state.counts)
-    noise = jax.random.normal(draw_key, (len(leaves),)) * count_noise_std
-    noisy = jax.tree.unflatten(
-        treedef, [c + noise[i] for i, c in enumerate(leaves)])
-    clip_norms = jax.tree.map(
-        lambda c, n: jnp.clip(
-            c * jnp.exp(-learning_rate * (
-                n / expected_batch_size + 0.5 - target_quantile)),
-            MIN_CLIP_NORM, MAX_CLIP_NORM),
-        state.clip_norms, noisy)
-    return QuantileClipState(
-        clip_norms, jax.tree.map(jnp.zeros_like, state.counts), next_key)
-
-  def bound_fn(state):
-    return jnp.sqrt(sum(jnp.square(c)
-                        for c in jax.tree.leaves(state.clip_norms)))
-
-  tx = clipping_lib.make_per_example_clipping(
-      init_fn, clip_fn, bound, 'adaptive', bound_fn=bound_fn,
-      end_step_fn=end_step_fn)
-  tx.count_noise_std = count_noise_std
-  tx.num_counts = lambda state: len(jax.tree.leaves(state.clip_norms))
-  return tx
+  end_step_fn = functools.partial(
+      _quantile_end_step, count_noise_std=count_noise_std,
+      learning_rate=_validation.positive('learning_rate', learning_rate),
+      expected_batch_size=_validation.positive(
+          'expected_batch_size', expected_batch_size,
+          ' It is the public constant q * N, not the realized batch size.'),
+      target_quantile=_validation.open_unit('target_quantile',
+                                            target_quantile))
+  init_fn = functools.partial(
+      _quantile_init, clip_norms=initial_clip_norm if explicit else None,
+      clip_norm=bound, rule=rule, groups=groups, root=noise_lib.as_key(key))
+  return QuantileClipping(QuantileClipSpec(
+      init=init_fn, clip=clipping_lib.clip_fn_from_norms(_quantile_scales),
+      l2_bound=bound, name='adaptive', bound_fn=clipping_lib.threshold_bound,
+      end_step_fn=end_step_fn, scales_from_norms=_quantile_scales,
+      count_noise_std=count_noise_std))

@@ -36,6 +36,7 @@ import tqdm
 
 from dpjax import accounting
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
 from dpjax import noise as noise_lib
 from dpjax import per_example
 from dpjax import sampling
@@ -223,7 +224,7 @@ def train_canaries(
     steps: int,
     canary_norm: float,
     microbatch_size: int | None = None,
-    seed: int = 0,
+    keys: keys_lib.KeySchedule,
     progress: bool = False,
 ) -> np.ndarray:
   """DP-SGD on Dirac canaries; returns the per-canary scores.
@@ -233,6 +234,7 @@ def train_canaries(
   dpjax's engine and adds noise with ``noise_tx``. Score i is the total
   movement of coordinate i against canary i's gradient, in units of the
   expected batch's divisor (so the noise has the same scale for all i).
+  The sampler draws from ``keys``' sampler stream.
   """
   included = np.asarray(included, bool)
   num_canaries = len(included)
@@ -240,7 +242,7 @@ def train_canaries(
   if len(ids) == 0:
     raise ValueError('no canary is included; use more canaries.')
   sampler = sampling.PoissonSampler(len(ids), sampling_rate * len(ids),
-                                    seed=seed)
+                                    key=keys.root(keys_lib.SAMPLER))
   grad_fn = per_example.clipped_grad(
       _canary_loss(canary_norm, num_canaries), clipping,
       microbatch_size=microbatch_size)
@@ -318,7 +320,8 @@ def gradient_canary_audit(
     accountant: 'rdp' or 'pld' for the claimed epsilon.
     confidence: confidence of the lower bound.
     microbatch_size: engine microbatching (exercised, never changes results).
-    seed: seed of inclusion, sampling and noise.
+    seed: seed of the audit's key schedule (public and secret): canary
+      inclusion, sampling and the default noise each take their own stream.
     progress: show a progress bar.
 
   Returns:
@@ -329,17 +332,17 @@ def gradient_canary_audit(
     Steinke, Nasr, Jagielski 2023. Privacy Auditing with One (1) Training Run.
     https://arxiv.org/abs/2305.08846
   """
-  rng = np.random.default_rng(seed)
-  included = rng.random(num_canaries) < 0.5
+  keys = keys_lib.KeySchedule(seed, seed)
+  included = keys.rng(keys_lib.CANARY).random(num_canaries) < 0.5
   if noise_tx is None:
     noise_tx = noise_lib.add_gaussian_noise(
         noise_multiplier, clipping.sensitivity(),
-        sampling_rate * included.sum(), key=seed + 1)
+        sampling_rate * included.sum(), key=keys.root(keys_lib.NOISE))
   if canary_norm is None:
     canary_norm = 10.0 * clipping.l2_bound
   scores = train_canaries(
       included, clipping, noise_tx, sampling_rate=sampling_rate, steps=steps,
-      canary_norm=canary_norm, microbatch_size=microbatch_size, seed=seed,
+      canary_norm=canary_norm, microbatch_size=microbatch_size, keys=keys,
       progress=progress)
   claimed = accounting.epsilon(
       accounting.dpsgd_event(noise_multiplier, sampling_rate, steps), delta,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dpjax import augment as augment_lib
+from dpjax import keys as keys_lib
 
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 LossFn = Callable[..., Any]
@@ -90,31 +91,36 @@ def average_over_views(loss_fn: LossFn, augment: Augment, num_views: int, *,
                        field: str = 'image') -> LossFn:
   """The one-example loss averaged over ``num_views`` augmented views.
 
-  Returns ``fn(params, example, key, *args)`` equal to
+  Returns ``fn(params, example, inputs)`` equal to
   ``mean_k loss_fn(params, example with field <- augment(key_k, image),
-  *args)``, where the ``num_views`` keys ``key_k`` are split off
-  ``fold_in(key, example['index'])``. Its gradient is the mean of the per-view
-  gradients, which the engine clips as ONE example's gradient.
+  inputs)``, where the ``num_views`` keys ``key_k`` are split off
+  ``fold_in(inputs.aug_key, example['index'])``. Its gradient is the mean of
+  the per-view gradients, which the engine clips as ONE example's gradient.
+  A loss with auxiliary outputs (``(loss, aux)``, e.g. per-example BatchNorm
+  moments) gets the mean of the per-view aux too.
 
   Examples:
     >>> import jax, jax.numpy as jnp
+    >>> import dpjax
     >>> from dpjax import augmult
-    >>> loss = lambda w, ex: jnp.sum(w * ex['image'])
+    >>> loss = lambda w, ex, inputs: jnp.sum(w * ex['image'])
     >>> negate = lambda key, image: -image     # a deterministic "augmentation"
     >>> avg = augmult.average_over_views(loss, negate, num_views=2)
     >>> ex = {'image': jnp.ones(3), 'index': 5}
-    >>> float(avg(jnp.ones(3), ex, jax.random.key(0)))
+    >>> inputs = dpjax.StepInputs(aug_key=jax.random.key(0))
+    >>> float(avg(jnp.ones(3), ex, inputs))
     -3.0
 
   Args:
-    loss_fn: ``loss_fn(params, example, *args) -> scalar`` for ONE example.
+    loss_fn: ``loss_fn(params, example, inputs) -> scalar`` (or ``(scalar,
+      aux)``) for ONE example (:class:`dpjax.StepInputs`).
     augment: ``augment(key, image) -> image`` on one example image.
     num_views: K >= 1, views per example.
     field: the example's field the augmentation applies to.
 
   Returns:
     The averaged loss; the example must carry an integer ``'index'`` (its
-    position in the dataset) and the call a PRNG ``key`` (one per step).
+    position in the dataset) and ``inputs`` the step's ``aug_key``.
 
   References:
     De et al., 2022. Unlocking High-Accuracy Differentially Private Image
@@ -125,39 +131,43 @@ def average_over_views(loss_fn: LossFn, augment: Augment, num_views: int, *,
     raise ValueError(
         f'num_views must be an integer >= 1, got {num_views!r}.')
 
-  def averaged(params, example, key, *args):
+  def averaged(params, example, inputs):
     if 'index' not in example:
       raise ValueError(
           "augmentation multiplicity needs each example's dataset index:"
           " add 'index' to the batch.")
-    keys = jax.random.split(example_key(key, example['index']), num_views)
+    if inputs.aug_key is None:
+      raise ValueError('augmentation multiplicity needs StepInputs(aug_key=...)'
+                       ' (the step key of stream keys.AUGMENT).')
+    keys = jax.random.split(example_key(inputs.aug_key, example['index']),
+                            num_views)
     views = jax.vmap(augment, in_axes=(0, None))(keys, example[field])
 
     def view_loss(view):
-      return loss_fn(params, {**example, field: view}, *args)
+      return loss_fn(params, {**example, field: view}, inputs)
 
-    return jnp.mean(jax.vmap(view_loss)(views))
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0),
+                        jax.vmap(view_loss)(views))
 
   return averaged
 
 
 class AugMult(NamedTuple):
-  """A training run's augmentation multiplicity: what, how many views, seed.
+  """A training run's augmentation multiplicity: what, how many views, key.
 
   ``loss(loss_fn)`` is :func:`average_over_views`; ``step_key(step)`` the key
-  of logical step ``step``, a pure function of (seed, step) like the sampler,
-  so resumed and multi-device runs draw the same views.
+  of logical step ``step``, a pure function of (key, step) like the sampler,
+  so resumed and multi-device runs draw the same views. ``key`` is the
+  augmentation stream's root (``KeySchedule.root(keys.AUGMENT)``): a stream
+  of its own, so no view ever reuses the bits of a noise draw.
   """
 
   augment: Augment
   num_views: int
-  seed: int = 0
+  key: jax.Array
 
   def loss(self, loss_fn: LossFn) -> LossFn:
     return average_over_views(loss_fn, self.augment, self.num_views)
 
   def step_key(self, step: jax.Array | int) -> jax.Array:
-    # A stream of its own: fold_in(., 1) never meets the init and noise keys,
-    # which are split off key(seed).
-    base = jax.random.fold_in(jax.random.key(self.seed), 1)
-    return jax.random.fold_in(base, step)
+    return keys_lib.for_step(self.key, step)

@@ -82,7 +82,7 @@ def microbatch_size(
     >>> make = lambda m: jax.jit(dpjax.clipped_grad(loss, clip,
     ...                                             microbatch_size=m))
     >>> args = (jax.ShapeDtypeStruct((512, 512), jnp.float32),
-    ...         {'x': jax.ShapeDtypeStruct((64, 512), jnp.float32)})
+    ...         {'x': jax.ShapeDtypeStruct((64, 512), jnp.float32)}, None)
     >>> m = autotune.microbatch_size(make, args, 64, 16 * 2**20)
     >>> m, autotune.peak_bytes(make(m), *args) <= 16 * 2**20
     (8, True)

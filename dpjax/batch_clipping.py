@@ -31,6 +31,7 @@ mask; the thresholds are functions of public data and public constants.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -46,6 +47,17 @@ PyTree = Any
 GroupLossFn = Callable[..., Any]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GroupClipSpec(clipping_lib.ClipSpec):
+  """:class:`dpjax.clipping.ClipSpec` of a clipping of group gradients.
+
+  Attributes:
+    group_size: m, the examples per group.
+  """
+
+  group_size: int
+
+
 class BatchClipping(clipping_lib.PerExampleClipping):
   """A clipping transform applied to group gradients, with BC's sensitivity.
 
@@ -54,7 +66,9 @@ class BatchClipping(clipping_lib.PerExampleClipping):
   C-ball, so the sensitivity is 2C under add/remove too.
   """
 
-  group_size: int
+  spec_type = GroupClipSpec
+  spec: GroupClipSpec
+  group_size = property(lambda self: self.spec.group_size)
 
   def relation_factor(self, relation=clipping_lib.NeighboringRelation
                       .ADD_OR_REMOVE_ONE) -> float:
@@ -78,16 +92,14 @@ def clip_groups_of(clipping: clipping_lib.PerExampleClipping,
     group_size: m >= 1.
 
   Returns:
-    A :class:`BatchClipping` with the same state and clip function.
+    A :class:`BatchClipping` with the same state and clip function. It
+    clips group gradients, which only :func:`batch_clipped_grad` computes,
+    so it declares no ``scales_from_norms`` (no per-example route).
   """
   group_size = _validation.positive_int('group_size', group_size)
-  tx = clipping_lib.make_per_example_clipping(
-      clipping.init, clipping.clip, clipping.l2_bound,
-      f'batch_{clipping.name}', bound_fn=clipping.bound_fn,
-      noise_scale_fn=clipping.noise_scale_fn,
-      end_step_fn=clipping.end_step_fn, cls=BatchClipping)
-  tx.group_size = group_size
-  return tx
+  fields = clipping_lib.spec_fields(clipping.spec)
+  fields.update(name=f'batch_{clipping.name}', scales_from_norms=None)
+  return BatchClipping(GroupClipSpec(**fields, group_size=group_size))
 
 
 def group_loss_from_example_loss(loss_fn: Callable[..., Any],
@@ -106,6 +118,24 @@ def group_loss_from_example_loss(loss_fn: Callable[..., Any],
   return group_loss
 
 
+def _groups(batch: PyTree, mask: jax.Array | None, m: int) -> PyTree:
+  """``{'rows': [K, m, ...], 'mask': [K, m]}``, padding rows zeroed."""
+  size = per_example.batch_size_of(batch)
+  if size % m:
+    raise ValueError(
+        f'the batch has {size} rows, not a multiple of the group size'
+        f' {m}; pad it (with mask=False rows) to a multiple of {m}.')
+  mask = clipping_lib.as_mask(mask, size)
+  # A masked row must not reach the gradient even through a zero cotangent
+  # (0 * NaN = NaN), so its values are replaced by zeros.
+  clean = jax.tree.map(
+      lambda x: jnp.where(mask.reshape((-1,) + (1,) * (jnp.ndim(x) - 1)),
+                          x, jnp.zeros((), jnp.result_type(x))), batch)
+  return {'rows': jax.tree.map(
+      lambda x: x.reshape((size // m, m) + jnp.shape(x)[1:]), clean),
+          'mask': mask.reshape(size // m, m)}
+
+
 def batch_clipped_grad(
     group_loss_fn: GroupLossFn,
     clipping: BatchClipping,
@@ -113,10 +143,14 @@ def batch_clipped_grad(
     microbatch_size: int | None = None,
     has_aux: bool = False,
 ) -> Callable[..., per_example.ClippedGrad]:
-  """Builds ``fn(params, batch, mask=None, *, clip_state=None, args=())``.
+  """Builds the batch-clipping engine ``fn``.
 
-  The batch of s rows (s a multiple of m = ``clipping.group_size``) is cut
-  into K = s / m consecutive groups; ``fn`` returns the sum over groups of
+  ``fn(params, batch, mask, *, clip_state=None, args=(), param_mask=None)``:
+  ``batch`` and ``mask`` as in :func:`dpjax.clipped_grad` (a
+  :class:`dpjax.Batch`, or examples with their mask), ``param_mask`` cuts
+  every group gradient to a pruning mask before it is clipped. The batch of
+  s rows (s a multiple of m = ``clipping.group_size``) is cut into K = s / m
+  consecutive groups; ``fn`` returns the sum over groups of
   ``clip(grad group_loss_fn(params, group, group_mask, *args))``. Padding
   rows (``mask`` False) are zeroed before the group loss sees them, and a
   group with no real row contributes nothing. The group loss must exclude
@@ -130,7 +164,8 @@ def batch_clipped_grad(
     ...   return jnp.sum(jnp.where(group_mask, group @ w, 0.0)) / 2
     >>> bc = batch_clipping.clip_groups_of(dpjax.clip_per_example(1.0), 2)
     >>> fn = batch_clipping.batch_clipped_grad(group_loss, bc)
-    >>> out = fn(jnp.zeros(2), jnp.array([[4., 0.], [2., 0.], [0., .2], [0., .4]]))
+    >>> rows = jnp.array([[4., 0.], [2., 0.], [0., .2], [0., .4]])
+    >>> out = fn(jnp.zeros(2), rows, mask=None)
     >>> [round(float(g), 4) for g in out.grad_sum]
     [1.0, 0.3]
 
@@ -166,24 +201,11 @@ def batch_clipped_grad(
       one_group_loss, clipping, microbatch_size=microbatch_size,
       has_aux=has_aux)
 
-  def fn(params, batch, mask=None, *, clip_state=None,
-         args=()) -> per_example.ClippedGrad:
-    size = per_example.batch_size_of(batch)
-    if size % m:
-      raise ValueError(
-          f'the batch has {size} rows, not a multiple of the group size'
-          f' {m}; pad it (with mask=False rows) to a multiple of {m}.')
-    mask = clipping_lib.as_mask(mask, size)
-    # A masked row must not reach the gradient even through a zero
-    # cotangent (0 * NaN = NaN), so its values are replaced by zeros.
-    clean = jax.tree.map(
-        lambda x: jnp.where(mask.reshape((-1,) + (1,) * (jnp.ndim(x) - 1)),
-                            x, jnp.zeros((), jnp.result_type(x))), batch)
-    groups = jax.tree.map(
-        lambda x: x.reshape((size // m, m) + jnp.shape(x)[1:]), clean)
-    group_masks = mask.reshape(size // m, m)
-    return inner(params, {'rows': groups, 'mask': group_masks},
-                 group_masks.any(axis=1), clip_state=clip_state, args=args)
+  def fn(params, batch, mask=per_example.MASK_REQUIRED, *, clip_state=None,
+         args=(), param_mask=None) -> per_example.ClippedGrad:
+    groups = _groups(*per_example.examples_and_mask(batch, mask), m)
+    return inner(params, groups, groups['mask'].any(axis=1),
+                 clip_state=clip_state, args=args, param_mask=param_mask)
 
   return fn
 

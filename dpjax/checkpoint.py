@@ -11,7 +11,12 @@ orbax-checkpoint step holds, atomically:
 * the privacy ledger: every DP event composed so far, extra releases included,
   serialized field by field (:func:`event_to_json`);
 * the step, which is the sampler's whole position (Poisson batches are a pure
-  function of (seed, step)), the evaluation history and the run's counters;
+  function of (key, step)), the evaluation history and the run's counters;
+* the run's SECRET seed (:mod:`dpjax.keys`), from which the sampler, the
+  noise and every other mechanism draw derive: a resumed run keeps it, so it
+  ends bit-identical. A checkpoint is therefore as secret as a private key:
+  whoever holds it can regenerate and subtract the noise. Never publish the
+  checkpoints directory; summary.json never holds the secret;
 * a fingerprint of the run's config: everything except performance and
   logging flags. Resuming under other privacy settings is refused.
 
@@ -33,6 +38,7 @@ import logging
 import os
 import shutil
 import time
+import weakref
 from typing import Any
 
 import dp_accounting
@@ -50,7 +56,7 @@ PyTree = Any
 # where the raw data lives. Everything else is in the fingerprint.
 NON_PRIVACY_FIELDS: tuple[str, ...] = (
     'perf', 'progress_bar', 'log_every_steps', 'eval_every_steps',
-    'data.manual_dir', 'data.tfds_data_dir')
+    'eval_size', 'data.manual_dir', 'data.tfds_data_dir')
 
 _EVENT_TYPES: dict[str, type[dp_accounting.DpEvent]] = {
     cls.__name__: cls for cls in vars(dp_accounting.dp_event).values()
@@ -215,6 +221,22 @@ def tree_checksum(tree: PyTree) -> str:
   return h.hexdigest()
 
 
+# Checkpointers not closed yet: a run interrupted (Ctrl-C) between saves
+# leaves one open, with a save possibly still being written by orbax's
+# threads; close_open_checkpointers() lets it commit before the process exits.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_open_checkpointers() -> None:
+  """Waits for the pending saves of every open :class:`Checkpointer`, closes it."""
+  for checkpointer in list(_OPEN):
+    try:
+      checkpointer.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('closing the checkpoints in %s failed (%s); the last'
+                      ' committed one is intact.', checkpointer.directory, e)
+
+
 class Checkpointer:
   """Saves and restores ``(state, meta)`` steps under ``directory``.
 
@@ -237,6 +259,7 @@ class Checkpointer:
     self.fields = fields
     self._max_to_keep = max_to_keep
     self._manager = self._open()
+    _OPEN.add(self)
 
   def _open(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
@@ -259,6 +282,24 @@ class Checkpointer:
       shutil.move(os.path.join(self.directory, str(step)),
                   os.path.join(aside, f'{step}-{int(time.time())}'))
     self._manager.reload()
+
+  def stored_secret(self) -> int | None:
+    """The secret seed the checkpointed run used (None: no checkpoint).
+
+    Read before anything else is built, so that a resumed run samples and
+    noises with the same keys. Checkpoints of other privacy settings are
+    refused here already.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+        secret = int(meta['secret_seed'])
+      except Exception:  # pylint: disable=broad-except
+        continue  # restore() sets unreadable checkpoints aside
+      check_same_run(meta['fields'], self.fields, self.directory)
+      return secret
+    return None
 
   def restore(self, template: PyTree) -> tuple[PyTree, dict[str, Any]] | None:
     """The newest good checkpoint as ``(state, meta)``, or None if there is none.
@@ -305,6 +346,7 @@ class Checkpointer:
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""
+    _OPEN.discard(self)
     self._manager.wait_until_finished()
     self._manager.close()
 

@@ -16,8 +16,9 @@ gradients and padding rows contribute exactly zero.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import dp_accounting
 import jax
@@ -78,35 +79,94 @@ class NormScales(NamedTuple):
 NormScalesFn = Callable[[PyTree, Any, jax.Array], tuple[NormScales, Any]]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClipSpec:
+  """What a clipping is, beyond its optax ``(init, update)`` pair.
+
+  Attributes:
+    init: ``init(params) -> state``.
+    clip: ``clip(per_example_grads, state, mask) -> (ClipOutput, state)``.
+    l2_bound: the add/remove sensitivity of the bound it was built with.
+    name: a short name for summaries and messages ('flat', 'per_layer', ...).
+    bound_fn: ``bound_fn(state)``, the add/remove sensitivity of the
+      thresholds in ``state`` (None: a fixed bound ``l2_bound``).
+    noise_scale_fn: ``noise_scale_fn(state)``, see
+      :meth:`PerExampleClipping.noise_scale` (None: isotropic).
+    end_step_fn: the once-per-logical-step state update (None: identity).
+    scales_from_norms: ``scales_from_norms(sq_norms, state, mask) ->
+      (NormScales, state)``, the same clipping from per-example SQUARED norms
+      of each parameter (a pytree of [B] arrays with the parameters'
+      structure), for routes that never build per-example gradients
+      (:mod:`dpjax.ghost`); None when the clipping needs the gradients
+      themselves (it then runs on the vmap route only).
+  """
+
+  init: Callable[[PyTree], Any]
+  clip: ClipFn
+  l2_bound: float
+  name: str
+  bound_fn: Callable[[Any], jax.Array] | None = None
+  noise_scale_fn: Callable[[Any], PyTree] | None = None
+  end_step_fn: Callable[[Any], Any] | None = None
+  scales_from_norms: NormScalesFn | None = None
+
+
 class PerExampleClipping(optax.GradientTransformationExtraArgs):
   """An optax transform over per-example gradients that knows its sensitivity.
 
-  It is a plain ``GradientTransformationExtraArgs`` (so ``optax.chain`` accepts
-  it) whose ``update(per_example_grads, state, params=None, mask=None)`` returns
-  the clipped sum. Beyond the optax interface it carries:
+  It is a plain ``GradientTransformationExtraArgs`` (so ``optax.chain``
+  accepts it and forwards the ``mask`` extra argument) whose
+  ``update(per_example_grads, state, params=None, mask=None)`` returns the
+  clipped sum. Everything else it knows is its :class:`ClipSpec`, given once
+  to the constructor and read through the properties below; the object is
+  immutable. Subclasses declare a :class:`ClipSpec` subclass with more fields
+  (``spec_type``) and the properties that read them.
 
   * ``clip(per_example_grads, state, mask) -> (ClipOutput, state)``, the same
     computation with per-example norms and counts, which the microbatching
     engine (:mod:`dpjax.per_example`) calls once per microbatch;
   * ``sensitivity(relation)``, the L2 sensitivity of the clipped sum;
-  * ``scales_from_norms(sq_norms, state, mask) -> (NormScales, state)`` or
-    None: the same clipping computed from per-example SQUARED norms of each
-    part of the gradient (a pytree of [B] arrays, e.g. one per parameter),
-    for routes that never build per-example gradients (:mod:`dpjax.ghost`).
-    Clippings without it run on the vmap route only.
+  * ``scales_from_norms``: see :class:`ClipSpec`.
   """
 
-  # A NamedTuple subclass without __slots__ has a __dict__, which is where the
-  # extra attributes live; optax.chain only unpacks (init, update).
-  clip: ClipFn
-  l2_bound: float
-  name: str
-  # Clipping whose thresholds live in its state (per-layer, adaptive) reads
-  # them here; the defaults describe a fixed bound ``l2_bound``.
-  bound_fn: Callable[[Any], jax.Array] | None = None
-  noise_scale_fn: Callable[[Any], PyTree] | None = None
-  end_step_fn: Callable[[Any], Any] | None = None
-  scales_from_norms: NormScalesFn | None = None
+  spec_type: ClassVar[type[ClipSpec]] = ClipSpec
+  spec: ClipSpec
+
+  def __new__(cls, spec: ClipSpec):
+    if not isinstance(spec, cls.spec_type):
+      raise TypeError(f'{cls.__name__} is built from a {cls.spec_type.__name__}'
+                      f', got {type(spec).__name__}.')
+    clip_fn = spec.clip
+
+    def update_fn(updates, state, params=None, *, mask=None, **extra_args):
+      del params, extra_args
+      out, state = clip_fn(updates, state, mask)
+      return out.grad_sum, state
+
+    self = super().__new__(cls, spec.init, update_fn)
+    self.__dict__['spec'] = spec
+    return self
+
+  def __getnewargs__(self):
+    return (self.spec,)
+
+  def __setattr__(self, name, value):
+    raise AttributeError(
+        f'{type(self).__name__} is immutable: build a new one from'
+        f' dataclasses.replace(clipping.spec, {name}=...).')
+
+  __delattr__ = __setattr__
+
+  def __repr__(self) -> str:
+    return f'{type(self).__name__}({self.spec!r})'
+
+  clip = property(lambda self: self.spec.clip)
+  l2_bound = property(lambda self: self.spec.l2_bound)
+  name = property(lambda self: self.spec.name)
+  bound_fn = property(lambda self: self.spec.bound_fn)
+  noise_scale_fn = property(lambda self: self.spec.noise_scale_fn)
+  end_step_fn = property(lambda self: self.spec.end_step_fn)
+  scales_from_norms = property(lambda self: self.spec.scales_from_norms)
 
   def relation_factor(
       self,
@@ -169,6 +229,12 @@ class PerExampleClipping(optax.GradientTransformationExtraArgs):
     return state if self.end_step_fn is None else self.end_step_fn(state)
 
 
+def spec_fields(spec: ClipSpec) -> dict[str, Any]:
+  """The :class:`ClipSpec` fields of ``spec`` (of any subclass), as a dict."""
+  return {f.name: getattr(spec, f.name)
+          for f in dataclasses.fields(ClipSpec)}
+
+
 def _is_number(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.number)
 
@@ -202,60 +268,49 @@ def make_per_example_clipping(
     bound_fn: Callable[[Any], jax.Array] | None = None,
     noise_scale_fn: Callable[[Any], PyTree] | None = None,
     end_step_fn: Callable[[Any], Any] | None = None,
-    cls: type[PerExampleClipping] = PerExampleClipping,
     scales_from_norms: NormScalesFn | None = None,
 ) -> PerExampleClipping:
-  """Wraps a clip function into a :class:`PerExampleClipping` transform.
+  """A :class:`PerExampleClipping` from its parts (see :class:`ClipSpec`).
 
-  ``bound_fn(state)`` (the add/remove sensitivity of the thresholds in
-  ``state``), ``noise_scale_fn(state)`` (see
-  :meth:`PerExampleClipping.noise_scale`) and ``end_step_fn(state)`` (the
-  once-per-step state update) are for clipping whose thresholds live in its
-  state; leave them None for a fixed bound ``l2_bound``.
-  ``scales_from_norms``, when given, must clip exactly as ``clip_fn`` does,
-  from per-example squared norms instead of gradients (see
-  :class:`PerExampleClipping`).
+  ``scales_from_norms``, when given, must clip exactly as ``clip_fn`` does.
+  A clipping whose rule is a function of the per-example norms is better
+  built with :func:`clip_fn_from_norms`, which derives ``clip_fn`` from it.
   """
-
-  def update_fn(updates, state, params=None, *, mask=None, **extra_args):
-    del params, extra_args
-    out, state = clip_fn(updates, state, mask)
-    return out.grad_sum, state
-
-  tx = cls.__new__(cls, init_fn, update_fn)
-  tx.clip = clip_fn
-  tx.l2_bound = float(l2_bound)
-  tx.name = name
-  tx.bound_fn = bound_fn
-  tx.noise_scale_fn = noise_scale_fn
-  tx.end_step_fn = end_step_fn
-  tx.scales_from_norms = scales_from_norms
-  return tx
+  return PerExampleClipping(ClipSpec(
+      init=init_fn, clip=clip_fn, l2_bound=float(l2_bound), name=name,
+      bound_fn=bound_fn, noise_scale_fn=noise_scale_fn,
+      end_step_fn=end_step_fn, scales_from_norms=scales_from_norms))
 
 
-def batch_size_of(per_example_grads: PyTree) -> int:
-  """Leading-axis size shared by all leaves, with a clear error otherwise."""
-  leaves = jax.tree.leaves(per_example_grads)
+def batch_size_of(tree: PyTree, what: str = 'per-example gradients') -> int:
+  """The leading size shared by every leaf of ``tree``, or a clear error."""
+  leaves = jax.tree.leaves(tree)
   if not leaves:
-    raise ValueError('expects a non-empty pytree of per-example gradients.')
-  sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    raise ValueError(f'{what} must be a non-empty pytree of arrays.')
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
   if None in sizes or len(sizes) != 1:
     raise ValueError(
-        'expects per-example gradients with a common batch dimension in the 0th'
-        f' axis of every leaf; got leading sizes {sorted(map(str, sizes))}.'
-    )
+        f'every leaf of the {what} must share the same leading size (a common'
+        f' batch dimension in axis 0); got leading sizes'
+        f' {sorted(map(str, sizes))}. Stack examples along axis 0.')
   return sizes.pop()
+
+
+def row_sq_norm(x: jax.Array) -> jax.Array:
+  """[B] squared L2 norm of each row of ``x`` [B, ...], in float32."""
+  return jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1),
+                 axis=1)
+
+
+def per_leaf_sq_norms(per_example_grads: PyTree) -> PyTree:
+  """[B] squared L2 norm of each example's gradient, leaf by leaf."""
+  batch_size_of(per_example_grads)
+  return jax.tree.map(row_sq_norm, per_example_grads)
 
 
 def per_example_global_norms(per_example_grads: PyTree) -> jax.Array:
   """[B] global L2 norm of each example's gradient, computed in float32."""
-  leaves = jax.tree.leaves(per_example_grads)
-  batch = batch_size_of(per_example_grads)
-  sq = sum(
-      jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(batch, -1), axis=1)
-      for x in leaves
-  )
-  return jnp.sqrt(sq)
+  return jnp.sqrt(sum(jax.tree.leaves(per_leaf_sq_norms(per_example_grads))))
 
 
 def as_mask(mask: jax.Array | None, batch: int) -> jax.Array:
@@ -270,21 +325,88 @@ def as_mask(mask: jax.Array | None, batch: int) -> jax.Array:
   return mask.astype(bool)
 
 
+# The clip body: every clipping rule in dpjax gives per-example factors from
+# per-example norms (NormScales); this is the one place where they are
+# applied to gradient rows, and where padding and non-finite rows become
+# exact zeros.
+
+
+def scaled_row_sum(
+    x: jax.Array, scale: jax.Array, keep: jax.Array,
+    elementwise: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+  """sum_b where(keep_b, f(scale_b * x_b), 0) over the leading axis.
+
+  ``f`` is ``elementwise`` (e.g. an L-inf clamp) or the identity. ``where``
+  (not a multiplication by zero) keeps a NaN row from reaching the sum:
+  NaN * 0 is NaN.
+  """
+  shape = (-1,) + (1,) * (x.ndim - 1)
+  scaled = x * scale.reshape(shape).astype(x.dtype)
+  if elementwise is not None:
+    scaled = elementwise(scaled)
+  return jnp.sum(jnp.where(keep.reshape(shape), scaled, 0), axis=0)
+
+
 def scale_and_sum(
     per_example_grads: PyTree, scale: jax.Array, keep: jax.Array
 ) -> PyTree:
-  """sum_b keep_b * scale_b * g_b, exact zeros where ``keep`` is False.
+  """sum_b keep_b * scale_b * g_b, exact zeros where ``keep`` is False."""
+  return jax.tree.map(lambda x: scaled_row_sum(x, scale, keep),
+                      per_example_grads)
 
-  ``where`` (not a multiplication by zero) keeps a NaN row from reaching the
-  sum: NaN * 0 is NaN.
+
+def clip_by_scales(
+    per_example_grads: PyTree, scales: NormScales,
+    elementwise: Callable[[jax.Array], jax.Array] | None = None,
+) -> ClipOutput:
+  """The clipped sum of ``per_example_grads`` by factors from their norms."""
+  grad_sum = jax.tree.map(
+      lambda x, s: scaled_row_sum(x, s, scales.keep, elementwise),
+      per_example_grads, scales.scales)
+  return ClipOutput(grad_sum, scales.norms, scales.num_nonfinite,
+                    scales.num_clipped)
+
+
+def clip_fn_from_norms(
+    scales_fn: NormScalesFn,
+    elementwise: Callable[[jax.Array], jax.Array] | None = None,
+) -> ClipFn:
+  """The :data:`ClipFn` of a rule on per-example norms (``scales_fn``).
+
+  The clip function measures each leaf's per-example squared norms, asks
+  ``scales_fn`` for the factors and applies them with :func:`clip_by_scales`
+  (then ``elementwise`` to every scaled coordinate, if given): the same rule
+  the ghost routes apply from norms they compute without the gradients.
   """
 
-  def one(x):
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    s = scale.reshape(shape).astype(x.dtype)
-    return jnp.sum(jnp.where(keep.reshape(shape), x * s, 0), axis=0)
+  def clip_fn(per_example_grads, state, mask):
+    scales, state = scales_fn(per_leaf_sq_norms(per_example_grads), state,
+                              mask)
+    return clip_by_scales(per_example_grads, scales, elementwise), state
 
-  return jax.tree.map(one, per_example_grads)
+  return clip_fn
+
+
+class _Rows(NamedTuple):
+  """Which rows of a batch count, from their global norms."""
+
+  keep: jax.Array           # real and finite
+  norms: jax.Array          # as reported: 0 on padding, +inf if non-finite
+  num_nonfinite: jax.Array
+
+
+def _screen_rows(norms: jax.Array, mask: jax.Array | None) -> _Rows:
+  mask = as_mask(mask, norms.shape[0])
+  finite = jnp.isfinite(norms)
+  return _Rows(keep=mask & finite,
+               norms=jnp.where(mask, jnp.where(finite, norms, jnp.inf), 0.0),
+               num_nonfinite=jnp.sum(mask & ~finite))
+
+
+def _total_norms(sq_norms: PyTree) -> jax.Array:
+  return jnp.sqrt(sum(x.astype(jnp.float32)
+                      for x in jax.tree.leaves(sq_norms)))
 
 
 def global_norm_scales(
@@ -301,19 +423,40 @@ def global_norm_scales(
   ``n * scale_of(n) <= R`` that does not grow with n: the true norm n' <= n
   then gives ``n' * scale_of(n) <= n * scale_of(n) <= R``.
   """
-  sq = [x.astype(jnp.float32) for x in jax.tree.leaves(sq_norms)]
-  norms = jnp.sqrt(sum(sq))
-  mask = as_mask(mask, norms.shape[0])
-  finite = jnp.isfinite(norms)
-  keep = mask & finite
+  norms = _total_norms(sq_norms)
+  rows = _screen_rows(norms, mask)
   scale = scale_of(norms)
   return NormScales(
-      scales=jax.tree.map(lambda _: scale, sq_norms),
-      keep=keep,
-      norms=jnp.where(mask, jnp.where(finite, norms, jnp.inf), 0.0),
-      num_nonfinite=jnp.sum(mask & ~finite),
-      num_clipped=jnp.sum(keep & clipped_of(norms)),
-  )
+      scales=jax.tree.map(lambda _: scale, sq_norms), keep=rows.keep,
+      norms=rows.norms, num_nonfinite=rows.num_nonfinite,
+      num_clipped=jnp.sum(rows.keep & clipped_of(norms)))
+
+
+def global_rule_clipping(
+    l2_bound: float, name: str,
+    scale_of: Callable[[jax.Array], jax.Array],
+    clipped_of: Callable[[jax.Array], jax.Array],
+    *,
+    elementwise: Callable[[jax.Array], jax.Array] | None = None,
+    cls: type[PerExampleClipping] = PerExampleClipping,
+    **fields: Any,
+) -> PerExampleClipping:
+  """A stateless clipping by a rule on each example's global norm.
+
+  Each kept row g_b contributes ``f(scale_of(||g_b||) g_b)`` (``f`` is
+  ``elementwise`` or the identity); ``fields`` are the extra fields of
+  ``cls.spec_type``. Without ``elementwise`` the clipping also runs from
+  norms alone (``scales_from_norms``).
+  """
+
+  def scales_fn(sq_norms, state, mask):
+    return global_norm_scales(sq_norms, mask, scale_of, clipped_of), state
+
+  return cls(cls.spec_type(
+      init=optax.init_empty_state, clip=clip_fn_from_norms(scales_fn,
+                                                           elementwise),
+      l2_bound=float(l2_bound), name=name,
+      scales_from_norms=None if elementwise else scales_fn, **fields))
 
 
 def clip_per_example(l2_norm_clip: float) -> PerExampleClipping:
@@ -347,29 +490,13 @@ def clip_per_example(l2_norm_clip: float) -> PerExampleClipping:
     https://arxiv.org/abs/1607.00133
   """
   bound = _validation.positive('l2_norm_clip', l2_norm_clip)
+  return global_rule_clipping(bound, 'flat', flat_scale(bound),
+                              lambda n: n > bound)
 
-  def clip_fn(per_example_grads, state, mask):
-    norms = per_example_global_norms(per_example_grads)
-    mask = as_mask(mask, norms.shape[0])
-    finite = jnp.isfinite(norms)
-    keep = mask & finite
-    scale = bound / jnp.maximum(norms, bound)
-    out = ClipOutput(
-        grad_sum=scale_and_sum(per_example_grads, scale, keep),
-        norms=jnp.where(mask, jnp.where(finite, norms, jnp.inf), 0.0),
-        num_nonfinite=jnp.sum(mask & ~finite),
-        num_clipped=jnp.sum(keep & (norms > bound)),
-    )
-    return out, state
 
-  def scales_fn(sq_norms, state, mask):
-    return global_norm_scales(
-        sq_norms, mask, lambda n: bound / jnp.maximum(n, bound),
-        lambda n: n > bound), state
-
-  return make_per_example_clipping(
-      optax.init_empty_state, clip_fn, bound, 'flat',
-      scales_from_norms=scales_fn)
+def flat_scale(bound: float) -> Callable[[jax.Array], jax.Array]:
+  """The factor min(1, C / n) of flat clipping to C, as a function of n."""
+  return lambda n: bound / jnp.maximum(n, bound)
 
 
 # Per-layer clipping (McMahan et al. 2018; Andrew et al. 2021, per layer).
@@ -402,57 +529,59 @@ def _group_subtrees(clip_norms: PyTree, tree: PyTree, fn) -> PyTree:
         f' structure {jax.tree.structure(tree)}.') from e
 
 
-def group_sq_norms(per_example_grads: PyTree, clip_norms: PyTree) -> PyTree:
-  """[B] squared L2 norm of each example's gradient, group by group."""
-  batch = batch_size_of(per_example_grads)
+def group_norm_scales(sq_norms: PyTree, clip_norms: PyTree,
+                      mask: jax.Array | None) -> tuple[NormScales, PyTree]:
+  """:class:`NormScales` of clipping every group to its threshold.
 
-  def sq(_, sub):
-    return sum(
-        jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(batch, -1), axis=1)
-        for x in jax.tree.leaves(sub))
-
-  return _group_subtrees(clip_norms, per_example_grads, sq)
-
-
-def clip_groups(
-    per_example_grads: PyTree, clip_norms: PyTree, mask: jax.Array | None
-) -> tuple[ClipOutput, PyTree, jax.Array]:
-  """Clips every group of every example to its threshold and sums.
-
-  Returns the :class:`ClipOutput`, the per-group norms (a tree shaped like
-  ``clip_norms`` with [B] leaves) and the [B] mask of kept rows (real and
-  finite). A row with any non-finite group (or whose global squared norm
-  overflows) contributes exactly zero.
+  ``sq_norms`` holds per-example squared norms of each parameter (the
+  gradients' structure); ``clip_norms`` is a prefix of it with one threshold
+  C_i per group. Group i of example b is scaled by C_i / max(n_bi, C_i). A
+  row with any non-finite group (or whose global squared norm overflows)
+  is not kept. Also returns the per-group norms (a tree shaped like
+  ``clip_norms`` with [B] leaves). Upper bounds of the norms (ghost norms)
+  keep every group within its threshold, as for :func:`global_norm_scales`.
   """
-  sq = group_sq_norms(per_example_grads, clip_norms)
-  sq_leaves = jax.tree.leaves(sq)
-  batch = sq_leaves[0].shape[0]
-  mask = as_mask(mask, batch)
-  total = jnp.sqrt(sum(sq_leaves))
-  finite = jnp.isfinite(total)
-  keep = mask & finite
-  norms = jax.tree.map(jnp.sqrt, sq)
-  scales = jax.tree.map(lambda c, n: c / jnp.maximum(n, c), clip_norms, norms)
-  grad_sum = _group_subtrees(
-      scales, per_example_grads, lambda s, sub: scale_and_sum(sub, s, keep))
+  group_sq = _group_subtrees(clip_norms, sq_norms, lambda _, sub: sum(
+      x.astype(jnp.float32) for x in jax.tree.leaves(sub)))
+  rows = _screen_rows(_total_norms(group_sq), mask)
+  norms = jax.tree.map(jnp.sqrt, group_sq)
+  group_scales = jax.tree.map(lambda c, n: c / jnp.maximum(n, c), clip_norms,
+                              norms)
+  scales = _group_subtrees(group_scales, sq_norms,
+                           lambda s, sub: jax.tree.map(lambda _: s, sub))
   clipped = functools.reduce(
       jnp.logical_or,
       jax.tree.leaves(jax.tree.map(lambda c, n: n > c, clip_norms, norms)))
-  out = ClipOutput(
-      grad_sum=grad_sum,
-      norms=jnp.where(mask, jnp.where(finite, total, jnp.inf), 0.0),
-      num_nonfinite=jnp.sum(mask & ~finite),
-      num_clipped=jnp.sum(keep & clipped),
-  )
-  return out, norms, keep
+  return NormScales(scales, rows.keep, rows.norms, rows.num_nonfinite,
+                    jnp.sum(rows.keep & clipped)), norms
 
 
-def _check_clip_norms(clip_norms: PyTree) -> list[float]:
+def threshold_bound(state: Any) -> jax.Array:
+  """sqrt(sum_i C_i^2) of the thresholds ``state.clip_norms``.
+
+  The add/remove sensitivity of clipping every group to its threshold, for
+  any state with a ``clip_norms`` field (per-layer, adaptive).
+  """
+  return jnp.sqrt(sum(jnp.square(c) for c in jax.tree.leaves(state.clip_norms)))
+
+
+def total_bound(clip_norms: PyTree) -> float:
+  """sqrt(sum_i C_i^2) of explicit thresholds, each checked to be > 0."""
   leaves = jax.tree.leaves(clip_norms)
   if not leaves:
     raise ValueError('clip_norms must hold at least one threshold.')
-  return [_validation.positive('per-layer clip norm', float(c))
-          for c in leaves]
+  return sum(_validation.positive('per-layer clip norm', float(c)) ** 2
+             for c in leaves) ** 0.5
+
+
+def initial_clip_norms(params: PyTree, clip_norms: PyTree | None,
+                       clip_norm: float, rule: str | None,
+                       groups: str) -> PyTree:
+  """Float32 thresholds: explicit ones, one flat C, or C split by a rule."""
+  if clip_norms is None:
+    clip_norms = clip_norm if rule is None else per_layer_clip_norms(
+        params, clip_norm, rule, groups)
+  return jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), clip_norms)
 
 
 def _group_sizes(params: PyTree, groups: str) -> PyTree:
@@ -513,6 +642,21 @@ def per_layer_clip_norms(
   return jax.tree.map(lambda w: clip_norm * w / total, weights)
 
 
+def _per_layer_bound(clip_norms: PyTree | None, clip_norm: float | None,
+                     rule: str) -> float:
+  """The total bound of explicit thresholds or of C split by ``rule``."""
+  if (clip_norms is None) == (clip_norm is None):
+    raise ValueError(
+        'give exactly one of clip_norms (explicit thresholds) and clip_norm'
+        f' (with a rule); got clip_norms={clip_norms!r},'
+        f' clip_norm={clip_norm!r}.')
+  if clip_norms is not None:
+    return total_bound(clip_norms)
+  if rule not in LAYER_RULES:
+    raise ValueError(f'rule must be one of {LAYER_RULES}, got {rule!r}.')
+  return _validation.positive('clip_norm', clip_norm)
+
+
 def clip_per_layer(
     clip_norms: PyTree | None = None,
     *,
@@ -563,44 +707,28 @@ def clip_per_layer(
     McMahan et al., 2018. A General Approach to Adding Differential Privacy
     to Iterative Training Procedures. https://arxiv.org/abs/1812.06210
   """
-  if (clip_norms is None) == (clip_norm is None):
-    raise ValueError(
-        'give exactly one of clip_norms (explicit thresholds) and clip_norm'
-        f' (with a rule); got clip_norms={clip_norms!r},'
-        f' clip_norm={clip_norm!r}.')
+  bound = _per_layer_bound(clip_norms, clip_norm, rule)
   if noise not in LAYER_NOISE:
     raise ValueError(f'noise must be one of {LAYER_NOISE}, got {noise!r}.')
-  if clip_norms is not None:
-    bound = sum(c * c for c in _check_clip_norms(clip_norms)) ** 0.5
-  else:
-    bound = _validation.positive('clip_norm', clip_norm)
-    if rule not in LAYER_RULES:
-      raise ValueError(f'rule must be one of {LAYER_RULES}, got {rule!r}.')
 
   def init_fn(params):
-    norms = clip_norms
-    if norms is None:
-      norms = per_layer_clip_norms(params, bound, rule, groups)
-    return LayerClipState(jax.tree.map(
-        lambda c: jnp.asarray(c, jnp.float32), norms))
+    return LayerClipState(initial_clip_norms(params, clip_norms, bound, rule,
+                                             groups))
 
-  def clip_fn(per_example_grads, state, mask):
-    out, _, _ = clip_groups(per_example_grads, state.clip_norms, mask)
-    return out, state
-
-  def bound_fn(state):
-    return jnp.sqrt(sum(jnp.square(c)
-                        for c in jax.tree.leaves(state.clip_norms)))
+  def scales_fn(sq_norms, state, mask):
+    scales, _ = group_norm_scales(sq_norms, state.clip_norms, mask)
+    return scales, state
 
   def noise_scale_fn(state):
     if noise == 'isotropic':
-      return bound_fn(state)
+      return threshold_bound(state)
     num_groups = len(jax.tree.leaves(state.clip_norms))
     return jax.tree.map(lambda c: num_groups ** 0.5 * c, state.clip_norms)
 
-  return make_per_example_clipping(
-      init_fn, clip_fn, bound, 'per_layer', bound_fn=bound_fn,
-      noise_scale_fn=noise_scale_fn)
+  return PerExampleClipping(ClipSpec(
+      init=init_fn, clip=clip_fn_from_norms(scales_fn), l2_bound=bound,
+      name='per_layer', bound_fn=threshold_bound,
+      noise_scale_fn=noise_scale_fn, scales_from_norms=scales_fn))
 
 
 # Automatic clipping (Bu et al. 2023) and normalization (De et al. 2022).
@@ -609,31 +737,11 @@ DEFAULT_MIN_NORM = 1e-6
 
 
 def _normalizing_clipping(bound: float, denominator, name: str):
-
-  def clip_fn(per_example_grads, state, mask):
-    norms = per_example_global_norms(per_example_grads)
-    mask = as_mask(mask, norms.shape[0])
-    finite = jnp.isfinite(norms)
-    keep = mask & finite
-    # The scale is bounded by bound / floor, so a row whose float32 norm
-    # underflows (true norm ~1e-19) stays far below the bound.
-    scale = bound / denominator(norms)
-    out = ClipOutput(
-        grad_sum=scale_and_sum(per_example_grads, scale, keep),
-        norms=jnp.where(mask, jnp.where(finite, norms, jnp.inf), 0.0),
-        num_nonfinite=jnp.sum(mask & ~finite),
-        num_clipped=jnp.sum(keep),
-    )
-    return out, state
-
-  def scales_fn(sq_norms, state, mask):
-    return global_norm_scales(
-        sq_norms, mask, lambda n: bound / denominator(n),
-        lambda n: jnp.ones_like(n, bool)), state
-
-  return make_per_example_clipping(
-      optax.init_empty_state, clip_fn, bound, name,
-      scales_from_norms=scales_fn)
+  # Every row is rescaled, so every kept row counts as clipped. The scale is
+  # bounded by bound / floor, so a row whose float32 norm underflows (true
+  # norm ~1e-19) stays far below the bound.
+  return global_rule_clipping(bound, name, lambda n: bound / denominator(n),
+                              lambda n: jnp.ones_like(n, bool))
 
 
 def clip_automatic(l2_norm_clip: float, gamma: float = 0.01

@@ -5,24 +5,33 @@ the one its user asked for. This module refuses, before anything is written:
 
 * command-line overrides of fields that do not exist (``--config.privacy.foo``
   used to die with ``AttributeError: "'foo'"``): the error names the field and
-  lists the fields its section has;
+  lists the fields its section has (and ``--config.a.b=None``, which
+  ml_collections cannot parse for a typed field, unsets it);
+* a run given both a noise multiplier and a target epsilon: one of them
+  would silently win;
 * out-of-range settings of the scale features (devices, physical batches,
-  checkpoints, parameter averaging, augmentation multiplicity);
-* datasets a run would mishandle: NaN/Inf or absurdly large pixel values,
-  labels outside the class range, shapes that disagree between splits.
+  checkpoints, parameter averaging, augmentation multiplicity, evaluation
+  size), and a scattering model without its features;
+* datasets of the wrong structure: dtypes, shapes that disagree between
+  splits, images and labels that do not pair up.
+
+Records outside the declared domain (a NaN or absurdly large pixel, a label
+outside the class range) are not refused: one such record must not abort a
+whole run, and the message that refuses it would describe private data. They
+train as any record does: a non-finite gradient contributes zero, a large one
+is clipped to the bound, an invalid label contributes zero
+(:mod:`dpjax.losses`), so the sensitivity holds (invariant 1). The data
+owner's console gets counts and field names only, never a value.
 
 (A workdir that holds checkpoints of a run with other privacy settings is
 refused by :mod:`dpjax.checkpoint`.)
-
-Privacy invariant supported (DESIGN.md, 1): huge inputs are clipped safely
-anyway; refusing them at the boundary keeps such a run from training on zeroed
-gradients without the user knowing.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import numbers
 from typing import Any, Sequence
 
@@ -34,7 +43,7 @@ from dpjax import data as data_lib
 from dpjax import scatternet
 
 # Inputs beyond this magnitude are not normalized images: their gradients
-# overflow float32 norms, and clipping would silently zero them.
+# overflow float32 norms, and the clipping zeroes them (counted, not refused).
 MAX_ABS_INPUT = 1e6
 
 
@@ -93,6 +102,89 @@ def check_overrides(config: ml_collections.ConfigDict,
     check_field_path(config, path)
 
 
+UNSET = 'None'
+
+
+def split_unset_overrides(argv: Sequence[str],
+                          flag: str = 'config') -> tuple[list[str], list[str]]:
+  """Takes ``--config.a.b=None`` out of ``argv``: ``(argv, paths to unset)``.
+
+  ml_collections parses an override by its field's type, so ``None`` cannot be
+  given for a float, int or str field. The last override of a path wins, as
+  for any flag; ``--config.a.b None`` (two arguments) works too. Only the
+  exact spelling ``None`` unsets (``none`` is a legitimate string value).
+
+  Examples:
+    >>> from dpjax import config_validation
+    >>> config_validation.split_unset_overrides(
+    ...     ['prog', '--config.privacy.target_epsilon=None',
+    ...      '--config.privacy.noise_multiplier=1.1'])
+    (['prog', '--config.privacy.noise_multiplier=1.1'], ['privacy.target_epsilon'])
+  """
+  items = []  # (first arg index, arg count, path or None, value)
+  i = 0
+  while i < len(argv):
+    arg, path, value, count = argv[i], None, None, 1
+    paths = _override_paths([arg], flag)
+    if paths and arg.startswith(f'--{flag}.'):
+      path = paths[0]
+      if '=' in arg:
+        value = arg.split('=', 1)[1]
+      elif i + 1 < len(argv) and argv[i + 1] == UNSET:
+        value, count = UNSET, 2
+    items.append((i, count, path, value))
+    i += count
+  last = {path: value for _, _, path, value in items if path is not None}
+  kept, unset = [], []
+  for i, count, path, value in items:
+    if path is not None and value == UNSET:
+      if last[path] == UNSET and path not in unset:
+        unset.append(path)
+      continue
+    if path is not None and last[path] == UNSET:
+      continue  # an earlier value, overridden by a later None
+    kept.extend(argv[i:i + count])
+  return kept, unset
+
+
+def unset_fields(config: ml_collections.ConfigDict,
+                 paths: Sequence[str]) -> None:
+  """Sets each dotted field path of ``config`` to None (unknown: an error)."""
+  for path in paths:
+    check_field_path(config, path)
+    *sections, name = path.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = None
+
+
+def check_noise_choice(config: ml_collections.ConfigDict) -> None:
+  """Refuses a private run with both or neither of sigma and target epsilon.
+
+  A fixed noise multiplier and a target epsilon each determine the noise; a
+  run given both would have to ignore one of them, and the one ignored used
+  to be the target (the default epsilon of 3 became 15 without a word).
+  """
+  privacy = _section(config, 'privacy')
+  if not privacy.get('enabled', True):
+    return
+  sigma, eps = privacy.get('noise_multiplier'), privacy.get('target_epsilon')
+  if sigma is not None and eps is not None:
+    raise ConfigError(
+        f'privacy.noise_multiplier={sigma!r} and privacy.target_epsilon='
+        f'{eps!r} are both set; a run takes one of them. To train with noise'
+        f' multiplier {sigma!r} (its epsilon is then reported), also pass'
+        ' --config.privacy.target_epsilon=None; to calibrate the noise to'
+        f' epsilon {eps!r}, pass --config.privacy.noise_multiplier=None (in'
+        ' Python: set the other one to None).')
+  if sigma is None and eps is None:
+    raise ConfigError(
+        'neither privacy.noise_multiplier nor privacy.target_epsilon is set;'
+        ' set one, e.g. --config.privacy.target_epsilon=3 (or'
+        ' --config.privacy.enabled=False for a non-private baseline).')
+
+
 def load_config(path: str) -> ml_collections.ConfigDict:
   """``get_config()`` of the config file ``path`` (``file.py[:argument]``)."""
   file, *arg = path.split(':', 1)
@@ -119,11 +211,13 @@ def _section(config: ml_collections.ConfigDict, name: str):
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the scale features' settings; a :class:`ConfigError` names any bad one.
 
-  Sections: ``perf`` (num_devices, physical_batch_size,
-  checkpoint_every_steps), ``averaging`` (ema_decay, polyak,
-  polyak_start_step), ``augmult`` (num_views, augmentations), ``eval_size``,
-  and ``data.features`` (known, and set for the scattering models).
+  Sections: ``privacy`` (noise multiplier or target epsilon: exactly one),
+  ``perf`` (num_devices, physical_batch_size, checkpoint_every_steps),
+  ``averaging`` (ema_decay, polyak, polyak_start_step), ``augmult``
+  (num_views, augmentations), ``eval_size``, and ``data.features`` (known,
+  and set for the scattering models).
   """
+  check_noise_choice(config)
   perf = _section(config, 'perf')
   if perf.get('num_devices') is not None:
     _int('perf.num_devices', perf.num_devices, 0, ' 0 uses every device.')
@@ -177,22 +271,29 @@ def _check_features(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'model.name={model!r} takes scattering features, not pixels: set'
         " data.features='scatternet' (computed once and cached beside the"
-        ' tfds data).')
+        ' prepared data).')
 
 
-def check_splits(splits: data_lib.DataSplits) -> None:
-  """Refuses datasets a run would mishandle, naming the split and the fix.
+def check_splits(splits: data_lib.DataSplits) -> dict[str, dict[str, int]]:
+  """Refuses datasets of the wrong structure; counts out-of-domain records.
 
-  Each split (train, test, public) must have float images [N, H, W, C] with
-  finite values of magnitude <= :data:`MAX_ABS_INPUT` and integer labels in
-  ``[0, num_classes)``, one per image; all splits share the image shape.
+  Each split (train, test, public) must have float images [N, H, W, C] and
+  integer labels, one per image; all splits share the image shape. Records
+  with a non-finite or huge (> :data:`MAX_ABS_INPUT`) value or a label
+  outside ``[0, num_classes)`` are counted per split and reported as counts
+  (a warning on the console); they train per record (module docstring). The
+  public split, which feeds statistics and thresholds without clipping,
+  must have finite images in range.
+
+  Returns:
+    Split name -> field -> number of out-of-domain records.
   """
   parts = [('train split', splits.train), ('test split', splits.test)]
   if splits.public is not None:
     parts.append(('public split', splits.public))
   shape = splits.train.images.shape[1:]
   for where, ds in parts:
-    data_lib.check_dataset(ds, splits.num_classes, where)
+    data_lib.check_dataset(ds, where)
     if not np.issubdtype(ds.images.dtype, np.floating):
       raise ValueError(
           f'{where}: images must be floating point (e.g. float32 scaled to'
@@ -205,11 +306,20 @@ def check_splits(splits: data_lib.DataSplits) -> None:
       raise ValueError(
           f'{where}: images have shape {ds.images.shape[1:]} but the train'
           f' split\'s are {shape}; every split must share one image shape.')
-    # Extremes as Python floats: no |images| copy, no float16 overflow.
-    peak = max(float(ds.images.max()), -float(ds.images.min())) if (
-        ds.images.size) else 0.0
-    if peak > MAX_ABS_INPUT:
+  counts = {where: data_lib.out_of_domain(ds, splits.num_classes,
+                                         MAX_ABS_INPUT)
+            for where, ds in parts}
+  for where, count in counts.items():
+    if where == 'public split' and count['image']:
       raise ValueError(
-          f'{where}: image values reach {peak:.3g}, beyond'
-          f' {MAX_ABS_INPUT:g}: normalize the inputs (e.g. scale pixels to'
-          ' [0, 1]).')
+          f'public split: {count["image"]} records hold non-finite values or'
+          f' values beyond {MAX_ABS_INPUT:g}; public data feeds statistics and'
+          ' thresholds without clipping: clean or normalize it.')
+    if count['image'] or count['label']:
+      logging.warning(
+          '%s: %d records with an image outside the domain (non-finite or'
+          ' |x| > %g) and %d with a label outside [0, %d); they train per'
+          ' record: a non-finite gradient contributes zero, a large one is'
+          ' clipped, an invalid label contributes zero.', where,
+          count['image'], MAX_ABS_INPUT, count['label'], splits.num_classes)
+  return counts

@@ -15,9 +15,9 @@ example. Two traps this module closes:
   ``vmap(grad)`` of convolutions returned wrong per-example kernel gradients
   for the second device's examples, with no error;
 * inside ``shard_map`` replicated parameters are cast to device-varying
-  (``jax.lax.pcast(..., to='varying')``): otherwise the transpose of the
-  replicated broadcast sums the gradients ACROSS devices before the
-  per-example clipping, which then clips the wrong vectors.
+  (``jax.lax.pcast(..., to='varying')``, via dpjax._compat): otherwise the
+  transpose of the replicated broadcast sums the gradients ACROSS devices
+  before the per-example clipping, which then clips the wrong vectors.
 
 Multi-host: every host builds the same (seed, step) batch (sampling is a pure
 function of them) and places only its own devices' shards
@@ -35,8 +35,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dpjax import _compat
 from dpjax import clipping as clipping_lib
 from dpjax import per_example
+from dpjax import sampling
 
 PyTree = Any
 DATA_AXIS = 'data'
@@ -90,18 +92,72 @@ def batch_multiple(num_devices: int, physical_batch_size: int | None,
   return math.lcm(pad_to_multiple_of, num_devices)
 
 
-def _vary(tree: PyTree, axis_name: str) -> PyTree:
-  return jax.tree.map(
-      lambda x: jax.lax.pcast(x, axis_name, to='varying'), tree)
-
-
-def _check_divisible(size: int, mesh, axis_name: str) -> None:
+def _check_divisible(size: int, mesh, axis_name: str,
+                     rows_multiple: int = 1) -> None:
   n = mesh.shape[axis_name]
-  if size % n:
+  if size % (n * rows_multiple):
+    unit = n * rows_multiple
     raise ValueError(
-        f'a batch of {size} rows does not split into {n} equal device shards;'
-        f' pad it to a multiple of {n} (train.py sets the sampler\'s'
-        ' pad_to_multiple_of so).')
+        f'a batch of {size} rows does not split into {n} equal device shards'
+        + (f' of whole groups of {rows_multiple}' if rows_multiple > 1 else '')
+        + f'; pad it to a multiple of {unit} (the training program sets the'
+        " sampler's pad_to_multiple_of so).")
+
+
+def sharded(engine: Callable[..., per_example.ClippedGrad],
+            mesh: jax.sharding.Mesh, *, rows_multiple: int = 1,
+            axis_name: str = DATA_AXIS) -> Callable[..., Any]:
+  """ANY clipped-gradient engine with the batch's rows split over ``mesh``.
+
+  ``engine(params, batch, clip_state, inputs) -> ClippedGrad`` is the
+  protocol of :mod:`dpjax.engines`. Each device runs it on its own rows
+  (``rows_multiple`` of them at least: a batch-clipping group never straddles
+  two devices) with parameters, clip state and ``inputs`` (any pytree)
+  replicated; the clipped sums, the clip state's numeric increments
+  (adaptive counts) and the counts are summed across devices, per-row
+  statistics come back sharded like the batch. So the result is the
+  engine's on one device, and the noise, added afterwards, is drawn once.
+
+  Args:
+    engine: the engine to shard.
+    mesh: a mesh with an ``axis_name`` axis (:func:`make_mesh`).
+    rows_multiple: rows per device must be a multiple of this.
+    axis_name: the data-parallel mesh axis.
+
+  Returns:
+    ``run(params, batch, clip_state, inputs) -> ClippedGrad``, the same
+    protocol; ``batch`` is a :class:`dpjax.Batch`. Call it under jit.
+
+  References:
+    De et al., 2022. Unlocking High-Accuracy Differentially Private Image
+    Classification through Scale. https://arxiv.org/abs/2204.13650
+  """
+
+  def local(params, examples, mask, clip_state, inputs):
+    out = engine(_compat.pcast_varying(params, axis_name),
+                 sampling.Batch(examples, mask),
+                 clip_state, inputs)
+    psum = lambda x: jax.lax.psum(x, axis_name)
+    new_state = clipping_lib.add_state_increment(clip_state, jax.tree.map(
+        psum, clipping_lib.state_increment(clip_state, out.clip_state)))
+    stats = out.stats._replace(num_nonfinite=psum(out.stats.num_nonfinite),
+                               num_clipped=psum(out.stats.num_clipped))
+    return per_example.ClippedGrad(psum(out.grad_sum), new_state, stats)
+
+  def run(params, batch, clip_state, inputs):
+    examples, mask = per_example.examples_and_mask(
+        batch, per_example.MASK_REQUIRED)
+    size = per_example.batch_size_of(examples)
+    _check_divisible(size, mesh, axis_name, rows_multiple)
+    mask = clipping_lib.as_mask(mask, size)
+    rows = P(axis_name)
+    stats_spec = per_example.PerExampleStats(rows, rows, P(), P(), rows)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), rows, rows, P(), P()),
+        out_specs=per_example.ClippedGrad(P(), P(), stats_spec))(
+            params, examples, mask, clip_state, inputs)
+
+  return run
 
 
 def clipped_grad(
@@ -116,13 +172,11 @@ def clipped_grad(
   """:func:`dpjax.clipped_grad` with the batch sharded over ``mesh``.
 
   Same signature and result as :func:`dpjax.clipped_grad`'s function:
-  ``fn(params, batch, mask=None, *, clip_state=None, args=())``. Rows of
-  ``batch`` are split evenly over the ``axis_name`` devices (the batch size
-  must be a multiple of their number); each device clips its rows' gradients
-  (microbatched by ``microbatch_size`` rows per device) and the clipped sums
-  and counts are summed across devices. Per-example statistics come back
-  sharded like the batch. The clip state's numeric leaves must be additive
-  over examples (counts, sums): each device's change to them is summed.
+  ``fn(params, batch, mask, *, clip_state=None, args=(), param_mask=None)``:
+  the vmap engine under :func:`sharded`. Rows of ``batch`` are split evenly over the
+  ``axis_name`` devices (the batch size must be a multiple of their number);
+  each device clips its rows' gradients (microbatched by ``microbatch_size``
+  rows per device).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -147,36 +201,24 @@ def clipped_grad(
 
   Returns:
     A function returning :class:`dpjax.ClippedGrad`; call it under jit.
-
-  References:
-    De et al., 2022. Unlocking High-Accuracy Differentially Private Image
-    Classification through Scale. https://arxiv.org/abs/2204.13650
   """
   local_fn = per_example.clipped_grad(
       loss_fn, clipping, microbatch_size=microbatch_size, has_aux=has_aux)
+  run = sharded(
+      lambda params, batch, clip_state, inputs: local_fn(
+          params, batch, clip_state=clip_state, args=inputs[0],
+          param_mask=inputs[1]),
+      mesh, axis_name=axis_name)
 
-  def local(params, batch, mask, clip_state, args):
-    out = local_fn(_vary(params, axis_name), batch, mask,
-                   clip_state=clip_state, args=args)
-    psum = lambda x: jax.lax.psum(x, axis_name)
-    new_state = clipping_lib.add_state_increment(clip_state, jax.tree.map(
-        psum, clipping_lib.state_increment(clip_state, out.clip_state)))
-    stats = out.stats._replace(num_nonfinite=psum(out.stats.num_nonfinite),
-                               num_clipped=psum(out.stats.num_clipped))
-    return per_example.ClippedGrad(psum(out.grad_sum), new_state, stats)
-
-  def fn(params, batch, mask=None, *, clip_state=None, args=()):
-    size = per_example.batch_size_of(batch)
-    _check_divisible(size, mesh, axis_name)
-    mask = clipping_lib.as_mask(mask, size)
+  def fn(params, batch, mask=per_example.MASK_REQUIRED, *, clip_state=None,
+         args=(), param_mask=None):
+    examples, mask = per_example.examples_and_mask(batch, mask)
+    per_example.check_param_mask(params, param_mask)
     if clip_state is None:
       clip_state = clipping.init(params)
-    rows = P(axis_name)
-    stats_spec = per_example.PerExampleStats(rows, rows, P(), P(), rows)
-    sharded = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), rows, rows, P(), P()),
-        out_specs=per_example.ClippedGrad(P(), P(), stats_spec))
-    return sharded(params, batch, mask, clip_state, tuple(args))
+    mask = clipping_lib.as_mask(mask, per_example.batch_size_of(examples))
+    return run(params, sampling.Batch(examples, mask), clip_state,
+               (tuple(args), param_mask))
 
   return fn
 
@@ -197,7 +239,8 @@ def summed_grad(
   grad_fn = jax.value_and_grad(sum_fn)
 
   def local(params, batch, mask, args):
-    value, grads = grad_fn(_vary(params, axis_name), batch, mask, *args)
+    value, grads = grad_fn(_compat.pcast_varying(params, axis_name), batch,
+                           mask, *args)
     return jax.lax.psum((value, grads), axis_name)
 
   def fn(params, batch, mask, *args):

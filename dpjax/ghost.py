@@ -43,7 +43,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -266,17 +266,23 @@ def _kernel_blocks(layer: Layer, kernel: jax.Array, blocks: int) -> jax.Array:
                         kernel.shape[-1] // layer.groups)
 
 
+def _probe(shape: tuple[int, ...], phase: float) -> jax.Array:
+  """Deterministic, irregular probe values (no key: nothing random here)."""
+  size = math.prod(shape)
+  return jnp.sin(jnp.arange(size, dtype=jnp.float32) * 0.7 + phase).reshape(
+      shape)
+
+
 def _geometry_reproduces_output(layer: Layer) -> bool:
   """Whether the taps times the kernel equal the module's own output."""
   with jax.ensure_compile_time_eval():
-    kx, kw, kb = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (1,) + layer.in_shape, jnp.float32)
+    x = _probe((1,) + layer.in_shape, 0.0)
     taps = _layer_taps(layer, x)
     kshape = tuple(layer.geometry[0]) + (layer.in_shape[-1] // layer.groups,
                                          layer.features)
-    w = {'kernel': jax.random.normal(kw, kshape, jnp.float32)}
+    w = {'kernel': _probe(kshape, 1.0)}
     if layer.bias is not None:
-      w['bias'] = jax.random.normal(kb, (layer.features,), jnp.float32)
+      w['bias'] = _probe((layer.features,), 2.0)
     expected = layer.module.apply({'params': w}, x).reshape(
         1, layer.tokens, layer.features)
     k = _kernel_blocks(layer, w['kernel'], len(taps))
@@ -405,6 +411,65 @@ def _used_invars(jaxpr) -> set:
   return used
 
 
+def _discover_calls(loss_fn, treedef, leaves, example, args) -> list:
+  """(path, Layer or reason to skip) for every Dense/Conv call, in order."""
+  found: list = []
+
+  def discover(leaves, example):
+    index = {id(x): i for i, x in enumerate(leaves)}
+    top = jax.tree.leaves((example, leaves))[0]._trace
+
+    def interceptor(next_fun, call_args, kwargs, context):
+      out = next_fun(*call_args, **kwargs)
+      if _supported_call(context):
+        # Under an inner transformation (a vmap over augmented views, a
+        # remat, a scan) the captured input would be that trace's value.
+        inner = not call_args or getattr(call_args[0], '_trace',
+                                         None) is not top
+        found.append((tuple(context.module.scope.path), (
+            'called inside a transformation (vmap, remat, scan)' if inner
+            else _inspect_call(context.module, call_args, kwargs, out, index,
+                               len(found)))))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      return loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
+
+  jax.make_jaxpr(discover)(leaves, example)
+  return found
+
+
+def _drop(candidates: list, skipped: dict, bad, reason: str) -> None:
+  for l in bad:
+    candidates.remove(l)
+    skipped[l.call] = (l.path, reason)
+
+
+def _exclusive_layers(loss_fn, treedef, leaves, example, args,
+                      candidates: list, skipped: dict) -> None:
+  """Drops candidates whose parameters the loss also uses elsewhere.
+
+  Owned leaves must be unused once owned layers read their own copies
+  (checked on the jaxpr); dropping one layer can expose another's use, so
+  this repeats until nothing changes.
+  """
+  while candidates:
+    def check(leaves, weights, example):
+      capture = _Capture(candidates, weights, [0.0] * len(candidates))
+      with nn.intercept_methods(capture):
+        return loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
+    weights = [_layer_weights(l, leaves) for l in candidates]
+    closed = jax.make_jaxpr(check)(leaves, weights, example)
+    used = _used_invars(closed.jaxpr)
+    invars = closed.jaxpr.invars[:len(leaves)]
+    bad = [l for l in candidates
+           if invars[l.kernel] in used
+           or (l.bias is not None and invars[l.bias] in used)]
+    if not bad:
+      return
+    _drop(candidates, skipped, bad, 'its parameters are also used elsewhere')
+
+
 def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
               args: Sequence[Any] = (), *, has_aux: bool = False,
               norm_route: str = 'speed') -> GhostPlan:
@@ -430,70 +495,24 @@ def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
     A :class:`GhostPlan`.
   """
   choose_norm_route(1, 1, 1, norm_route)  # validates the name
+  del has_aux  # the plan does not depend on the loss's outputs
   leaves, treedef = jax.tree.flatten(params)
   leaves = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
             for x in leaves]
-  found: list = []
-
-  def discover(leaves, example):
-    index = {id(x): i for i, x in enumerate(leaves)}
-    top = jax.tree.leaves((example, leaves))[0]._trace
-
-    def interceptor(next_fun, call_args, kwargs, context):
-      out = next_fun(*call_args, **kwargs)
-      if _supported_call(context):
-        # Under an inner transformation (a vmap over augmented views, a
-        # remat, a scan) the captured input would be that trace's value.
-        inner = not call_args or getattr(call_args[0], '_trace',
-                                         None) is not top
-        found.append((tuple(context.module.scope.path), (
-            'called inside a transformation (vmap, remat, scan)' if inner
-            else _inspect_call(context.module, call_args, kwargs, out, index,
-                               len(found)))))
-      return out
-
-    with nn.intercept_methods(interceptor):
-      return loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
-
-  jax.make_jaxpr(discover)(leaves, example)
+  found = _discover_calls(loss_fn, treedef, leaves, example, args)
   candidates = [l for _, l in found if isinstance(l, Layer)]
   skipped = {l.call if isinstance(l, Layer) else i: (p, l)
              for i, (p, l) in enumerate(found) if not isinstance(l, Layer)}
-
   # A module called twice shares its weights between calls.
-  counts: dict = {}
-  for l in candidates:
-    counts[l.path] = counts.get(l.path, 0) + 1
-  for l in list(candidates):
-    if counts[l.path] > 1:
-      candidates.remove(l)
-      skipped[l.call] = (l.path, 'called more than once')
-  for l in list(candidates):
-    if l.is_conv and not _geometry_reproduces_output(l):
-      candidates.remove(l)
-      skipped[l.call] = (l.path, 'patch geometry does not match the output')
-
-  # Owned leaves must be unused once owned layers read their own copies.
-  while candidates:
-    def check(leaves, weights, example):
-      capture = _Capture(candidates, weights, [0.0] * len(candidates))
-      with nn.intercept_methods(capture):
-        value = loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
-      return value
-    weights = [_layer_weights(l, leaves) for l in candidates]
-    closed = jax.make_jaxpr(check)(leaves, weights, example)
-    used = _used_invars(closed.jaxpr)
-    invars = closed.jaxpr.invars[:len(leaves)]
-    bad = [l for l in candidates
-           if invars[l.kernel] in used
-           or (l.bias is not None and invars[l.bias] in used)]
-    if not bad:
-      break
-    for l in bad:
-      candidates.remove(l)
-      skipped[l.call] = (l.path, 'its parameters are also used elsewhere')
-
-  del has_aux  # the plan does not depend on the loss's outputs
+  paths = [l.path for l in candidates]
+  _drop(candidates, skipped, [l for l in candidates
+                              if paths.count(l.path) > 1],
+        'called more than once')
+  _drop(candidates, skipped, [l for l in candidates if l.is_conv and not
+                              _geometry_reproduces_output(l)],
+        'patch geometry does not match the output')
+  _exclusive_layers(loss_fn, treedef, leaves, example, args, candidates,
+                    skipped)
   layers = tuple(
       dataclasses.replace(l, norm_route=choose_norm_route(
           l.tokens, l.fan_in, l.features // l.groups, norm_route))
@@ -608,18 +627,9 @@ def _pow2_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x * jnp.exp2(-e).reshape((-1,) + (1,) * (x.ndim - 1)), e
 
 
-def _sum_sq(x: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), 1)
-
-
 def _rows(keep: jax.Array, x: jax.Array) -> jax.Array:
   """x with the rows where ``keep`` is False replaced by exact zeros."""
   return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-
-
-def _weighted_sum(x: jax.Array, scale: jax.Array, keep: jax.Array):
-  s = scale.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-  return jnp.sum(_rows(keep, x * s), axis=0)
 
 
 def _bookkept_kernel_sum(layer: Layer, kernel, a, g_scaled):
@@ -636,6 +646,118 @@ def _bookkept_kernel_sum(layer: Layer, kernel, a, g_scaled):
 # The clipped gradient.
 
 
+class _Pass(NamedTuple):
+  """What one batched forward and backward captures for a chunk of m rows."""
+
+  losses: jax.Array          # [m]
+  aux: Any
+  inputs: list[jax.Array]    # per layer: a, [m, *in_shape]
+  out_grads: list[jax.Array]  # per layer: g, [m, *out_shape]
+  fallback: list[jax.Array]  # per fallback leaf: [m, *shape] gradients
+
+
+def _capture_pass(plan: GhostPlan, loss_fn, has_aux: bool, leaves, treedef,
+                  chunk, mask, args) -> _Pass:
+  """Runs the loss once per row, capturing every owned layer's (a, g)."""
+  layers = plan.layers
+  weights = [_layer_weights(l, leaves) for l in layers]
+
+  def one(fb_leaves, perturbations, example):
+    full = list(leaves)
+    for i, x in zip(plan.fallback, fb_leaves):
+      full[i] = x
+    capture = _Capture(layers, weights, perturbations)
+    with nn.intercept_methods(capture):
+      value = loss_fn(jax.tree.unflatten(treedef, full), example, *args)
+    loss, aux = value if has_aux else (value, None)
+    return loss, (capture.inputs, aux)
+
+  # Perturbations derived from the mask, so that under jax.shard_map they
+  # vary over the devices like the rows: the gradient of a replicated zero
+  # would be summed over all devices' rows.
+  rows = jnp.zeros_like(mask, jnp.float32)
+  zeros = [rows.reshape(rows.shape + (1,) * len(l.out_shape))
+           + jnp.zeros(l.out_shape, jnp.float32) for l in layers]
+  fb_leaves = [leaves[i] for i in plan.fallback]
+  (losses, (inputs, aux)), (fb_grads, out_grads) = jax.vmap(
+      jax.value_and_grad(one, argnums=(0, 1), has_aux=True),
+      in_axes=(None, 0, 0))(fb_leaves, zeros, chunk)
+  return _Pass(losses, aux, inputs, out_grads, list(fb_grads))
+
+
+class _LayerRows(NamedTuple):
+  """One layer's per-example squared norms, and the rows it keeps."""
+
+  kernel_sq: jax.Array
+  bias_sq: jax.Array | None
+  direct: jax.Array | None   # per-example kernel gradients ('direct' route)
+  bias: jax.Array | None     # per-example bias gradients
+
+
+def _layer_rows(layer: Layer, a: jax.Array, g: jax.Array, kernel_mask,
+                bias_mask) -> _LayerRows:
+  """Norms of one layer's per-example gradients, cut to a parameter mask.
+
+  A masked kernel takes the direct route (the plan sees to it): the Gram
+  identity gives the norm of the whole a_i^T g_i, not of its masked part.
+  """
+  bias = bias_sq = None
+  if layer.bias is not None:
+    bias = jnp.sum(g.reshape(g.shape[0], layer.tokens, layer.features), 1)
+    bias = per_example.mask_param_grads(bias, bias_mask)
+    bias_sq = clipping_lib.row_sq_norm(bias)
+  if layer.norm_route == 'direct':
+    direct = per_example.mask_param_grads(direct_grads(layer, a, g),
+                                          kernel_mask)
+    return _LayerRows(clipping_lib.row_sq_norm(direct), bias_sq, direct, bias)
+  estimate, error = ghost_sq_norms(layer, a, g)
+  # Clip to an upper bound of the exact norm: never above the bound.
+  return _LayerRows(jnp.maximum(estimate, 0.0) + error, bias_sq, None, bias)
+
+
+def _clipped_chunk(plan: GhostPlan, loss_fn, has_aux: bool,
+                   clipping: clipping_lib.PerExampleClipping, leaves,
+                   treedef, param_mask, chunk, mask, clip_state, args):
+  """The :func:`dpjax.per_example.microbatched` chunk function of the route."""
+  run = _capture_pass(plan, loss_fn, has_aux, leaves, treedef, chunk, mask,
+                      args)
+  masks = ([None] * len(leaves) if param_mask is None
+           else jax.tree.leaves(param_mask))
+  fallback = [per_example.mask_param_grads(g, masks[i])
+              for i, g in zip(plan.fallback, run.fallback)]
+  rows = [_layer_rows(l, a, g, masks[l.kernel],
+                      None if l.bias is None else masks[l.bias])
+          for l, a, g in zip(plan.layers, run.inputs, run.out_grads)]
+  sq = [None] * len(leaves)
+  for i, g in zip(plan.fallback, fallback):
+    sq[i] = clipping_lib.row_sq_norm(g)
+  for l, r in zip(plan.layers, rows):
+    sq[l.kernel] = r.kernel_sq
+    if l.bias is not None:
+      sq[l.bias] = r.bias_sq
+  scales, clip_state = clipping.scales_from_norms(
+      jax.tree.unflatten(treedef, sq), clip_state, mask)
+  scale, keep = jax.tree.leaves(scales.scales), scales.keep
+
+  total = [None] * len(leaves)
+  for i, g in zip(plan.fallback, fallback):
+    total[i] = clipping_lib.scaled_row_sum(g, scale[i], keep)
+  for l, r, a, g in zip(plan.layers, rows, run.inputs, run.out_grads):
+    if l.bias is not None:
+      total[l.bias] = clipping_lib.scaled_row_sum(r.bias, scale[l.bias], keep)
+    if r.direct is not None:
+      total[l.kernel] = clipping_lib.scaled_row_sum(r.direct, scale[l.kernel],
+                                                    keep)
+    else:
+      c = scale[l.kernel].reshape((-1,) + (1,) * (g.ndim - 1))
+      total[l.kernel] = _bookkept_kernel_sum(
+          l, leaves[l.kernel], _rows(keep, a), _rows(keep, g * c))
+  out = clipping_lib.ClipOutput(
+      jax.tree.unflatten(treedef, total), scales.norms, scales.num_nonfinite,
+      scales.num_clipped)
+  return out, clip_state, jnp.where(mask, run.losses, 0.0), run.aux
+
+
 def clipped_grad(
     loss_fn: Callable[..., Any],
     clipping: clipping_lib.PerExampleClipping,
@@ -646,13 +768,14 @@ def clipped_grad(
 ) -> Callable[..., per_example.ClippedGrad]:
   """:func:`dpjax.clipped_grad` by ghost norms and book-keeping.
 
-  Same arguments, same function ``fn(params, batch, mask=None, *,
-  clip_state=None, args=())`` and same :class:`dpjax.ClippedGrad` result
-  (equal within float32 tolerance), but Dense and Conv kernels never get
-  per-example gradients from ``vmap``: their per-example norms come from the
-  layer's inputs and output gradients, captured in one batched forward and
-  backward, and their clipped sum is book-kept from the same tensors. Other
-  parameters (see :func:`make_plan`) take the vmap route in the same pass.
+  Same arguments, function ``fn(params, batch, mask, *, clip_state=None,
+  args=(), param_mask=None)`` and result (equal within float32 tolerance)
+  for every clipping that clips from norms (:func:`route_refusal`), but
+  Dense and Conv kernels never get per-example gradients from ``vmap``:
+  their per-example norms come from the layer's inputs and output
+  gradients, captured in one batched forward and backward, and their
+  clipped sum is book-kept from the same tensors. Other parameters
+  (:func:`make_plan`) take the vmap route in the same pass.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -664,16 +787,15 @@ def clipped_grad(
     >>> params = model.init(jax.random.key(0), jnp.ones(3))['params']
     >>> batch = {'x': jnp.arange(12.0).reshape(4, 3) / 10}
     >>> clip = dpjax.clip_per_example(1.0)
-    >>> out = jax.jit(ghost.clipped_grad(loss, clip))(params, batch)
-    >>> ref = jax.jit(dpjax.clipped_grad(loss, clip))(params, batch)
+    >>> out = jax.jit(ghost.clipped_grad(loss, clip))(params, batch, None)
+    >>> ref = jax.jit(dpjax.clipped_grad(loss, clip))(params, batch, None)
     >>> bool(jnp.allclose(out.grad_sum['kernel'], ref.grad_sum['kernel'],
     ...                   rtol=1e-5))
     True
 
   Args:
     loss_fn: ``loss_fn(params, example, *args)`` for ONE example.
-    clipping: a :class:`dpjax.PerExampleClipping` with a
-      ``scales_from_norms`` method (e.g. :func:`dpjax.clip_per_example`).
+    clipping: a :class:`dpjax.PerExampleClipping` with ``scales_from_norms``.
     microbatch_size: rows per chunk (None: the whole batch at once).
       Performance only.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
@@ -690,92 +812,79 @@ def clipped_grad(
     Bu et al., 2023. Differentially Private Optimization on Large Model at
     Small Cost. https://arxiv.org/abs/2210.00038
   """
-  if getattr(clipping, 'scales_from_norms', None) is None:
-    raise ValueError(
-        f'clipping {getattr(clipping, "name", clipping)!r} has no'
-        ' scales_from_norms method, so it cannot clip from ghost norms; use'
-        " the vmap route (dpjax.clipped_grad, or config.perf.grad_route="
-        "'vmap').")
+  if (refusal := route_refusal(clipping)) is not None:
+    raise ValueError(refusal)
   choose_norm_route(1, 1, 1, norm_route)
-  per_example._check_microbatch_size(microbatch_size)
-
-  def chunk_fn(plan, leaves, treedef, chunk, mask, clip_state, args):
-    m = mask.shape[0]
-    layers = plan.layers
-    weights = [_layer_weights(l, leaves) for l in layers]
-
-    def one(fb_leaves, perturbations, example):
-      full = list(leaves)
-      for i, x in zip(plan.fallback, fb_leaves):
-        full[i] = x
-      capture = _Capture(layers, weights, perturbations)
-      with nn.intercept_methods(capture):
-        value = loss_fn(jax.tree.unflatten(treedef, full), example, *args)
-      loss, aux = value if has_aux else (value, None)
-      return loss, (capture.inputs, aux)
-
-    zeros = [jnp.zeros((m,) + l.out_shape, jnp.float32) for l in layers]
-    fb_leaves = [leaves[i] for i in plan.fallback]
-    (losses, (inputs, aux)), (fb_grads, out_grads) = jax.vmap(
-        jax.value_and_grad(one, argnums=(0, 1), has_aux=True),
-        in_axes=(None, 0, 0))(fb_leaves, zeros, chunk)
-
-    sq = [None] * len(leaves)
-    direct, bias_grads = {}, {}
-    for j, l in enumerate(layers):
-      a, g = inputs[j], out_grads[j]
-      if l.bias is not None:
-        bias_grads[j] = jnp.sum(g.reshape(m, l.tokens, l.features), axis=1)
-        sq[l.bias] = _sum_sq(bias_grads[j])
-      if l.norm_route == 'direct':
-        direct[j] = direct_grads(l, a, g)
-        sq[l.kernel] = _sum_sq(direct[j])
-      else:
-        estimate, error = ghost_sq_norms(l, a, g)
-        # Clip to an upper bound of the exact norm: never above the bound.
-        sq[l.kernel] = jnp.maximum(estimate, 0.0) + error
-    for i, gr in zip(plan.fallback, fb_grads):
-      sq[i] = _sum_sq(gr)
-    scales, clip_state = clipping.scales_from_norms(
-        jax.tree.unflatten(treedef, sq), clip_state, mask)
-    scale = jax.tree.leaves(scales.scales)
-    keep = scales.keep
-
-    total = [None] * len(leaves)
-    for i, gr in zip(plan.fallback, fb_grads):
-      total[i] = _weighted_sum(gr, scale[i], keep)
-    for j, l in enumerate(layers):
-      if l.bias is not None:
-        total[l.bias] = _weighted_sum(bias_grads[j], scale[l.bias], keep)
-      if l.norm_route == 'direct':
-        total[l.kernel] = _weighted_sum(direct[j], scale[l.kernel], keep)
-      else:
-        c = scale[l.kernel].reshape((-1,) + (1,) * (out_grads[j].ndim - 1))
-        total[l.kernel] = _bookkept_kernel_sum(
-            l, leaves[l.kernel], _rows(keep, inputs[j]),
-            _rows(keep, out_grads[j] * c))
-    out = clipping_lib.ClipOutput(
-        jax.tree.unflatten(treedef, total), scales.norms,
-        scales.num_nonfinite, scales.num_clipped)
-    return out, clip_state, jnp.where(mask, losses, 0.0), aux
-
+  per_example.check_microbatch_size(microbatch_size)
   vmap_fn = per_example.clipped_grad(
       loss_fn, clipping, microbatch_size=microbatch_size, has_aux=has_aux)
 
-  def fn(params, batch, mask=None, *, clip_state=None, args=()):
+  def fn(params, batch, mask=per_example.MASK_REQUIRED, *, clip_state=None,
+         args=(), param_mask=None):
+    batch, mask = per_example.examples_and_mask(batch, mask)
+    per_example.check_param_mask(params, param_mask)
     leaves, treedef = jax.tree.flatten(params)
     example = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
         batch)
+    # A Gram norm is of the whole layer gradient, not of its masked part.
     plan = make_plan(loss_fn, params, example, args, has_aux=has_aux,
-                     norm_route=norm_route)
+                     norm_route=norm_route if param_mask is None else 'direct')
     if not plan.layers:
-      return vmap_fn(params, batch, mask, clip_state=clip_state, args=args)
-    run = functools.partial(chunk_fn, plan, leaves, treedef)
+      return vmap_fn(params, batch, mask, clip_state=clip_state, args=args,
+                     param_mask=param_mask)
+    run = functools.partial(_clipped_chunk, plan, loss_fn, has_aux, clipping,
+                            leaves, treedef, param_mask)
     return per_example.microbatched(run, params, batch, mask, clip_state,
                                     clipping, microbatch_size, args)
 
   return fn
+
+
+def route_refusal(clipping: clipping_lib.PerExampleClipping, *,
+                  stats_through_public: bool = False) -> str | None:
+  """Why the ghost and book-keeping routes cannot compute a clipped sum.
+
+  None when they can: the clipping clips from per-example norms (flat, per
+  layer with either group kind and noise, adaptive flat or per layer,
+  automatic, normalized), with or without a parameter mask (pass it as
+  ``param_mask=`` to the engine, not folded into the loss) and whatever
+  model state the loss reads (BatchNorm in inference mode with given
+  statistics: 'frozen', 'privatized', 'public'). Otherwise one line saying
+  why, for the engine selector: 'auto' then takes the vmap route, an
+  explicit route is an error. The reasons are about speed, not privacy:
+  every route computes the same clipped sum.
+
+  Examples:
+    >>> import dpjax
+    >>> from dpjax import ghost
+    >>> ghost.route_refusal(dpjax.clip_per_layer({'w': 1.0})) is None
+    True
+    >>> ghost.route_refusal(dpjax.clip_l2_then_linf(1.0, 4.0))[:24]
+    "clipping 'l2_then_linf' "
+
+  Args:
+    clipping: the clipping of the run.
+    stats_through_public: whether the loss recomputes BatchNorm statistics
+      from a public batch with gradients through them ('public' with
+      ``stats_gradient``).
+
+  Returns:
+    None, or the reason.
+  """
+  if clipping.scales_from_norms is None:
+    return (f'clipping {clipping.name!r} needs each per-example gradient'
+            ' itself, not only its norms (an L-inf clamp, a group gradient or'
+            ' a custom clip function), so it runs on the vmap route: set'
+            " perf.grad_route='auto' (or 'vmap').")
+  if stats_through_public:
+    return ('the loss recomputes BatchNorm statistics from the public batch'
+            ' with gradients through them (normalization.stats_gradient), so'
+            ' every layer also runs on that batch and its per-example'
+            ' gradient has a term through the statistics that the captured'
+            " layer tensors do not hold: set perf.grad_route='auto' (or"
+            " 'vmap').")
+  return None
 
 
 GRAD_ROUTES = ('auto', 'vmap', 'ghost', 'bookkeeping')
@@ -792,16 +901,19 @@ def clipped_grad_for_route(
     *,
     microbatch_size: int | None = None,
     has_aux: bool = False,
+    stats_through_public: bool = False,
 ) -> Callable[..., per_example.ClippedGrad]:
   """The clipped-gradient function of a route named in ``config.perf``.
 
   'vmap': per-example gradients by vmap (:func:`dpjax.clipped_grad`).
   'bookkeeping': this module with the faster norm per layer ('speed').
   'ghost': this module with the smaller norm per layer ('memory').
-  'auto': 'bookkeeping' when ``clipping`` can clip from norms and the model
-  has at least :data:`AUTO_MIN_PARAMS` parameters, else 'vmap' (a model
-  without supported layers runs the vmap route either way). All routes
-  compute the same clipped sum: the route is a performance setting.
+  'auto': 'bookkeeping' when :func:`route_refusal` has no objection and
+  the model has at least :data:`AUTO_MIN_PARAMS` parameters, else 'vmap' (a
+  model without supported layers runs the vmap route either way); an
+  explicit 'ghost' or 'bookkeeping' with an objection is an error. Every
+  function takes ``param_mask=`` (:func:`clipped_grad`). All routes compute
+  the same clipped sum: the route is a performance setting.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -809,7 +921,7 @@ def clipped_grad_for_route(
     >>> from dpjax import ghost
     >>> fn = ghost.clipped_grad_for_route('auto', lambda p, x: p @ x['x'],
     ...                                   dpjax.clip_per_example(1.0))
-    >>> out = fn(jnp.ones(3), {'x': jnp.eye(3)})
+    >>> out = fn(jnp.ones(3), {'x': jnp.eye(3)}, mask=None)
     >>> [round(float(v), 4) for v in out.grad_sum]
     [1.0, 1.0, 1.0]
   """
@@ -819,9 +931,10 @@ def clipped_grad_for_route(
   vmap_fn = per_example.clipped_grad(loss_fn, clipping,
                                      microbatch_size=microbatch_size,
                                      has_aux=has_aux)
-  if route == 'vmap' or getattr(clipping, 'scales_from_norms', None) is None:
-    if route in ('ghost', 'bookkeeping'):
-      clipped_grad(loss_fn, clipping)  # raises the clear error
+  refusal = route_refusal(clipping, stats_through_public=stats_through_public)
+  if refusal is not None and route in ('ghost', 'bookkeeping'):
+    raise ValueError(f'perf.grad_route={route!r}: {refusal}')
+  if route == 'vmap' or refusal is not None:
     return vmap_fn
   ghost_fn = clipped_grad(
       loss_fn, clipping, microbatch_size=microbatch_size, has_aux=has_aux,
@@ -829,9 +942,11 @@ def clipped_grad_for_route(
   if route != 'auto':
     return ghost_fn
 
-  def fn(params, batch, mask=None, *, clip_state=None, args=()):
+  def fn(params, batch, mask=per_example.MASK_REQUIRED, *, clip_state=None,
+         args=(), param_mask=None):
     size = sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
     chosen = vmap_fn if size < AUTO_MIN_PARAMS else ghost_fn
-    return chosen(params, batch, mask, clip_state=clip_state, args=args)
+    return chosen(params, batch, mask, clip_state=clip_state, args=args,
+                  param_mask=param_mask)
 
   return fn

@@ -44,6 +44,7 @@ from scipy import special
 from dpjax import _validation
 from dpjax import accounting
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
 from dpjax import noise as noise_lib
 from dpjax import plan as plan_lib
 
@@ -66,11 +67,13 @@ class ModelMixState(NamedTuple):
 
   Attributes:
     previous_params: w_{k-2}, the parameters before the last update.
-    key: PRNG key of the next secret draw of alpha; split once per update.
+    key: the stream root of alpha; draw t uses ``keys.for_step(key, count)``.
+    count: number of draws so far.
   """
 
   previous_params: PyTree
   key: jax.Array
+  count: jax.Array
 
 
 def enforce_gap(current: jax.Array, previous: jax.Array,
@@ -150,20 +153,20 @@ def mix_model_states(tau: float,
     ModelMix. https://arxiv.org/abs/2210.03843
   """
   tau = _validation.positive('tau', tau)
-  first_key = noise_lib.as_key(key)
+  root = noise_lib.as_key(key)
 
   def init_fn(params):
     # A copy, not an alias: a training step may donate the params' buffers.
     return ModelMixState(
-        previous_params=jax.tree.map(
-            lambda x: jnp.array(x, copy=True), params), key=jnp.copy(first_key))
+        jax.tree.map(lambda x: jnp.array(x, copy=True), params),
+        *keys_lib.init_stream(root))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
           'mix_model_states needs the current parameters: call'
           ' tx.update(updates, state, params).')
-    next_key, draw_key = jax.random.split(state.key)
+    draw_key = keys_lib.for_step(state.key, state.count)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(draw_key, len(leaves))
     alphas = jax.tree.unflatten(treedef, [
@@ -177,13 +180,38 @@ def mix_model_states(tau: float,
 
     new_updates = jax.tree.map(one, params, state.previous_params, updates,
                                alphas)
-    return new_updates, ModelMixState(previous_params=params, key=next_key)
+    return new_updates, ModelMixState(params, state.key, state.count + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def clip_l2_then_linf(l2_norm_clip: float,
-                      p: float) -> clipping_lib.PerExampleClipping:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class L2ThenLinfSpec(clipping_lib.ClipSpec):
+  """:class:`dpjax.clipping.ClipSpec` of :func:`clip_l2_then_linf`.
+
+  Attributes:
+    p: the exponent of the L-inf bound c / sqrt(p).
+    linf_bound: c / sqrt(p), the bound on every coordinate of a row.
+  """
+
+  p: float
+  linf_bound: float
+
+
+class L2ThenLinfClipping(clipping_lib.PerExampleClipping):
+  """L2 then L-inf clipping, with its ``p`` and ``linf_bound``.
+
+  The L-inf clamp acts on every coordinate of every per-example gradient,
+  so it has no ``scales_from_norms``: it runs on the vmap route.
+  """
+
+  spec_type = L2ThenLinfSpec
+  spec: L2ThenLinfSpec
+  p = property(lambda self: self.spec.p)
+  linf_bound = property(lambda self: self.spec.linf_bound)
+
+
+def clip_l2_then_linf(l2_norm_clip: float, p: float) -> L2ThenLinfClipping:
   """Clips each example to L2 norm c, then clamps each coordinate to c/sqrt(p).
 
   The paper's Algorithm 2. The order matters: clamping first and L2-clipping
@@ -207,8 +235,8 @@ def clip_l2_then_linf(l2_norm_clip: float,
     p: >= 1; each coordinate is clamped to c / sqrt(p).
 
   Returns:
-    A :class:`dpjax.PerExampleClipping` named 'l2_then_linf' with extra
-    attributes ``p`` and ``linf_bound``.
+    An :class:`L2ThenLinfClipping` named 'l2_then_linf' (``p`` and
+    ``linf_bound`` are declared in its spec).
 
   References:
     Xiao, Wan, Devadas, 2022. Differentially Private Deep Learning with
@@ -220,32 +248,10 @@ def clip_l2_then_linf(l2_norm_clip: float,
     raise ValueError(
         f'p must be >= 1 (the L-inf bound is c / sqrt(p) <= c), got {p!r}.')
   linf = bound / math.sqrt(p)
-
-  def clip_fn(per_example_grads, state, mask):
-    norms = clipping_lib.per_example_global_norms(per_example_grads)
-    mask = clipping_lib.as_mask(mask, norms.shape[0])
-    finite = jnp.isfinite(norms)
-    keep = mask & finite
-    scale = bound / jnp.maximum(norms, bound)
-
-    def one(x):
-      shape = (-1,) + (1,) * (x.ndim - 1)
-      clipped = jnp.clip(x * scale.reshape(shape).astype(x.dtype), -linf, linf)
-      return jnp.sum(jnp.where(keep.reshape(shape), clipped, 0), axis=0)
-
-    out = clipping_lib.ClipOutput(
-        grad_sum=jax.tree.map(one, per_example_grads),
-        norms=jnp.where(mask, jnp.where(finite, norms, jnp.inf), 0.0),
-        num_nonfinite=jnp.sum(mask & ~finite),
-        num_clipped=jnp.sum(keep & (norms > bound)),
-    )
-    return out, state
-
-  tx = clipping_lib.make_per_example_clipping(
-      optax.init_empty_state, clip_fn, bound, 'l2_then_linf')
-  tx.p = p
-  tx.linf_bound = linf
-  return tx
+  return clipping_lib.global_rule_clipping(
+      bound, 'l2_then_linf', clipping_lib.flat_scale(bound),
+      lambda n: n > bound, elementwise=lambda x: jnp.clip(x, -linf, linf),
+      cls=L2ThenLinfClipping, p=p, linf_bound=linf)
 
 
 def _log_p0(x: np.ndarray, sbar: float, w: float) -> np.ndarray:
@@ -380,16 +386,19 @@ def modelmix_epsilon(
 
   log_a = np.array(log_moments(sigma * c / b, w, c / (math.sqrt(p) * b), p,
                                orders[-1]))
-  best = math.inf
-  for order in orders:
-    ks = np.arange(order + 1)
-    log_terms = (special.gammaln(order + 1) - special.gammaln(ks + 1)
-                 - special.gammaln(order - ks + 1)
-                 + special.xlog1py(order - ks, -q) + special.xlogy(ks, q)
-                 + log_a[:order + 1])
-    log_sum = float(special.logsumexp(log_terms))
-    best = min(best, (steps * log_sum + math.log(1 / delta)) / (order - 1))
-  return best
+  return min(_epsilon_at_order(log_a, a, q, steps, delta) for a in orders)
+
+
+def _epsilon_at_order(log_a: np.ndarray, order: int, q: float, steps: int,
+                      delta: float) -> float:
+  """[T log sum_k C(a, k) (1-q)^(a-k) q^k A_k + log(1/delta)] / (a - 1)."""
+  ks = np.arange(order + 1)
+  log_terms = (special.gammaln(order + 1) - special.gammaln(ks + 1)
+               - special.gammaln(order - ks + 1)
+               + special.xlog1py(order - ks, -q) + special.xlogy(ks, q)
+               + log_a[:order + 1])
+  log_sum = float(special.logsumexp(log_terms))
+  return (steps * log_sum + math.log(1 / delta)) / (order - 1)
 
 
 def clipping_p(clipping: clipping_lib.PerExampleClipping) -> float | None:
@@ -397,7 +406,7 @@ def clipping_p(clipping: clipping_lib.PerExampleClipping) -> float | None:
 
   Flat L2 clipping to c bounds every coordinate by c too, so it is p = 1.
   """
-  if clipping.name == 'l2_then_linf':
+  if isinstance(clipping, L2ThenLinfClipping):
     return clipping.p
   if clipping.name == 'flat':
     return 1.0
@@ -460,19 +469,6 @@ def failed_assumptions(
     failed.append(
         f'add/remove adjacency: the relation is {relation.name.lower()}')
   return failed
-
-
-def with_refined_clipping(plan: plan_lib.DPPlan, p: float) -> plan_lib.DPPlan:
-  """``plan`` with its flat clipping replaced by :func:`clip_l2_then_linf`.
-
-  The L2 bound, hence the sensitivity and the noise, are unchanged. A plan
-  whose clipping is not flat (another method's) is returned as it is; the
-  ModelMix epsilon is then withheld by :func:`failed_assumptions`.
-  """
-  if plan.clipping.name != 'flat':
-    return plan
-  return dataclasses.replace(
-      plan, clipping=clip_l2_then_linf(plan.config.clip_norm, p))
 
 
 @dataclasses.dataclass(frozen=True)

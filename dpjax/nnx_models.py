@@ -22,7 +22,7 @@ Examples:
   >>> loss_fn = example_loss(graphdef, rest)
   >>> grad_fn = jax.jit(dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(1.0)))
   >>> batch = {'image': jnp.ones((4, 8, 8, 1)), 'label': jnp.arange(4)}
-  >>> out = grad_fn(params, batch)
+  >>> out = grad_fn(params, batch, None)  # None: every row is real
   >>> bool(optax.tree.norm(out.grad_sum) <= 4.0 + 1e-5)
   True
   >>> nnx.update(model, optax.apply_updates(params, out.grad_sum))
@@ -37,7 +37,8 @@ from flax import nnx
 from flax.nnx import bridge
 import jax
 import jax.numpy as jnp
-import optax
+
+from dpjax import losses
 
 
 class NnxCNN(nnx.Module):
@@ -86,7 +87,6 @@ def example_loss(graphdef: nnx.GraphDef,
   def loss_fn(params, example):
     model = nnx.merge(graphdef, params, *rest)
     logits = model(example['image'][None])[0]
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits, example['label'])
+    return losses.cross_entropy(logits, example['label'])
 
   return loss_fn

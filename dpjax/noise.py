@@ -9,6 +9,14 @@ invariants (DESIGN.md, 2 and 3):
 * the noisy sum is divided by a PUBLIC constant, the expected batch size
   (q * N under Poisson sampling), never by the realized batch size, which is
   data-dependent and would leak through the update.
+
+Draw t uses the key ``keys.for_step(key, t)`` of the transform's stream root
+(:mod:`dpjax.keys`), so the draws of a run are enumerable and a resumed run
+draws the same noise. With ``secure=True`` each coordinate is the sum of four
+independent Gaussian draws divided by two (Holohan & Braghin 2021; what
+Opacus' ``secure_mode`` does): the same distribution, without the gaps in
+the floating-point representation of one sampled Gaussian that Jin et al.
+(2022) exploit to tell which of two neighbouring sums was noised.
 """
 
 from __future__ import annotations
@@ -20,32 +28,54 @@ import jax.numpy as jnp
 import optax
 
 from dpjax import _validation
+from dpjax import keys as keys_lib
 
 PyTree = Any
+SECURE_DRAWS = 4  # summed, then divided by sqrt(SECURE_DRAWS) = 2
 
 
 class GaussianNoiseState(NamedTuple):
-  """The PRNG key of the next draw; split once per update."""
+  """The stream root of the noise and the number of draws made so far.
+
+  Draw t uses ``keys.for_step(key, count)``; ``key`` never changes.
+  """
 
   key: jax.Array
+  count: jax.Array
 
 
 def as_key(key: jax.Array | int) -> jax.Array:
-  """A PRNG key from a key or an integer seed."""
+  """A PRNG key from a key or an integer seed chosen by the caller."""
   if isinstance(key, int):
     return jax.random.key(key)
   return key
 
 
-def gaussian_noise_like(key: jax.Array, tree: PyTree, std: float) -> PyTree:
+def standard_normal(key: jax.Array, shape, secure: bool = False) -> jax.Array:
+  """N(0, 1) in float32; ``secure``: (z1 + z2 + z3 + z4) / 2 (Holohan 2021)."""
+  if not secure:
+    return jax.random.normal(key, shape, jnp.float32)
+  draws = jax.random.normal(key, (SECURE_DRAWS,) + tuple(shape), jnp.float32)
+  return jnp.sum(draws, axis=0) / jnp.sqrt(jnp.float32(SECURE_DRAWS))
+
+
+def gaussian_noise_like(key: jax.Array, tree: PyTree, std: float,
+                        secure: bool = False) -> PyTree:
   """Independent N(0, std^2) noise shaped like ``tree`` (drawn in float32)."""
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
   noise = [
-      (std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+      (std * standard_normal(k, x.shape, secure)).astype(x.dtype)
       for k, x in zip(keys, leaves)
   ]
   return jax.tree.unflatten(treedef, noise)
+
+
+def _noisy_mean(updates: PyTree, noise: PyTree,
+                expected_batch_size: float) -> PyTree:
+  return jax.tree.map(
+      lambda g, n: (g + n) / jnp.asarray(expected_batch_size, g.dtype),
+      updates, noise)
 
 
 def add_gaussian_noise(
@@ -53,13 +83,14 @@ def add_gaussian_noise(
     l2_sensitivity: float,
     expected_batch_size: float,
     key: jax.Array | int,
+    secure: bool = False,
 ) -> optax.GradientTransformation:
   """Adds Gaussian noise to a clipped gradient SUM and divides by a public size.
 
   ``update(grad_sum, state)`` returns
   ``(grad_sum + N(0, (noise_multiplier * l2_sensitivity)^2 I)) /
-  expected_batch_size``. Each call draws fresh noise from a key split off the
-  state's key, so one call is one draw: call it once per logical step.
+  expected_batch_size``. Call t draws with ``keys.for_step(key, t)``, so one
+  call is one draw: call it once per logical step.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -76,7 +107,11 @@ def add_gaussian_noise(
     l2_sensitivity: sensitivity of the sum under the relation the accountant
       uses (e.g. ``clipping.sensitivity()``).
     expected_batch_size: the public divisor, q * N for Poisson sampling.
-    key: PRNG key (or integer seed) of the first draw.
+    key: the noise stream's root key (``KeySchedule.root(keys.NOISE)``), or
+      an integer seed of the caller's. Keep it secret: with it, the noise can
+      be subtracted from the released update.
+    secure: draw each coordinate as a sum of four Gaussians (Holohan &
+      Braghin 2021), against floating-point attacks (Jin et al. 2022).
 
   Returns:
     An optax ``GradientTransformation`` with :class:`GaussianNoiseState`.
@@ -93,28 +128,24 @@ def add_gaussian_noise(
       'expected_batch_size', expected_batch_size,
       ' It is the public constant q * N, not the realized batch size.')
   std = noise_multiplier * l2_sensitivity
-  first_key = as_key(key)
+  root = as_key(key)
 
   def init_fn(params):
     del params
-    # A copy: a training step may donate the state, deleting this buffer, and
-    # init must still work afterwards (a second run, a restart).
-    return GaussianNoiseState(key=jnp.copy(first_key))
+    return GaussianNoiseState(*keys_lib.init_stream(root))
 
   def update_fn(updates, state, params=None):
     del params
-    next_key, draw_key = jax.random.split(state.key)
-    noise = gaussian_noise_like(draw_key, updates, std)
-    noisy = jax.tree.map(
-        lambda g, n: (g + n) / jnp.asarray(expected_batch_size, g.dtype),
-        updates, noise)
-    return noisy, GaussianNoiseState(key=next_key)
+    draw_key = keys_lib.for_step(state.key, state.count)
+    noise = gaussian_noise_like(draw_key, updates, std, secure)
+    return (_noisy_mean(updates, noise, expected_batch_size),
+            state._replace(count=state.count + 1))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def noise_like_scaled(key: jax.Array, tree: PyTree, scale: PyTree,
-                      noise_multiplier: float) -> PyTree:
+                      noise_multiplier: float, secure: bool = False) -> PyTree:
   """N(0, (noise_multiplier * s)^2) noise shaped like ``tree``.
 
   ``scale`` is a scalar or a pytree prefix of ``tree`` with one std per group
@@ -123,7 +154,8 @@ def noise_like_scaled(key: jax.Array, tree: PyTree, scale: PyTree,
   scale_leaves = jax.tree.leaves(scale)
   keys = iter(jax.random.split(key, len(scale_leaves)))
   return jax.tree.map(
-      lambda s, sub: gaussian_noise_like(next(keys), sub, noise_multiplier * s),
+      lambda s, sub: gaussian_noise_like(next(keys), sub, noise_multiplier * s,
+                                         secure),
       scale, tree)
 
 
@@ -133,6 +165,7 @@ def add_gaussian_noise_from_state(
     expected_batch_size: float,
     key: jax.Array | int,
     relation=None,
+    secure: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Gaussian noise scaled to the thresholds the clipped sum was built with.
 
@@ -159,9 +192,10 @@ def add_gaussian_noise_from_state(
     noise_multiplier: sigma >= 0, relative to ``clipping.noise_scale``.
     clipping: the :class:`dpjax.PerExampleClipping` that made the sum.
     expected_batch_size: the public divisor.
-    key: PRNG key (or integer seed) of the first draw.
+    key: the noise stream's root key (or an integer seed); keep it secret.
     relation: the neighbouring relation of the accountant (default
       add/remove).
+    secure: sum-of-four-Gaussians draws (see :func:`add_gaussian_noise`).
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` with
@@ -178,13 +212,11 @@ def add_gaussian_noise_from_state(
       'expected_batch_size', expected_batch_size,
       ' It is a public constant, not the realized batch size.')
   kwargs = {} if relation is None else {'relation': relation}
-  first_key = as_key(key)
+  root = as_key(key)
 
   def init_fn(params):
     del params
-    # A copy: a training step may donate the state, deleting this buffer, and
-    # init must still work afterwards (a second run, a restart).
-    return GaussianNoiseState(key=jnp.copy(first_key))
+    return GaussianNoiseState(*keys_lib.init_stream(root))
 
   def update_fn(updates, state, params=None, *, clip_state=None,
                 **extra_args):
@@ -194,13 +226,12 @@ def add_gaussian_noise_from_state(
           f'this noise is scaled to the thresholds in the {clipping.name!r}'
           ' clipping state: pass clip_state=ClippedGrad.clip_state to'
           ' update (optax.chain forwards it).')
-    next_key, draw_key = jax.random.split(state.key)
+    draw_key = keys_lib.for_step(state.key, state.count)
     scale = clipping.noise_scale(clip_state, **kwargs)
-    noise = noise_like_scaled(draw_key, updates, scale, noise_multiplier)
-    noisy = jax.tree.map(
-        lambda g, n: (g + n) / jnp.asarray(expected_batch_size, g.dtype),
-        updates, noise)
-    return noisy, GaussianNoiseState(key=next_key)
+    noise = noise_like_scaled(draw_key, updates, scale, noise_multiplier,
+                              secure)
+    return (_noisy_mean(updates, noise, expected_batch_size),
+            state._replace(count=state.count + 1))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -218,6 +249,7 @@ def private_aggregate(
     expected_batch_size: float,
     key: jax.Array | int,
     relation=None,
+    secure: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Clip, noise and divide in one optax transform: one call, one DP step.
 
@@ -243,8 +275,9 @@ def private_aggregate(
     clipping: a :class:`dpjax.PerExampleClipping`.
     noise_multiplier: sigma >= 0 (relative to ``clipping.noise_scale``).
     expected_batch_size: the public divisor.
-    key: PRNG key (or integer seed) of the first noise draw.
+    key: the noise stream's root key (or an integer seed); keep it secret.
     relation: the accountant's neighbouring relation (default add/remove).
+    secure: sum-of-four-Gaussians draws (see :func:`add_gaussian_noise`).
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` with
@@ -255,7 +288,7 @@ def private_aggregate(
     https://arxiv.org/abs/1607.00133
   """
   noise = add_gaussian_noise_from_state(
-      noise_multiplier, clipping, expected_batch_size, key, relation)
+      noise_multiplier, clipping, expected_batch_size, key, relation, secure)
 
   def init_fn(params):
     return PrivateAggregateState(clipping.init(params), noise.init(params))
@@ -269,3 +302,28 @@ def private_aggregate(
                                         noise_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def divide_by_count() -> optax.GradientTransformationExtraArgs:
+  """The non-private baseline's aggregate: the gradient sum over ``count``.
+
+  ``update(grad_sum, state, params=None, *, count)`` divides by the REALIZED
+  number of real rows, which only a non-private run may do (a private one
+  divides by the public expected batch size, :func:`add_gaussian_noise`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dpjax import noise
+    >>> tx = noise.divide_by_count()
+    >>> out, _ = tx.update({'w': jnp.array([2.0, 4.0])}, tx.init(None), count=4)
+    >>> out['w'].tolist()
+    [0.5, 1.0]
+  """
+
+  def update_fn(updates, state, params=None, *, count, **extra_args):
+    del params, extra_args
+    count = jnp.maximum(count, 1)
+    return jax.tree.map(lambda g: g / count.astype(g.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state,
+                                               update_fn)

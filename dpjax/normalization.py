@@ -54,6 +54,9 @@ import optax
 
 from dpjax import _validation
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
+from dpjax import losses
+from dpjax.per_example import StepInputs
 
 PyTree = Any
 BATCH_STATS = 'batch_stats'
@@ -97,7 +100,6 @@ class NormalizationConfig:
     eval_statistics: ``batch`` only: 'public' (statistics of a fixed public
       batch at the evaluated parameters) or 'batch' (each evaluation batch's
       own statistics).
-    seed: seed of the public batches (data-independent).
   """
 
   policy: str = 'reject'
@@ -107,7 +109,6 @@ class NormalizationConfig:
   stats_clip_norm: float = 10.0
   stats_budget: float = 0.1
   eval_statistics: str = 'public'
-  seed: int = 0
 
 
 def parse_policy(policy: str, collections: list[str] | tuple[str, ...]
@@ -335,28 +336,6 @@ def ema(old: PyTree, new: PyTree, momentum: float) -> PyTree:
 # Privatized statistics.
 
 
-def split_noise_multiplier(noise_multiplier: float,
-                           stats_budget: float) -> tuple[float, float]:
-  """Gradient and statistics noise multipliers that cost one step at sigma.
-
-  Two Gaussian releases on the same Poisson batch, the clipped gradient sum
-  with noise sigma_g x C and the clipped statistics sum with noise
-  sigma_s x C_s, are together one Gaussian mechanism with noise multiplier
-  (sigma_g^-2 + sigma_s^-2)^-1/2 (rescale each by its noise std and stack
-  them: one example moves the stack by at most that inverse). With
-  sigma_g = sigma / sqrt(1 - share) and sigma_s = sigma / sqrt(share), that is
-  sigma, so the accountant's per-step event is unchanged.
-
-  Examples:
-    >>> g, s = split_noise_multiplier(1.0, 0.2)
-    >>> round(g, 4), round(s, 4), round((g ** -2 + s ** -2) ** -0.5, 6)
-    (1.118, 2.2361, 1.0)
-  """
-  sigma = _validation.positive('noise_multiplier', noise_multiplier)
-  share = _validation.open_unit('normalization.stats_budget', stats_budget)
-  return sigma / math.sqrt(1 - share), sigma / math.sqrt(share)
-
-
 def privatize_moments(per_example: PyTree, mask: jax.Array, center: PyTree,
                       clip_norm: float, noise_std: float, divisor: float,
                       key: jax.Array) -> PyTree:
@@ -426,7 +405,7 @@ def batchnorm_group_loss(
     model: nn.Module,
     loss_of_logits: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> Callable[..., tuple[jax.Array, PyTree]]:
-  """``group_loss_fn(params, group, group_mask, model_state) -> (loss, aux)``.
+  """``group_loss_fn(params, group, group_mask, inputs) -> (loss, aux)``.
 
   The batch-clipping group loss with BatchNorm in training mode: statistics
   over the group's real rows only (padding rows enter neither the loss nor
@@ -447,8 +426,10 @@ def batchnorm_group_loss(
     ...          'label': jnp.array([0, 1, 2])}
     >>> variables = Net().init(jax.random.key(0), group['image'])
     >>> loss_fn = batchnorm_group_loss(Net())
+    >>> inputs = StepInputs(
+    ...     model_state={'batch_stats': variables['batch_stats']})
     >>> loss, aux = loss_fn(variables['params'], group, jnp.arange(3) < 2,
-    ...                     {'batch_stats': variables['batch_stats']})
+    ...                     inputs)
     >>> aux['batch_moments']['BatchNorm_0']['mean'].tolist()
     [2.0]
 
@@ -466,9 +447,10 @@ def batchnorm_group_loss(
     https://arxiv.org/abs/2307.11939
   """
   loss_of_logits = loss_of_logits or (
-      optax.softmax_cross_entropy_with_integer_labels)
+      losses.cross_entropy)
 
-  def group_loss_fn(params, group, group_mask, model_state):
+  def group_loss_fn(params, group, group_mask, inputs):
+    model_state = inputs.model_state
     group_mask = jnp.asarray(group_mask, bool)
     images = group['image']
     # Zeroed so that not even a NaN padding row reaches the backward pass.
@@ -512,6 +494,10 @@ class Normalizer:
   config: NormalizationConfig
   public_images: np.ndarray | None = None
   private: bool = True
+  # Root of the public batches' stream (keys.PUBLIC_BATCH): never the
+  # sampler's, so which public images a step uses says nothing about which
+  # private examples it sampled.
+  public_key: jax.Array | None = None
   # 'privatized' only, from the run's plan (see make_normalizer).
   stats_noise_std: float = 0.0
   expected_batch_size: float = 1.0
@@ -547,7 +533,11 @@ class Normalizer:
     size = min(self.config.public_batch_size, n)
     if step is None:
       return self.public_images[:size]
-    rng = np.random.default_rng([self.config.seed, step])
+    if self.public_key is None:
+      raise ValueError(
+          'this policy draws a public batch each step: build the normalizer'
+          ' with public_key=KeySchedule.root(keys.PUBLIC_BATCH).')
+    rng = keys_lib.host_rng(keys_lib.for_step(self.public_key, step))
     return self.public_images[np.sort(rng.choice(n, size, replace=False))]
 
   def init_state(self, variables: Mapping[str, PyTree]) -> dict[str, PyTree]:
@@ -568,7 +558,7 @@ class Normalizer:
     return state
 
   def public_batch(self, step: int) -> np.ndarray | None:
-    """Step ``step``'s public batch (seeded by the step alone), or None."""
+    """Step ``step``'s public batch (its own stream, by step), or None."""
     return self._public_slice(step) if self.needs_public_batch else None
 
   @property
@@ -595,24 +585,25 @@ class Normalizer:
       self,
       loss_of_logits: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
   ) -> Callable[..., Any]:
-    """``loss_fn(params, example, model_state, public)`` for ONE example.
+    """``loss_fn(params, example, inputs)`` for ONE example.
 
     The model runs in inference mode with the statistics the policy gives:
-    ``model_state`` (``frozen``, ``privatized``; ``public`` with the step's
-    public statistics put there by the caller), or, for ``public`` with
-    ``stats_gradient``, the statistics of ``public`` recomputed inside the
-    loss so that gradients flow through them. With ``privatized`` it returns
-    ``(loss, moments)``: the example's BatchNorm input moments.
+    ``inputs.model_state`` (``frozen``, ``privatized``; ``public`` with the
+    step's public statistics put there by the caller), or, for ``public``
+    with ``stats_gradient``, the statistics of ``inputs.public`` recomputed
+    inside the loss so that gradients flow through them. With ``privatized``
+    it returns ``(loss, moments)``: the example's BatchNorm input moments.
     """
     loss_of_logits = loss_of_logits or (
-        optax.softmax_cross_entropy_with_integer_labels)
+        losses.cross_entropy)
     model, kwargs = self.model, self._apply_kwargs(False)
     through_stats = self.bn_policy == 'public' and self.config.stats_gradient
 
-    def loss_fn(params, example, model_state, public):
-      variables = {'params': params, **model_state}
+    def loss_fn(params, example, inputs):
+      variables = {'params': params, **inputs.model_state}
       if through_stats:
-        variables[BATCH_STATS] = batch_statistics(model, variables, public)
+        variables[BATCH_STATS] = batch_statistics(model, variables,
+                                                  inputs.public)
       record = {} if self.has_aux else None
       with batchnorm_interceptor(record):
         logits = model.apply(variables, example['image'][None], **kwargs)[0]
@@ -674,25 +665,10 @@ class Normalizer:
     return self.model.apply(self.eval_statistics(variables), images,
                             **self._apply_kwargs(False))
 
-  def noise_plan(self, plan):
-    """``plan`` with the gradient's noise multiplier under this policy.
-
-    With ``privatized`` the gradient gets its share of the noise
-    (:func:`split_noise_multiplier`); the accountant's event is unchanged.
-    """
-    if self.gradient_noise_multiplier is None:
-      return plan
-    return dataclasses.replace(
-        plan, gradient_noise_multiplier=self.gradient_noise_multiplier)
-
-  def gradient_noise(self, plan, key: jax.Array) -> optax.GradientTransformation:
-    """The plan's noise, or with ``privatized`` the gradient's share of it."""
-    return self.noise_plan(plan).noise(key)
-
   def summary(self) -> dict[str, Any]:
     """Entries for summary.json: ``normalization``, the policies and their
     settings (with ``privatized``, both noise multipliers and how they are
-    accounted; the gradient's noise std is in :meth:`noise_plan`'s summary)."""
+    accounted; the gradient's noise std is in the plan's summary)."""
     out: dict[str, Any] = {'policies': dict(self.policies)}
     if self.bn_policy in ('public', 'frozen', 'privatized', 'batch'):
       out['public_batch_size'] = (
@@ -720,11 +696,19 @@ class Normalizer:
     return entries
 
 
+def resolve_policies(variables: Mapping[str, PyTree],
+                     config: NormalizationConfig) -> dict[str, str]:
+  """Collection -> policy for a model's variables (empty: no collections)."""
+  collections = _collections(variables)
+  return parse_policy(config.policy, collections) if collections else {}
+
+
 def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
                     config: NormalizationConfig | None = None, *,
                     public_images: np.ndarray | None = None, plan=None,
                     private: bool = True,
-                    batch_clipping: bool = False) -> Normalizer:
+                    batch_clipping: bool = False,
+                    public_key: jax.Array | None = None) -> Normalizer:
   """Resolves and checks the policies of ``model``'s collections for a run.
 
   Examples:
@@ -752,13 +736,15 @@ def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
       and no policy applies.
     batch_clipping: whether the run clips batch-clipping groups (allows the
       ``batch`` policy).
+    public_key: root of the public batches' stream
+      (``KeySchedule.root(keys.PUBLIC_BATCH)``), for the policies that draw
+      one each step.
 
   Returns:
     A :class:`Normalizer`.
   """
   config = config or NormalizationConfig()
-  collections = _collections(variables)
-  policies = parse_policy(config.policy, collections) if collections else {}
+  policies = resolve_policies(variables, config)
   extra: dict[str, Any] = {}
   if private and policies:
     check_policies(policies, has_public=public_images is not None,
@@ -789,12 +775,18 @@ def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
             "policy 'privatized' releases per-example feature moments, which"
             " batch clipping (clipping.mode='batch') does not produce; use"
             " 'batch', 'public' or 'frozen' with batch clipping.")
-      sigma_g, sigma_s = split_noise_multiplier(plan.grad_noise_multiplier,
-                                                config.stats_budget)
+      if plan.stats_noise_multiplier is None:
+        raise ValueError(
+            "policy 'privatized' is a second release of each batch: build the"
+            ' plan with PrivacyConfig(stats_share=normalization.stats_budget)'
+            ' so that both releases are accounted as one step.')
+      sigma_g, sigma_s = (plan.grad_noise_multiplier,
+                          plan.stats_noise_multiplier)
       clip = clipping_lib.clip_per_example(config.stats_clip_norm)
       extra = dict(
           gradient_noise_multiplier=sigma_g, stats_noise_multiplier=sigma_s,
           stats_noise_std=sigma_s * clip.sensitivity(plan.relation),
           expected_batch_size=float(plan.config.expected_batch_size))
   return Normalizer(model=model, policies=policies, config=config,
-                    public_images=public_images, private=private, **extra)
+                    public_images=public_images, private=private,
+                    public_key=public_key, **extra)

@@ -23,9 +23,71 @@ import jax
 import jax.numpy as jnp
 
 from dpjax import clipping as clipping_lib
+from dpjax import sampling
 
 PyTree = Any
 LossFn = Callable[..., Any]
+
+
+class _Required:
+  """The default of an engine's ``mask``: it has to be given."""
+
+  def __repr__(self) -> str:
+    return '<required>'
+
+
+MASK_REQUIRED: Any = _Required()
+
+
+def examples_and_mask(batch: PyTree, mask: Any) -> tuple[PyTree, Any]:
+  """The examples and mask of an engine call (invariant 7).
+
+  A :class:`dpjax.Batch` carries its mask; a bare pytree needs ``mask``
+  spelled out, because a padded Poisson batch repeats example 0 in its
+  padding and counting those rows would silently weaken the bound. An
+  explicit ``mask=None`` states that every row is a real example.
+  """
+  if isinstance(batch, sampling.Batch):
+    if mask is not MASK_REQUIRED:
+      raise ValueError(
+          'the batch is a dpjax.Batch, which carries its own mask; do not'
+          ' pass mask= as well.')
+    return batch.examples, batch.mask
+  if mask is MASK_REQUIRED:
+    raise TypeError(
+        "a clipped-gradient function needs the batch's mask: pass"
+        ' sampler.sample(step).take(data) (a dpjax.Batch, which carries it)'
+        ' or mask=...; mask=None only if every row is a real example (a'
+        ' padded batch without its mask counts example 0 once per padding'
+        ' row).')
+  return batch, mask
+
+
+class StepInputs(NamedTuple):
+  """What a step feeds the per-example loss besides the example itself.
+
+  One named pytree, passed as the loss's third argument by every engine, so
+  that features wrapping the loss (augmentation multiplicity, pruning,
+  normalization policies, dropout) read their field by name whatever order
+  they were stacked in. Fields a run does not use stay None.
+
+  Attributes:
+    aug_key: the step's augmentation key (stream ``keys.AUGMENT``); each
+      example folds in its dataset index (:mod:`dpjax.augmult`).
+    dropout_key: the step's dropout key (stream ``keys.DROPOUT``); each
+      example folds in its dataset index, so its mask does not depend on its
+      row, microbatch or device.
+    model_state: non-parameter collections the loss runs with (BatchNorm
+      statistics under a :mod:`dpjax.normalization` policy).
+    public: the step's public batch (public BatchNorm statistics).
+    param_mask: the step's parameter mask (:mod:`dpjax.pruning`).
+  """
+
+  aug_key: Any = None
+  dropout_key: Any = None
+  model_state: PyTree = None
+  public: PyTree = None
+  param_mask: PyTree = None
 
 
 class PerExampleStats(NamedTuple):
@@ -58,16 +120,7 @@ class ClippedGrad(NamedTuple):
 
 def batch_size_of(batch: PyTree) -> int:
   """The leading size shared by every leaf of ``batch``, or a clear error."""
-  leaves = jax.tree.leaves(batch)
-  if not leaves:
-    raise ValueError('batch must be a non-empty pytree of arrays.')
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-  if None in sizes or len(sizes) != 1:
-    raise ValueError(
-        'every leaf of the batch must share the same leading (batch) size; got'
-        f' leading sizes {sorted(map(str, sizes))}. Stack examples along axis 0.'
-    )
-  return sizes.pop()
+  return clipping_lib.batch_size_of(batch, 'batch')
 
 
 def per_example_grads(
@@ -88,6 +141,35 @@ def per_example_grads(
   return fn
 
 
+def mask_param_grads(per_example_grads: PyTree,
+                     param_mask: PyTree | None) -> PyTree:
+  """Per-example gradients cut to a parameter mask (None: unchanged).
+
+  ``param_mask`` has the parameters' structure with boolean leaves of their
+  shapes; every coordinate outside it becomes an exact zero in every row (a
+  select, never a product, so a NaN there cannot reach the norm). This is
+  the per-example gradient of :func:`dpjax.pruning.masked_loss`.
+  """
+  if param_mask is None:
+    return per_example_grads
+  return jax.tree.map(
+      lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)),
+      per_example_grads, param_mask)
+
+
+def check_param_mask(params: PyTree, param_mask: PyTree | None) -> None:
+  """A clear error unless ``param_mask`` is None or shaped like ``params``."""
+  if param_mask is None:
+    return
+  shapes = lambda t: jax.tree.map(jnp.shape, t)
+  if (jax.tree.structure(param_mask) != jax.tree.structure(params)
+      or shapes(param_mask) != shapes(params)):
+    raise ValueError(
+        'param_mask must have the structure and shapes of the parameters'
+        f' (one boolean per coordinate); got {shapes(param_mask)} for'
+        f' parameters {shapes(params)}.')
+
+
 def _pad_rows(x: jax.Array, extra: int) -> jax.Array:
   pad = [(0, extra)] + [(0, 0)] * (x.ndim - 1)
   return jnp.pad(x, pad)
@@ -100,14 +182,21 @@ def clipped_grad(
     microbatch_size: int | None = None,
     has_aux: bool = False,
 ) -> Callable[..., ClippedGrad]:
-  """Builds ``fn(params, batch, mask=None, *, clip_state=None, args=())``.
+  """Builds the per-example (vmap) clipped-gradient function ``fn``.
 
+  ``fn(params, batch, mask, *, clip_state=None, args=(), param_mask=None)``:
+  ``batch`` is a :class:`dpjax.Batch` (examples with their mask, from
+  ``sampler.sample(step).take(data)``), or a pytree of examples with
+  ``mask`` given: a padded batch cannot reach clipping without its mask.
   The returned function computes, for a batch of B examples,
   ``sum_b clip(grad loss_fn(params, batch[b], *args))`` over rows with
   ``mask[b]`` True, together with per-example losses and norms. With
   ``microbatch_size=m`` it scans over ceil(B / m) microbatches of m rows
   (padding the last one with masked rows, so B need not be divisible by m);
   peak memory then grows with m, not B. The result does not depend on m.
+  With ``param_mask`` (a pruning mask, :mod:`dpjax.pruning`), each
+  per-example gradient is cut to it before clipping
+  (:func:`mask_param_grads`), as with ``pruning.masked_loss(loss_fn)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -134,24 +223,30 @@ def clipped_grad(
     A function returning :class:`ClippedGrad` ``(grad_sum, clip_state,
     stats)``. Call it under ``jax.jit``.
   """
-  _check_microbatch_size(microbatch_size)
+  check_microbatch_size(microbatch_size)
   grads_fn = per_example_grads(loss_fn, has_aux=has_aux)
 
-  def chunk_fn(params, chunk, chunk_mask, clip_state, args):
+  def chunk_fn(params, param_mask, chunk, chunk_mask, clip_state, args):
     values, grads = grads_fn(params, chunk, *args)
     losses, aux = values if has_aux else (values, None)
-    out, clip_state = clipping.clip(grads, clip_state, chunk_mask)
+    out, clip_state = clipping.clip(mask_param_grads(grads, param_mask),
+                                    clip_state, chunk_mask)
     losses = jnp.where(chunk_mask, losses, 0.0)
     return out, clip_state, losses, aux
 
-  def fn(params, batch, mask=None, *, clip_state=None, args=()) -> ClippedGrad:
-    return microbatched(functools.partial(chunk_fn, params), params, batch,
-                        mask, clip_state, clipping, microbatch_size, args)
+  def fn(params, batch, mask=MASK_REQUIRED, *, clip_state=None,
+         args=(), param_mask=None) -> ClippedGrad:
+    batch, mask = examples_and_mask(batch, mask)
+    check_param_mask(params, param_mask)
+    return microbatched(functools.partial(chunk_fn, params, param_mask),
+                        params, batch, mask, clip_state, clipping,
+                        microbatch_size, args)
 
   return fn
 
 
-def _check_microbatch_size(microbatch_size: int | None) -> None:
+def check_microbatch_size(microbatch_size: int | None) -> None:
+  """A clear error unless ``microbatch_size`` is a positive int or None."""
   if microbatch_size is not None and (
       isinstance(microbatch_size, bool)
       or not isinstance(microbatch_size, int)

@@ -35,6 +35,7 @@ from dpjax import accounting
 from dpjax import adaptive_clipping
 from dpjax import batch_clipping
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
 from dpjax import noise as noise_lib
 from dpjax import per_example
 from dpjax import sampling
@@ -123,6 +124,16 @@ class PrivacyConfig:
     clipping: the clipping mode and its parameters (:class:`ClippingConfig`).
       In 'batch' mode ``expected_batch_size`` is the fixed batch size of
       the shuffling sampler.
+    secure_noise: draw the noise as a sum of four Gaussians (Holohan &
+      Braghin 2021), against the floating-point attacks of Jin et al. (2022);
+      same distribution, slower draws (docs/BENCHMARKS.md).
+    linf_p: ModelMix's refinement (Xiao et al. 2022): after flat L2
+      clipping each coordinate is clamped to clip_norm / sqrt(p); the L2
+      sensitivity is unchanged. None: no clamp.
+    stats_share: the share of each step's noise spent on a second release
+      of the same batch (privatized BatchNorm statistics, :mod:`dpjax.
+      normalization`); the two together cost one step at the accounted
+      noise multiplier. None: the gradient is the only release.
   """
 
   clip_norm: float = 1.0
@@ -134,16 +145,26 @@ class PrivacyConfig:
   steps: int | None = None
   accountant: str = 'rdp'
   clipping: ClippingConfig = ClippingConfig()
+  secure_noise: bool = False
+  linf_p: float | None = None
+  stats_share: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class DPPlan:
   """Sampler, clipping, noise and accountant that belong together.
 
-  Build it with :func:`make_plan`. ``noise_multiplier`` is always the one the
-  accountant uses for a step; ``gradient_noise_multiplier`` is the one on the
-  gradient (larger under adaptive clipping with ``'sigma_eff'``).
+  Build it with :func:`make_plan`; it is never modified afterwards: every
+  release the run makes (gradient, adaptive counts, privatized statistics)
+  is declared in its :class:`PrivacyConfig`. ``noise_multiplier`` is always
+  the one the accountant uses for a step; ``gradient_noise_multiplier`` the
+  one on the gradient (larger under adaptive clipping with ``'sigma_eff'``
+  or with a ``stats_share``), ``stats_noise_multiplier`` the statistics'.
+  This class is per-example clipping under Poisson sampling;
+  :class:`ShufflePlan` is batch clipping under shuffling.
   """
+
+  private = True
 
   config: PrivacyConfig
   dataset_size: int
@@ -152,11 +173,13 @@ class DPPlan:
   noise_multiplier: float
   clipping: clipping_lib.PerExampleClipping
   sampler: sampling.PoissonSampler | sampling.ShuffleSampler
+  keys: keys_lib.KeySchedule = dataclasses.field(repr=False, kw_only=True)
   relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE
   gradient_noise_multiplier: float | None = None
   divisor: float | None = None
   count_noise_std: float | None = None
   num_counts: int | None = None
+  stats_noise_multiplier: float | None = None
 
   @property
   def mode(self) -> str:
@@ -164,8 +187,12 @@ class DPPlan:
 
   @property
   def group_size(self) -> int:
-    """Examples per clipped row: m in 'batch' mode, else 1."""
-    return self.config.clipping.group_size if self.mode == 'batch' else 1
+    """Examples per clipped row (1: per-example clipping)."""
+    return 1
+
+  @property
+  def sampler_name(self) -> str:
+    return 'poisson'
 
   @property
   def grad_noise_multiplier(self) -> float:
@@ -196,48 +223,75 @@ class DPPlan:
 
   @property
   def steps_per_epoch(self) -> int:
-    if self.mode == 'batch':
-      return self.sampler.steps_per_epoch
     return max(1, round(1 / self.sampling_rate))
+
+  def init_clip_state(self, params: Any) -> Any:
+    """The clipping's state at step 0."""
+    return self.clipping.init(params)
+
+  def end_step(self, clip_state: Any) -> Any:
+    """The clipping's once-per-logical-step update (adaptive counts)."""
+    return self.clipping.end_step(clip_state)
 
   def _static_noise(self) -> bool:
     return (self.clipping.bound_fn is None
             and self.clipping.noise_scale_fn is None)
 
-  def noise(self, key: jax.Array | int) -> optax.GradientTransformation:
+  def noise(self) -> optax.GradientTransformation:
     """The noise transform: right std, divided by the public divisor.
 
-    For clipping with thresholds in its state, ``update`` needs
+    Its key is the secret noise stream of :attr:`keys`; nothing else draws
+    from it. For clipping with thresholds in its state, ``update`` needs
     ``clip_state=`` (the state the sum was clipped with).
     """
+    key = self.keys.root(keys_lib.NOISE)
+    secure = self.config.secure_noise
     if self._static_noise():
       return noise_lib.add_gaussian_noise(
           self.grad_noise_multiplier, self.sensitivity, self.public_divisor,
-          key)
+          key, secure)
     return noise_lib.add_gaussian_noise_from_state(
         self.grad_noise_multiplier, self.clipping, self.public_divisor, key,
-        self.relation)
+        self.relation, secure)
 
   def clipped_grad(self, loss_fn: Callable[..., Any], *,
                    microbatch_size: int | None = None,
                    has_aux: bool = False) -> Callable[..., Any]:
-    """The engine for this mode over a ONE-example loss.
+    """The vmap engine of this plan over a ONE-example loss.
 
-    Per example, :func:`dpjax.clipped_grad`; in 'batch' mode,
-    :func:`dpjax.batch_clipping.batch_clipped_grad` over the group loss
-    (masked mean, divisor m) of ``loss_fn``, with ``microbatch_size``
-    examples per chunk rounded to whole groups.
+    :func:`dpjax.clipped_grad`; :class:`ShufflePlan` clips groups. (The
+    training program chooses among all engines in :func:`dpjax.engines.
+    select`.)
     """
-    if self.mode != 'batch':
-      return per_example.clipped_grad(
-          loss_fn, self.clipping, microbatch_size=microbatch_size,
-          has_aux=has_aux)
-    m = self.group_size
-    return batch_clipping.batch_clipped_grad(
-        batch_clipping.group_loss_from_example_loss(loss_fn, m),
-        self.clipping, has_aux=has_aux,
-        microbatch_size=None if microbatch_size is None else max(
-            1, microbatch_size // m))
+    return per_example.clipped_grad(
+        loss_fn, self.clipping, microbatch_size=microbatch_size,
+        has_aux=has_aux)
+
+  def step_event(self) -> dp_accounting.DpEvent:
+    """The DP event of one logical step: a Poisson-subsampled Gaussian."""
+    return accounting.poisson_gaussian_event(
+        self.noise_multiplier, self.sampling_rate)
+
+  def record_step(self, ledger: accounting.PrivacyLedger, step: int) -> None:
+    """Records in ``ledger`` what logical step ``step`` (0-based) releases."""
+    del step
+    ledger.record(self.step_event())
+
+  def num_events(self, steps: int) -> int:
+    return steps
+
+  def epsilon(self, steps: int | None = None) -> float:
+    """Epsilon after ``steps`` steps (default: the whole run)."""
+    steps = self.num_steps if steps is None else steps
+    if steps == 0:
+      return 0.0
+    return accounting.epsilon(
+        accounting.dpsgd_event(self.noise_multiplier, self.sampling_rate,
+                               steps),
+        self.config.delta, self.config.accountant, self.relation)
+
+  def _mode_summary(self) -> dict[str, Any]:
+    return {}
 
   def layerwise_thresholds(
       self, loss_fn: Callable[..., Any], public: Any
@@ -261,47 +315,6 @@ class DPPlan:
         groups=c.layer_groups, rescale=c.layer_noise == 'isotropic',
         every_epoch=c.alc_every_epoch, decay=c.alc_decay)
 
-  def step_event(self) -> dp_accounting.DpEvent:
-    """The DP event of one logical step (in 'batch' mode: of one epoch).
-
-    Under shuffling an example takes part in at most one step per epoch,
-    so the epoch, not the step, is the unit of composition.
-    """
-    if self.mode == 'batch':
-      return dp_accounting.GaussianDpEvent(self.noise_multiplier)
-    return accounting.poisson_gaussian_event(
-        self.noise_multiplier, self.sampling_rate)
-
-  def record_step(self, ledger: accounting.PrivacyLedger, step: int) -> None:
-    """Records in ``ledger`` what logical step ``step`` (0-based) releases.
-
-    Poisson: one subsampled Gaussian per step. Shuffling: one Gaussian per
-    epoch, charged at the epoch's first step (any example may be in it).
-    """
-    if self.mode != 'batch' or step % self.steps_per_epoch == 0:
-      ledger.record(self.step_event())
-
-  def num_events(self, steps: int) -> int:
-    if self.mode == 'batch':
-      return -(-steps // self.steps_per_epoch)
-    return steps
-
-  def epsilon(self, steps: int | None = None) -> float:
-    """Epsilon after ``steps`` steps (default: the whole run)."""
-    steps = self.num_steps if steps is None else steps
-    if steps == 0:
-      return 0.0
-    if self.mode == 'batch':
-      event = accounting.gaussian_composition_event(
-          self.noise_multiplier, self.num_events(steps))
-      # Events are normalized to the replace-one sensitivity already.
-      return accounting.epsilon(event, self.config.delta,
-                                self.config.accountant)
-    return accounting.epsilon(
-        accounting.dpsgd_event(self.noise_multiplier, self.sampling_rate,
-                               steps),
-        self.config.delta, self.config.accountant, self.relation)
-
   def summary(self, clip_state: Any = None) -> dict[str, Any]:
     """The privacy-relevant facts of the run, for summary.json.
 
@@ -320,7 +333,7 @@ class DPPlan:
         'accountant': self.config.accountant,
         'steps': self.num_steps,
         'sampling_rate': self.sampling_rate,
-        'sampler': 'shuffle' if self.mode == 'batch' else 'poisson',
+        'sampler': self.sampler_name,
         'expected_batch_size': self.config.expected_batch_size,
         'dataset_size': self.dataset_size,
         'clip_norm': self.config.clip_norm,
@@ -332,14 +345,9 @@ class DPPlan:
         'gradient_noise_multiplier': self.grad_noise_multiplier,
         'divisor': self.public_divisor,
     }
-    if self.mode == 'batch':
-      out.update({
-          'group_size': self.group_size,
-          'groups_per_batch': self.public_divisor,
-          'epochs_accounted': self.num_events(self.num_steps),
-          'gdp_mu': accounting.batch_clipping_mu(
-              self.noise_multiplier, self.num_events(self.num_steps)),
-      })
+    out.update(self._mode_summary())
+    if self.stats_noise_multiplier is not None:
+      out['stats_noise_multiplier'] = self.stats_noise_multiplier
     if c.layers != 'none' and self.mode != 'automatic':
       out.update({'layers': c.layers, 'layer_groups': c.layer_groups,
                   'layer_noise': c.layer_noise})
@@ -369,6 +377,137 @@ class DPPlan:
         out['final_clip_norms'] = [
             float(x) for x in jax.tree.leaves(clip_state.clip_norms)]
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ShufflePlan(DPPlan):
+  """Batch clipping (Nguyen et al. 2023) under shuffling: groups of m rows
+  clipped as one, the replace-one relation, one Gaussian per epoch (each
+  example takes part in at most one step per epoch, so the epoch, not the
+  step, is the unit of composition; Gaussian DP)."""
+
+  @property
+  def group_size(self) -> int:
+    return self.config.clipping.group_size
+
+  @property
+  def sampler_name(self) -> str:
+    return 'shuffle'
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.sampler.steps_per_epoch
+
+  def clipped_grad(self, loss_fn: Callable[..., Any], *,
+                   microbatch_size: int | None = None,
+                   has_aux: bool = False) -> Callable[..., Any]:
+    """:func:`dpjax.batch_clipping.batch_clipped_grad` over the group loss
+    (masked mean, divisor m) of the ONE-example ``loss_fn``, with
+    ``microbatch_size`` examples per chunk rounded to whole groups."""
+    m = self.group_size
+    return batch_clipping.batch_clipped_grad(
+        batch_clipping.group_loss_from_example_loss(loss_fn, m),
+        self.clipping, has_aux=has_aux,
+        microbatch_size=None if microbatch_size is None else max(
+            1, microbatch_size // m))
+
+  def step_event(self) -> dp_accounting.DpEvent:
+    """The DP event of one epoch: an unsubsampled Gaussian."""
+    return dp_accounting.GaussianDpEvent(self.noise_multiplier)
+
+  def record_step(self, ledger: accounting.PrivacyLedger, step: int) -> None:
+    """One Gaussian per epoch, charged at the epoch's first step."""
+    if step % self.steps_per_epoch == 0:
+      ledger.record(self.step_event())
+
+  def num_events(self, steps: int) -> int:
+    return -(-steps // self.steps_per_epoch)
+
+  def epsilon(self, steps: int | None = None) -> float:
+    steps = self.num_steps if steps is None else steps
+    if steps == 0:
+      return 0.0
+    event = accounting.gaussian_composition_event(
+        self.noise_multiplier, self.num_events(steps))
+    # Events are normalized to the replace-one sensitivity already.
+    return accounting.epsilon(event, self.config.delta, self.config.accountant)
+
+  def _mode_summary(self) -> dict[str, Any]:
+    return {
+        'group_size': self.group_size,
+        'groups_per_batch': self.public_divisor,
+        'epochs_accounted': self.num_events(self.num_steps),
+        'gdp_mu': accounting.batch_clipping_mu(
+            self.noise_multiplier, self.num_events(self.num_steps)),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class NonPrivatePlan:
+  """Non-private training as a plan: the same step, nothing clipped or noised.
+
+  The baseline of a DP run on the same model and batches: Poisson batches at
+  the same rate, the plain gradient of the real rows divided by their
+  realized number (which a private run must never do).
+  """
+
+  sampler: sampling.PoissonSampler | None = None
+  num_steps: int = 0
+  keys: keys_lib.KeySchedule | None = dataclasses.field(default=None,
+                                                         repr=False)
+
+  private = False
+  mode = 'none'
+  group_size = 1
+  clipping = None
+
+  @property
+  def sampling_rate(self) -> float:
+    return self.sampler.sampling_rate
+
+  def noise(self) -> optax.GradientTransformationExtraArgs:
+    """No noise: the sum divided by the realized count (extra arg ``count``).
+
+    Like a private plan's noise, it goes first in ``state.tx``.
+    """
+    return noise_lib.divide_by_count()
+
+  def init_clip_state(self, params: Any) -> None:
+    del params
+
+  def end_step(self, clip_state: Any) -> Any:
+    return clip_state
+
+  def record_step(self, ledger: accounting.PrivacyLedger, step: int) -> None:
+    del ledger, step  # nothing is released privately
+
+  def epsilon(self, steps: int | None = None) -> float:
+    del steps
+    return float('inf')
+
+  def summary(self, clip_state: Any = None) -> dict[str, Any]:
+    del clip_state
+    return {'epsilon': float('inf'), 'delta': None, 'noise_multiplier': 0.0,
+            'accountant': None, 'steps': self.num_steps,
+            'sampling_rate': self.sampling_rate, 'clip_norm': None}
+
+
+def make_nonprivate_plan(expected_batch_size: float, dataset_size: int, *,
+                         steps: int | None = None,
+                         epochs: float | None = None,
+                         pad_to_multiple_of: int | None = None,
+                         keys: keys_lib.KeySchedule | None = None
+                         ) -> NonPrivatePlan:
+  """The non-private baseline's plan: Poisson batches, no clipping or noise."""
+  keys = keys or keys_lib.KeySchedule.create(seed=0)
+  sampler = sampling.PoissonSampler(
+      dataset_size, expected_batch_size, pad_to_multiple_of=pad_to_multiple_of,
+      key=keys.root(keys_lib.SAMPLER))
+  if steps is None:
+    steps = accounting.steps_for_epochs(
+        _validation.positive('epochs', epochs), sampler.sampling_rate)
+  return NonPrivatePlan(sampler, _validation.positive_int('steps', steps),
+                        keys)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -414,9 +553,13 @@ def _check_clipping_config(c: ClippingConfig) -> None:
   _validation.positive_int('clipping.group_size', c.group_size)
 
 
-def _make_clipping(config: PrivacyConfig, clip_key: jax.Array | None
+def _make_clipping(config: PrivacyConfig, clip_key: jax.Array
                    ) -> clipping_lib.PerExampleClipping:
   c = config.clipping
+  if c.mode == 'flat' and config.linf_p is not None:
+    # pylint: disable=g-import-not-at-top
+    from dpjax import modelmix  # modelmix's accountant imports this module
+    return modelmix.clip_l2_then_linf(config.clip_norm, config.linf_p)
   if c.mode == 'flat':
     return clipping_lib.clip_per_example(config.clip_norm)
   if c.mode == 'automatic':
@@ -471,7 +614,7 @@ def _check_noise_choice(config: PrivacyConfig) -> None:
 
 
 def _make_batch_plan(config: PrivacyConfig, n: int, delta: float,
-                     sampler_seed: int) -> DPPlan:
+                     keys: keys_lib.KeySchedule) -> DPPlan:
   """Batch clipping: shuffling, replace-one, composed Gaussians (GDP)."""
   c = config.clipping
   if config.accountant not in accounting.ACCOUNTANTS + ('gdp',):
@@ -486,8 +629,8 @@ def _make_batch_plan(config: PrivacyConfig, n: int, delta: float,
     raise ValueError(
         f'expected_batch_size={s} must be a multiple of clipping.group_size='
         f'{m} (K = s / m groups per batch).')
-  clipping = _make_clipping(config, None)
-  sampler = sampling.ShuffleSampler(n, s, seed=sampler_seed)
+  clipping = _make_clipping(config, keys.root(keys_lib.CLIP_COUNT))
+  sampler = sampling.ShuffleSampler(n, s, key=keys.root(keys_lib.SAMPLER))
   steps = _steps(config, sampler.steps_per_epoch)
   epochs = -(-steps // sampler.steps_per_epoch)
   _check_noise_choice(config)
@@ -498,9 +641,9 @@ def _make_batch_plan(config: PrivacyConfig, n: int, delta: float,
   else:
     sigma = accounting.calibrate_gaussian_composition(
         config.target_epsilon, delta, epochs, config.accountant)
-  return DPPlan(
+  return ShufflePlan(
       config=config, dataset_size=n, sampling_rate=s / n, num_steps=steps,
-      noise_multiplier=sigma, clipping=clipping, sampler=sampler,
+      noise_multiplier=sigma, clipping=clipping, sampler=sampler, keys=keys,
       relation=NeighboringRelation.REPLACE_ONE, divisor=float(s // m))
 
 
@@ -509,9 +652,8 @@ def make_plan(
     dataset_size: int,
     *,
     pad_to_multiple_of: int | None = None,
-    sampler_seed: int = 0,
+    keys: keys_lib.KeySchedule | None = None,
     params: Any = None,
-    clip_key: jax.Array | None = None,
 ) -> DPPlan:
   """Builds a :class:`DPPlan` from privacy settings and the dataset size.
 
@@ -527,11 +669,12 @@ def make_plan(
     dataset_size: N, the number of private training examples.
     pad_to_multiple_of: padded batch sizes are multiples of this
       (performance only; see :class:`dpjax.sampling.PoissonSampler`).
-    sampler_seed: seed of the sampler.
+    keys: the run's :class:`dpjax.KeySchedule`; the sampler, the noise and
+      adaptive clipping's counts take their secret streams from it. Default:
+      a fresh one whose secret comes from the OS's entropy (nothing about
+      the noise is reproducible or guessable).
     params: the parameters (or their shapes); needed by per-layer adaptive
       clipping, whose count release grows with the number of clip groups.
-    clip_key: PRNG key of adaptive clipping's count noise (default: derived
-      from ``sampler_seed``).
 
   Returns:
     A :class:`DPPlan`.
@@ -539,17 +682,23 @@ def make_plan(
   n = _validation.positive_int('dataset_size', dataset_size)
   _check_clipping_config(config.clipping)
   delta = accounting.check_delta(config.delta, n)
+  if keys is None:
+    keys = keys_lib.KeySchedule.create(seed=0)
   if config.clipping.mode == 'batch':
-    return _make_batch_plan(config, n, delta, sampler_seed)
+    if config.stats_share is not None or config.linf_p is not None:
+      raise ValueError(
+          "clipping.mode='batch' releases one group-clipped sum: a"
+          ' stats_share (privatized per-example statistics) or linf_p'
+          " (ModelMix's per-coordinate clamp) has no meaning there; use a"
+          ' per-example mode.')
+    return _make_batch_plan(config, n, delta, keys)
   if config.accountant == 'gdp':
     raise ValueError(
         "accountant='gdp' (no subsampling amplification) applies to"
         " clipping.mode='batch' with shuffling; per-example modes use Poisson"
         " sampling: choose accountant 'rdp' or 'pld'.")
   accounting.check_accountant(config.accountant)
-  if clip_key is None:
-    clip_key = jax.random.fold_in(jax.random.key(sampler_seed), 1)
-  clipping = _make_clipping(config, clip_key)
+  clipping = _make_clipping(config, keys.root(keys_lib.CLIP_COUNT))
   q = accounting.sampling_rate(config.expected_batch_size, n)
   if config.steps is None and config.epochs is not None:
     steps = accounting.steps_for_epochs(
@@ -579,15 +728,21 @@ def make_plan(
     else:
       gradient_sigma = adaptive_clipping.gradient_noise_multiplier(
           sigma, count_std, num_counts)
+  stats_sigma = None
+  if config.stats_share is not None:
+    # A second release of the same batch: the two share the step's noise.
+    gradient_sigma, stats_sigma = accounting.split_noise_multiplier(
+        sigma if gradient_sigma is None else gradient_sigma,
+        config.stats_share)
 
   sampler = sampling.PoissonSampler(
       n, config.expected_batch_size, pad_to_multiple_of=pad_to_multiple_of,
-      seed=sampler_seed)
+      key=keys.root(keys_lib.SAMPLER))
   return DPPlan(
       config=config, dataset_size=n, sampling_rate=q, num_steps=steps,
-      noise_multiplier=sigma, clipping=clipping, sampler=sampler,
+      noise_multiplier=sigma, clipping=clipping, sampler=sampler, keys=keys,
       gradient_noise_multiplier=gradient_sigma, count_noise_std=count_std,
-      num_counts=num_counts)
+      num_counts=num_counts, stats_noise_multiplier=stats_sigma)
 
 
 def _num_counts(clipping, params: Any, c: ClippingConfig) -> int:

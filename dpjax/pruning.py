@@ -39,6 +39,7 @@ import optax
 
 from dpjax import _validation
 from dpjax import clipping as clipping_lib
+from dpjax import keys as keys_lib
 
 PyTree = Any
 LossFn = Callable[..., jax.Array]
@@ -166,11 +167,13 @@ class PruningState(NamedTuple):
   Attributes:
     mask: boolean pytree with the params' structure; True marks coordinates
       that move at this step.
-    key: PRNG key, split once per random draw.
+    key: the pruning stream's root; draw t uses ``keys.for_step(key, t)``.
+    count: number of draws so far.
   """
 
   mask: PyTree
   key: jax.Array
+  count: jax.Array
 
 
 class Pruner(NamedTuple):
@@ -350,23 +353,26 @@ def make_pruner(config: PruningConfig,
     return top_k_mask(scores, keep, scope)
 
   def init_fn(params, key, public=None):
+    key, count = keys_lib.init_stream(key)
     if config.mode == 'select':
       return params, PruningState(
-          jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params), key)
-    key, draw_key = jax.random.split(key)
+          jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params), key,
+          count)
+    pretrain_key, draw_key = jax.random.split(keys_lib.for_step(key, count))
     if source == 'public_magnitude':
-      pretrain_key, draw_key = jax.random.split(draw_key)
       params = pretrain_on_public(
           params, loss_fn, _require_public(public, source), pretrain_key,
           config.public_pretrain_steps, config.public_learning_rate,
           config.public_batch_size)
-    return params, PruningState(choose(draw_key, params, public), key)
+    return params, PruningState(choose(draw_key, params, public), key,
+                                count + 1)
 
   def update_fn(state, params, public=None):
     if config.mode == 'freeze':
       return state
-    key, draw_key = jax.random.split(state.key)
-    return PruningState(choose(draw_key, params, public), key)
+    draw_key = keys_lib.for_step(state.key, state.count)
+    return PruningState(choose(draw_key, params, public), state.key,
+                        state.count + 1)
 
   return Pruner(init_fn, update_fn)
 
@@ -384,13 +390,14 @@ def mask_params(params: PyTree, param_mask: PyTree) -> PyTree:
 
 
 def masked_loss(loss_fn: LossFn) -> LossFn:
-  """``loss(params, example, param_mask, *args)``: gradient only on the mask.
+  """``loss(params, example, inputs)``: gradient only on ``inputs.param_mask``.
 
   The gradient of the returned loss is ``loss_fn``'s per-example gradient
   with every coordinate outside ``param_mask`` set to exactly zero, so the
   mask applies to each per-example gradient BEFORE clipping: hand it to any
   engine (:func:`dpjax.clipped_grad`, batch clipping, the device mesh) with
-  ``args=(param_mask, ...)`` and any clipping mode bounds the masked
+  ``args=(dpjax.StepInputs(param_mask=...),)`` and any clipping mode bounds
+  the masked
   gradient. The mask is data-independent or public, hence the same on
   neighbouring datasets, so the sensitivity is the clipping's own.
 
@@ -398,27 +405,30 @@ def masked_loss(loss_fn: LossFn) -> LossFn:
     >>> import jax.numpy as jnp
     >>> import dpjax
     >>> from dpjax import pruning
-    >>> loss = pruning.masked_loss(lambda w, ex: jnp.sum(w * ex['g']))
+    >>> loss = pruning.masked_loss(lambda w, ex, inputs: jnp.sum(w * ex['g']))
     >>> fn = dpjax.clipped_grad(loss, dpjax.clip_per_example(1.0))
     >>> batch = {'g': jnp.array([[100.0, 0.3]])}   # mass on a masked coordinate
-    >>> out = fn(jnp.zeros(2), batch, args=(jnp.array([False, True]),))
+    >>> inputs = dpjax.StepInputs(param_mask=jnp.array([False, True]))
+    >>> out = fn(jnp.zeros(2), batch, None, args=(inputs,))
     >>> [round(float(v), 4) for v in out.grad_sum]
     [0.0, 0.3]
 
   Args:
-    loss_fn: ``loss_fn(params, example, *args) -> scalar`` (or ``(scalar,
-      aux)``) for ONE example.
+    loss_fn: ``loss_fn(params, example, inputs) -> scalar`` (or ``(scalar,
+      aux)``) for ONE example (:class:`dpjax.StepInputs`).
 
   Returns:
-    The loss with the parameter mask as its first extra argument.
+    The loss, reading the mask from ``inputs.param_mask``.
 
   References:
     Adamczewski & Park, 2023. Differential Privacy Meets Neural Network
     Pruning. https://arxiv.org/abs/2303.04612
   """
 
-  def loss(params, example, param_mask, *args):
-    return loss_fn(mask_params(params, param_mask), example, *args)
+  def loss(params, example, inputs):
+    if inputs.param_mask is None:
+      raise ValueError('masked_loss needs StepInputs(param_mask=...).')
+    return loss_fn(mask_params(params, inputs.param_mask), example, inputs)
 
   return loss
 

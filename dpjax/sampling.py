@@ -13,19 +13,42 @@ per step; if one happens anyway, sampling fails loudly rather than dropping
 examples (privacy invariant 4 in DESIGN.md: the accountant's event matches the
 sampler really used).
 
-Batches are a pure function of ``(seed, step)``, so resuming, or every host of
-a multi-host job, reproduces exactly the same batches.
+Batches are a pure function of ``(key, step)``, so resuming, or every host of
+a multi-host job, reproduces exactly the same batches. The key is the sampler
+stream of the run's secret key schedule (:mod:`dpjax.keys`): subsampling
+amplification assumes nobody knows which examples a step used.
+
+A padded batch cannot reach clipping without its mask (invariant 7): the
+sampler's :class:`PaddedBatch` gathers examples into a :class:`Batch` that
+carries the mask with them, and every clipped-gradient engine takes that
+object (or an explicit ``mask``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from scipy import stats
 
 from dpjax import _validation
+from dpjax import keys as keys_lib
+
+PyTree = Any
+
+
+class Batch(NamedTuple):
+  """Examples with the mask of their real rows: what the engines take.
+
+  Attributes:
+    examples: pytree of arrays with a leading (padded) batch axis.
+    mask: [P] bool, True on real rows; padding rows contribute nothing.
+  """
+
+  examples: PyTree
+  mask: Any
 
 
 class PaddedBatch(NamedTuple):
@@ -41,6 +64,16 @@ class PaddedBatch(NamedTuple):
   mask: np.ndarray
   size: int
 
+  def take(self, data: PyTree) -> Batch:
+    """The batch's rows of ``data`` (arrays with a leading example axis).
+
+    Works on NumPy and JAX arrays, also under ``jit`` (indices as a traced
+    array). The result carries the mask, so the padding rows (which repeat
+    example 0) can never be mistaken for real examples.
+    """
+    indices = self.indices
+    return Batch(jax.tree.map(lambda x: x[indices], data), self.mask)
+
 
 class BatchOverflowError(RuntimeError):
   """A Poisson batch exceeded the largest padded size."""
@@ -54,8 +87,10 @@ class PoissonSampler:
   """Poisson sampling at rate q = expected_batch_size / dataset_size.
 
   Examples:
+    >>> import jax
     >>> from dpjax.sampling import PoissonSampler
-    >>> sampler = PoissonSampler(1000, 100, pad_to_multiple_of=32, seed=0)
+    >>> sampler = PoissonSampler(1000, 100, pad_to_multiple_of=32,
+    ...                          key=jax.random.key(0))
     >>> batch = sampler.sample(step=0)
     >>> len(batch.indices) % 32, int(batch.mask.sum()) == batch.size
     (0, True)
@@ -68,7 +103,8 @@ class PoissonSampler:
       set it to a multiple of the microbatch size. Performance only.
     overflow_probability: per-step probability that a batch exceeds the
       largest padded size (which then raises :class:`BatchOverflowError`).
-    seed: sampler seed; batch t depends only on (seed, t).
+    key: the sampler's stream root (``KeySchedule.root(keys.SAMPLER)``);
+      batch t depends only on (key, t). Keep it secret.
   """
 
   def __init__(
@@ -76,9 +112,9 @@ class PoissonSampler:
       dataset_size: int,
       expected_batch_size: float,
       *,
+      key: jax.Array,
       pad_to_multiple_of: int | None = None,
       overflow_probability: float = 1e-9,
-      seed: int = 0,
   ):
     self.dataset_size = _validation.positive_int('dataset_size', dataset_size)
     b = _validation.positive('expected_batch_size', expected_batch_size)
@@ -99,7 +135,7 @@ class PoissonSampler:
         'pad_to_multiple_of', pad_to_multiple_of)
     limit = int(stats.binom.isf(self.overflow_probability, n, q)) + 1
     self.max_batch_size = _round_up(min(limit, n), self.pad_to_multiple_of)
-    self.seed = int(seed)
+    self.key = key
 
   @property
   def padded_sizes(self) -> tuple[int, ...]:
@@ -112,7 +148,7 @@ class PoissonSampler:
 
   def sample(self, step: int) -> PaddedBatch:
     """The batch of logical step ``step``."""
-    rng = np.random.default_rng([self.seed, int(step)])
+    rng = keys_lib.host_rng(keys_lib.for_step(self.key, int(step)))
     selected = np.flatnonzero(rng.random(self.dataset_size) < self.sampling_rate)
     size = len(selected)
     if size > self.max_batch_size:
@@ -138,12 +174,12 @@ class ShuffleSampler:
   accounting of batch clipping uses (Gaussian DP, ``mu = sqrt(E) / sigma``
   after E epochs): pair it with :func:`dpjax.accounting.
   gaussian_composition_event` under the replace-one relation, never with a
-  Poisson event. Batches are a pure function of ``(seed, step)``.
+  Poisson event. Batches are a pure function of ``(key, step)``.
 
   Examples:
-    >>> import numpy as np
+    >>> import jax, numpy as np
     >>> from dpjax.sampling import ShuffleSampler
-    >>> sampler = ShuffleSampler(10, 4, seed=0)
+    >>> sampler = ShuffleSampler(10, 4, key=jax.random.key(0))
     >>> sampler.steps_per_epoch
     2
     >>> seen = np.concatenate([sampler.sample(s).indices for s in (0, 1)])
@@ -153,10 +189,11 @@ class ShuffleSampler:
   Args:
     dataset_size: N, the number of (private) training examples.
     batch_size: B, the fixed (public) batch size.
-    seed: sampler seed; batch t depends only on (seed, t).
+    key: the sampler's stream root; batch t depends only on (key, t).
   """
 
-  def __init__(self, dataset_size: int, batch_size: int, *, seed: int = 0):
+  def __init__(self, dataset_size: int, batch_size: int, *,
+               key: jax.Array):
     self.dataset_size = _validation.positive_int('dataset_size', dataset_size)
     self.batch_size = _validation.positive_int(
         'batch_size', batch_size, ' Shuffling uses a fixed batch size.')
@@ -165,7 +202,7 @@ class ShuffleSampler:
           f'batch_size={self.batch_size} is larger than the dataset'
           f' (N={self.dataset_size}); choose a batch size <= N.')
     self.steps_per_epoch = self.dataset_size // self.batch_size
-    self.seed = int(seed)
+    self.key = key
 
   @property
   def padded_sizes(self) -> tuple[int, ...]:
@@ -177,8 +214,8 @@ class ShuffleSampler:
   def sample(self, step: int) -> PaddedBatch:
     """The batch of logical step ``step`` (no padding: the mask is all True)."""
     epoch, k = divmod(int(step), self.steps_per_epoch)
-    order = np.random.default_rng([self.seed, epoch]).permutation(
-        self.dataset_size)
+    rng = keys_lib.host_rng(keys_lib.for_step(self.key, epoch))
+    order = rng.permutation(self.dataset_size)
     indices = order[k * self.batch_size:(k + 1) * self.batch_size]
     return PaddedBatch(indices.astype(np.int32),
                        np.ones(self.batch_size, bool), self.batch_size)

@@ -50,7 +50,8 @@ def main():
       'correct': dict(clipping=clip),
       'no_clip': dict(clipping=audit.unclipped(1.0)),
       'weak_noise': dict(clipping=clip, noise_tx=dpjax.add_gaussian_noise(
-          sigma / 10, clip.sensitivity(), expected_batch, key=args.seed + 1)),
+          sigma / 10, clip.sensitivity(), expected_batch, key=dpjax.KeySchedule(args.seed, args.seed).root(
+              dpjax.keys.NOISE))),
   }
   print(f'sigma = {sigma:.3f} for epsilon = {args.epsilon} (delta ='
         f' {args.delta:g}, q = {args.sampling_rate}, {args.steps} steps)')

@@ -71,7 +71,7 @@ def main():
       mesh = None if d == 1 else distributed.make_mesh(d)
       state = train.create_train_state(
           model, jax.random.key(0), shape,
-          optax.chain(plan.noise(0), optax.sgd(0.1, momentum=0.9)))
+          optax.chain(plan.noise(), optax.sgd(0.1, momentum=0.9)))
       data = (images, labels)
       if mesh is not None:
         state, data = distributed.put_replicated((state, data), mesh)

@@ -5,16 +5,30 @@ clipping route (vmap, bookkeeping, ghost), optax.contrib.dpsgd, jax_privacy's
 ``clipped_grad`` and Opacus (hooks and ghost clipping) with non-private torch.
 Every variant is a full step (gradient, clipping, Gaussian noise, SGD with
 momentum) on a fixed batch, run in its own process with its own interpreter
-(peers from a separate virtual environment, ``--peer-python``); the variants
-are timed round-robin, one step each per round, so load from other processes
-on a shared machine hits all of them alike. Reported: median wall and CPU
-milliseconds per step, throughput ratios, and peak memory (XLA's buffer
-assignment of the compiled step for JAX, and the process's peak RSS growth
-during the steps for everything). Peers that are not installed are skipped
-with a message.
+(peers from a separate virtual environment, ``--peer-python``).
+
+The variants are timed one after another, never side by side: each process
+compiles (or builds) its step, runs ``--warmup`` untimed steps, then
+``--iters`` timed ones, and exits before the next variant starts. torch runs
+with as many intra-op threads as there are cores (``--threads``), as XLA
+does. Reported: median wall and CPU milliseconds per step, ratios, and peak
+memory (XLA's buffer assignment of the compiled step for JAX, the process's
+peak RSS growth for everything), and a sanity line: torch's non-private step
+against JAX's, the same model and batch in two frameworks.
+    python scripts/benchmark_peers.py --variants jax-nonprivate dpjax-vmap \\
+        dpjax-bookkeeping dpjax-ghost --dpjax-clipping per_layer
+
+A timing is a measurement only on an otherwise idle machine: the script
+refuses to start while the 1-minute load average exceeds the core count,
+and stops if it exceeds twice the core count before a variant or at the end
+(the benchmark's own worker accounts for up to one per core); it refuses
+fewer than 10 timed steps.
+``--check`` runs anyway at any size and load, to see that every variant
+builds and runs, and marks its output as not a measurement (no ``--json``).
 
     python scripts/benchmark_peers.py --models mnist_cnn cifar_cnn \\
         --peer-python /work/venv-peers/bin/python --iters 20
+    python scripts/benchmark_peers.py --check --batch-size 8 --iters 2
 
 A peer environment (never the one dpjax's tests run in):
 
@@ -31,6 +45,7 @@ import argparse
 import importlib.util
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -55,6 +70,15 @@ VARIANTS = {
     'opacus-ghost': (True, 'Opacus ghost clipping'),
 }
 CLIP, SIGMA, LR, MOMENTUM = 1.0, 1.0, 0.1, 0.9
+MIN_ITERS = 10  # a median of fewer steps is not a measurement
+
+
+def num_cores() -> int:
+  """Cores this process may run on (the affinity mask, else the CPU count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
 
 
 def _rss_mb() -> float:
@@ -62,7 +86,7 @@ def _rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------------
-# Workers: build one variant's step, then run one step per 'step' command.
+# Workers: build one variant's step, warm up, time it, report, exit.
 
 
 def _load_models_module():
@@ -76,7 +100,7 @@ def _load_models_module():
   return module
 
 
-def _jax_step(variant, model_name, shape, batch_size):
+def _jax_step(variant, model_name, shape, batch_size, clipping='flat'):
   """(step() -> None, info) for a JAX variant."""
   import jax
   import jax.numpy as jnp
@@ -120,10 +144,12 @@ def _jax_step(variant, model_name, shape, batch_size):
     import dpjax
     from dpjax import ghost
     route = variant.split('-', 1)[1]
-    grad_fn = ghost.clipped_grad_for_route(route, loss_fn,
-                                           dpjax.clip_per_example(CLIP))
+    clip = (dpjax.clip_per_example(CLIP) if clipping == 'flat'
+            else dpjax.clip_per_layer(clip_norm=CLIP, groups='module'))
+    grad_fn = ghost.clipped_grad_for_route(route, loss_fn, clip)
     def step(p, opt_state, key, images, labels):
-      out = grad_fn(p, {'image': images, 'label': labels})
+      # Every row is a real example: the fixed batch has no padding.
+      out = grad_fn(p, {'image': images, 'label': labels}, None)
       return noisy_update(out.grad_sum, key, opt_state, p)
   elif variant == 'optax-dpsgd':
     tx = optax.contrib.dpsgd(LR, CLIP, SIGMA, seed=0, momentum=MOMENTUM)
@@ -180,10 +206,11 @@ def _torch_model(model_name, nn):
                        nn.Tanh(), nn.Linear(128, 10))
 
 
-def _torch_step(variant, model_name, shape, batch_size):
+def _torch_step(variant, model_name, shape, batch_size, threads):
   """(step() -> None, info) for torch / Opacus."""
   import torch
   from torch import nn
+  torch.set_num_threads(threads)
   torch.manual_seed(0)
   model = _torch_model(model_name, nn)
   h, w, c = shape
@@ -214,87 +241,101 @@ def _torch_step(variant, model_name, shape, batch_size):
     optimizer.step()
 
   num = sum(p.numel() for p in model.parameters())
-  return run, {'xla_peak_mb': None, 'num_params': int(num)}
+  return run, {'xla_peak_mb': None, 'num_params': int(num),
+               'torch_threads': torch.get_num_threads()}
 
 
-def worker(variant, model, batch_size, warmup):
-  """Builds one step, then answers 'step' lines with 'wall cpu' seconds."""
+def worker(variant, model, batch_size, warmup, iters, threads,
+           clipping='flat'):
+  """Builds one step, warms up, times ``iters`` steps; prints one RESULT line."""
   model_name, shape = MODELS[model]
   base = _rss_mb()
   try:
     if variant.startswith(('torch', 'opacus')):
-      run, info = _torch_step(variant, model_name, shape, batch_size)
+      run, info = _torch_step(variant, model_name, shape, batch_size, threads)
     else:
-      run, info = _jax_step(variant, model_name, shape, batch_size)
+      run, info = _jax_step(variant, model_name, shape, batch_size, clipping)
   except ImportError as e:
     print(f'SKIP {variant}: {e}', flush=True)
     return
   for _ in range(warmup):
     run()
-  before = _rss_mb()
-  print('READY ' + json.dumps(info), flush=True)
-  for line in sys.stdin:
-    if line.strip() != 'step':
-      break
+  walls, cpus = [], []
+  for _ in range(iters):
     t0, c0 = time.perf_counter(), time.process_time()
     run()
-    print(f'{time.perf_counter() - t0} {time.process_time() - c0}',
-          flush=True)
-  print('DONE ' + json.dumps({'rss_peak_mb': _rss_mb() - base,
-                              'rss_after_warmup_mb': before - base}),
+    walls.append(time.perf_counter() - t0)
+    cpus.append(time.process_time() - c0)
+  print('RESULT ' + json.dumps(dict(info, wall_s=walls, cpu_s=cpus,
+                                    rss_peak_mb=_rss_mb() - base)),
         flush=True)
 
 
 # ---------------------------------------------------------------------------
-# Driver.
+# Driver: one variant at a time.
 
 
-def _start(variant, model, args):
-  in_peer_env = VARIANTS[variant][0]
-  python = args.peer_python if in_peer_env else sys.executable
+class LoadError(RuntimeError):
+  """The machine is busy: a timing now would not be a measurement."""
+
+
+def check_idle(cores: int, where: str, own: int = 0) -> float:
+  """The 1-minute load average; LoadError if others' load exceeds the cores.
+
+  ``own``: the load this benchmark puts on the machine itself (a variant that
+  just ran keeps up to one unit per core in the 1-minute average), allowed on
+  top of the core count between variants.
+  """
+  load = os.getloadavg()[0]
+  if load > cores + own:
+    raise LoadError(
+        f'load average {load:.2f} exceeds the {cores} cores {where}: other'
+        ' processes would share the CPUs and the timings would not be a'
+        ' measurement. Rerun on an otherwise idle machine (or pass --check to'
+        ' see that the variants run, without recording numbers).')
+  return load
+
+
+def run_variant(variant, model, args):
+  """The variant's result dict, or (None, reason) when it was skipped."""
+  python = args.peer_python if VARIANTS[variant][0] else sys.executable
   if not python or not os.path.exists(python):
     return None, f'no peer interpreter ({python!r}); pass --peer-python'
-  env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.Popen(
+  threads = str(args.threads)
+  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=threads,
+             MKL_NUM_THREADS=threads)
+  proc = subprocess.run(
       [python, os.path.abspath(__file__), '--worker', variant, '--models',
        model, '--batch-size', str(args.batch_size), '--warmup',
-       str(args.warmup)],
-      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True, env=env)
-  line = proc.stdout.readline()
-  if line.startswith('READY '):
-    return proc, json.loads(line[6:])
-  proc.kill()
-  err = proc.stderr.read().strip().splitlines()
-  reason = line.strip() or (err[-1] if err else 'no output')
-  return None, reason
+       str(args.warmup), '--iters', str(args.iters), '--threads', threads,
+       '--dpjax-clipping', args.dpjax_clipping],
+      capture_output=True, text=True, env=env, check=False)
+  for line in proc.stdout.splitlines():
+    if line.startswith('RESULT '):
+      result = json.loads(line[7:])
+      med = lambda x: 1e3 * statistics.median(x) if x else None
+      result.update(wall_ms=med(result['wall_s']), cpu_ms=med(result['cpu_s']))
+      return result, None
+    if line.startswith('SKIP '):
+      return None, line[5:]
+  err = proc.stderr.strip().splitlines()
+  return None, err[-1] if err else f'exit code {proc.returncode}'
 
 
-def bench_model(model, args):
-  procs, infos, rows = {}, {}, {}
+def bench_model(model, args, cores):
+  rows = {}
   for variant in args.variants:
-    proc, info = _start(variant, model, args)
-    if proc is None:
-      print(f'# {model}: skipped {variant}: {info}', file=sys.stderr,
+    load = os.getloadavg()[0] if args.check else check_idle(
+        cores, f'before {model} / {variant}', own=cores)
+    result, reason = run_variant(variant, model, args)
+    if result is None:
+      print(f'# {model}: skipped {variant}: {reason}', file=sys.stderr,
             flush=True)
       continue
-    procs[variant], infos[variant] = proc, info
-  times = {v: ([], []) for v in procs}
-  for _ in range(args.iters):
-    for v, proc in procs.items():  # round-robin: one step each per round
-      proc.stdin.write('step\n')
-      proc.stdin.flush()
-      wall, cpu = map(float, proc.stdout.readline().split())
-      times[v][0].append(wall)
-      times[v][1].append(cpu)
-  for v, proc in procs.items():
-    proc.stdin.write('quit\n')
-    proc.stdin.flush()
-    done = json.loads(proc.stdout.readline()[5:])
-    proc.wait()
-    med = lambda x: 1e3 * statistics.median(x) if x else None
-    rows[v] = dict(infos[v], **done, wall_ms=med(times[v][0]),
-                   cpu_ms=med(times[v][1]))
+    rows[variant] = result
+    print(f'# {model} / {variant}: {_fmt(result["wall_ms"])} ms wall,'
+          f' {_fmt(result["cpu_ms"])} ms CPU (load average before:'
+          f' {load:.2f})', file=sys.stderr, flush=True)
   return rows
 
 
@@ -302,13 +343,28 @@ def _fmt(x, spec='.1f'):
   return '-' if x is None else format(x, spec)
 
 
-def report(model, rows, batch_size):
+def sanity_line(rows) -> str:
+  """torch's non-private step against JAX's: same model, two frameworks."""
+  jax_np, torch_np = rows.get('jax-nonprivate'), rows.get('torch-nonprivate')
+  if not (jax_np and torch_np and jax_np['wall_ms'] and torch_np['wall_ms']):
+    return 'sanity: torch or JAX non-private not timed; no cross-check.'
+  return (f"sanity: torch non-private / JAX non-private ="
+          f" {torch_np['wall_ms'] / jax_np['wall_ms']:.2f}x wall,"
+          f" {torch_np['cpu_ms'] / jax_np['cpu_ms']:.2f}x CPU (torch with"
+          f" {torch_np.get('torch_threads')} threads). Every peer ratio below"
+          ' inherits this baseline: a ratio far from earlier idle runs'
+          ' points at load or thread settings, not at DP.')
+
+
+def report(model, rows, batch_size, check=False):
   timed = {v: r for v, r in rows.items() if r['wall_ms'] is not None}
   base = timed.get('jax-nonprivate')
   best = min((r['wall_ms'], v) for v, r in timed.items()
              if v.startswith('dpjax-')) if any(
                  v.startswith('dpjax-') for v in timed) else None
-  print(f'\n### {model}, B={batch_size}\n')
+  note = ' (CHECK RUN: not a measurement)' if check else ''
+  print(f'\n### {model}, B={batch_size}{note}\n')
+  print(sanity_line(rows) + '\n')
   print('| variant | ms/step (wall) | ms/step (CPU) | / JAX non-private'
         ' (wall, CPU) | fastest dpjax speed-up (wall, CPU) | XLA peak MB |'
         ' peak RSS growth MB |')
@@ -331,37 +387,76 @@ def report(model, rows, batch_size):
           f" {_fmt(r['rss_peak_mb'])} |", flush=True)
 
 
-def main():
+def _args():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', nargs='+', default=list(MODELS),
                       choices=list(MODELS))
   parser.add_argument('--variants', nargs='+', default=list(VARIANTS),
                       choices=list(VARIANTS))
   parser.add_argument('--batch-size', type=int, default=256)
-  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--warmup', type=int, default=3,
+                      help='untimed steps after compilation (>= 1)')
   parser.add_argument('--iters', type=int, default=20,
-                      help='timed steps per variant (0: XLA memory only)')
+                      help=f'timed steps per variant (>= {MIN_ITERS}; 0: XLA'
+                      ' memory only)')
+  parser.add_argument('--threads', type=int, default=num_cores(),
+                      help='torch intra-op threads (default: the cores)')
+  parser.add_argument('--check', action='store_true',
+                      help='run at any size and load to see that every variant'
+                      ' works; the numbers are not a measurement')
   parser.add_argument('--peer-python',
                       default=os.environ.get('DPJAX_PEER_PYTHON',
                                              '/work/venv-peers/bin/python'),
                       help='interpreter with jax_privacy, torch and opacus')
   parser.add_argument('--json', help='also write the results to this file')
+  parser.add_argument('--dpjax-clipping', default='flat',
+                      choices=('flat', 'per_layer'),
+                      help="dpjax's clipping: flat, or per layer (one group"
+                      ' per module); the peers always clip flat')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if not args.worker and not args.check:
+    if 0 < args.iters < MIN_ITERS:
+      parser.error(f'--iters {args.iters}: a median of fewer than {MIN_ITERS}'
+                   ' steps is not a measurement (use --check to try the'
+                   ' script at small sizes).')
+    if args.iters and args.warmup < 1:
+      parser.error('--warmup must be >= 1: the first steps pay for caches'
+                   ' and allocation.')
+  if args.check and args.json:
+    parser.error('--check results are not a measurement; --json refused.')
+  return args
+
+
+def main():
+  args = _args()
   if args.worker:
-    worker(args.worker, args.models[0], args.batch_size, args.warmup)
+    worker(args.worker, args.models[0], args.batch_size, args.warmup,
+           args.iters, args.threads, args.dpjax_clipping)
     return
-  import platform
-  print(f'# {platform.machine()}, {os.cpu_count()} CPUs, python'
-        f' {platform.python_version()}, {args.iters} interleaved steps per'
-        ' variant, medians')
-  results = {}
-  for model in args.models:
-    results[model] = bench_model(model, args)
-    report(model, results[model], args.batch_size)
+  cores = num_cores()
+  try:
+    load = os.getloadavg()[0] if args.check else check_idle(cores, 'at start')
+    print(f'# {platform.machine()}, {cores} cores, load average {load:.2f},'
+          f' python {platform.python_version()}, torch threads'
+          f' {args.threads}; variants timed one after another, each'
+          f' {args.warmup} warm-up + {args.iters} timed steps, medians')
+    if args.check:
+      print('# CHECK RUN: not a measurement (any size, any load); do not'
+            ' record these numbers.')
+    results = {}
+    for model in args.models:
+      results[model] = bench_model(model, args, cores)
+      report(model, results[model], args.batch_size, args.check)
+    if not args.check:
+      check_idle(cores, 'at the end', own=cores)
+  except LoadError as e:
+    sys.exit(f'benchmark_peers: refused: {e}')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump(results, f, indent=2)
+      json.dump({'machine': platform.machine(), 'cores': cores,
+                 'torch_threads': args.threads, 'results': results}, f,
+                indent=2)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,11 @@ peak memory of each compiled step (XLA's buffer assignment: arguments + outputs
 + temporaries; on GPU also the allocator's peak).
 
     python scripts/benchmark_step.py --models mnist_cnn cifar_cnn --batch-size 256
+    python scripts/benchmark_step.py --secure-noise   # + the DP step with secure noise
+
+With ``--secure-noise`` the DP step is also timed with
+``add_gaussian_noise(..., secure=True)`` (four Gaussian draws per coordinate,
+Holohan & Braghin 2021), right after the plain one, and the ratio reported.
 """
 
 from __future__ import annotations
@@ -38,13 +43,14 @@ def _loss_fn(model):
   return loss_fn
 
 
-def build_steps(model, microbatch_size):
+def build_steps(model, microbatch_size, secure=False):
   """(non-private step, DP step), each ``(params, opt_state, batch, mask)``."""
   loss_fn = _loss_fn(model)
   optimizer = optax.sgd(0.1, momentum=0.9)
   clip = dpjax.clip_per_example(1.0)
   dp_tx = optax.chain(
-      dpjax.add_gaussian_noise(1.0, clip.sensitivity(), 256.0, key=0),
+      dpjax.add_gaussian_noise(1.0, clip.sensitivity(), 256.0, key=0,
+                               secure=secure),
       optimizer)
   grad_fn = dpjax.clipped_grad(loss_fn, clip, microbatch_size=microbatch_size)
 
@@ -85,7 +91,8 @@ def time_step(jitted, params, opt_state, batch, mask, warmup, iters):
   return 1e3 * statistics.median(times)
 
 
-def benchmark(name, batch_size, microbatch_size, warmup, iters):
+def benchmark(name, batch_size, microbatch_size, warmup, iters,
+              secure_noise=False):
   model_name, shape = MODELS[name]
   model = models.get_model(model_name, 10)
   rng = np.random.default_rng(0)
@@ -96,11 +103,14 @@ def benchmark(name, batch_size, microbatch_size, warmup, iters):
   mask = jnp.ones(batch_size, bool)
   params = model.init(jax.random.key(0), batch['image'][:1])['params']
   (nonprivate, opt), (private, dp_tx) = build_steps(model, microbatch_size)
+  variants = [('nonprivate', nonprivate, opt), ('dp', private, dp_tx)]
+  if secure_noise:
+    _, (secure, secure_tx) = build_steps(model, microbatch_size, secure=True)
+    variants.append(('dp_secure', secure, secure_tx))
   result = {'model': name, 'batch_size': batch_size,
             'microbatch_size': microbatch_size,
             'num_params': sum(x.size for x in jax.tree.leaves(params))}
-  for label, step, tx in (('nonprivate', nonprivate, opt),
-                          ('dp', private, dp_tx)):
+  for label, step, tx in variants:
     opt_state = tx.init(params)
     result[f'{label}_peak_mb'] = peak_bytes(
         step, params, opt_state, batch, mask) / 2**20
@@ -108,6 +118,8 @@ def benchmark(name, batch_size, microbatch_size, warmup, iters):
                                       warmup, iters)
   result['time_ratio'] = result['dp_ms'] / result['nonprivate_ms']
   result['memory_ratio'] = result['dp_peak_mb'] / result['nonprivate_peak_mb']
+  if secure_noise:
+    result['secure_ratio'] = result['dp_secure_ms'] / result['dp_ms']
   return result
 
 
@@ -119,6 +131,8 @@ def main():
   parser.add_argument('--microbatch-size', type=int, default=None)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--iters', type=int, default=20)
+  parser.add_argument('--secure-noise', action='store_true',
+                      help='also time the DP step with secure noise')
   parser.add_argument('--json', help='also write the results to this file')
   args = parser.parse_args()
   device = jax.devices()[0]
@@ -130,13 +144,17 @@ def main():
   results = []
   for name in args.models:
     r = benchmark(name, args.batch_size, args.microbatch_size, args.warmup,
-                  args.iters)
+                  args.iters, args.secure_noise)
     results.append(r)
     print(f"| {r['model']} | {r['num_params']} | {r['batch_size']} |"
           f" {r['microbatch_size'] or 'none'} | {r['nonprivate_ms']:.1f} |"
           f" {r['dp_ms']:.1f} | {r['time_ratio']:.2f}x |"
           f" {r['nonprivate_peak_mb']:.1f} | {r['dp_peak_mb']:.1f} |"
           f" {r['memory_ratio']:.2f}x |", flush=True)
+    if args.secure_noise:
+      print(f"|   secure noise | | | | | {r['dp_secure_ms']:.1f} |"
+            f" secure / plain DP: {r['secure_ratio']:.2f}x | |"
+            f" {r['dp_secure_peak_mb']:.1f} | |", flush=True)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=2)

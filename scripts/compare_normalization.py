@@ -28,6 +28,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 HEADER = ('| normalization | test accuracy | seeds | epsilon | sigma (step) |'
           ' sigma gradient | sigma statistics | steps | minutes |\n'
           '|---|---|---|---|---|---|---|---|---|')
+# dpjax.train.DIAGNOSTICS (not imported: this script needs no JAX).
+DIAGNOSTICS = 'diagnostics (not differentially private)'
 
 
 def load_run(workdir: str) -> tuple[dict, dict]:
@@ -48,7 +50,8 @@ def table_row(name: str, summaries: list[dict]) -> str:
   accuracy = f'{np.mean(accuracies):.4f}'
   if len(accuracies) > 1:
     accuracy += ' (' + ' / '.join(f'{a:.4f}' for a in accuracies) + ')'
-  minutes = np.mean([s['train_time_s'] for s in summaries]) / 60
+  minutes = np.mean([s.get(DIAGNOSTICS, s)['train_time_s']
+                     for s in summaries]) / 60
   epsilon = max(s['epsilon'] for s in summaries)
   return (f'| {name} | {accuracy} | {len(summaries)} | {epsilon:.3f} |'
           f" {first['noise_multiplier']:.4f} | {sigma_g:.4f} |"

@@ -18,6 +18,9 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
+# dpjax.train.DIAGNOSTICS (not imported: this script needs no JAX).
+DIAGNOSTICS = 'diagnostics (not differentially private)'
+
 def _load(run: str) -> tuple[dict, dict]:
   with open(os.path.join(run, 'summary.json')) as f:
     summary = json.load(f)
@@ -46,7 +49,7 @@ def main(argv=None) -> None:
           f" {s.get('group_size', 1)} | {s.get('layers', 'none')} |"
           f" {s['sampler']} / {s['accountant']} | {s['noise_multiplier']:.3f} |"
           f" {s['sensitivity']:.3g} | {s['epsilon']:.3f} |"
-          f" {100 * s['test_accuracy']:.2f}% | {s['train_time_s']:.0f} |")
+          f" {100 * s['test_accuracy']:.2f}% | {s.get(DIAGNOSTICS, s)['train_time_s']:.0f} |")
     ax.plot(h['step'], [100 * a for a in h['test_accuracy']], marker='o',
             markersize=3, label=label)
   ax.set_xlabel('step')

@@ -71,7 +71,9 @@ def sweep(configs: list[str], labels: list[str], epsilons: list[float],
       config = config_validation.load_config(path)
       for assignment in overrides + extra:
         _override(config, assignment)
+      # A seed here names a reproducible run: init and noise alike.
       config.seed = seed
+      config.privacy.noise_seed = seed
       config.privacy.target_epsilon = eps
       config.privacy.noise_multiplier = None
       config.progress_bar = False

@@ -10,6 +10,134 @@ import os
 import sys
 
 
+def composed_on_meshes(images, labels, indices, mask, meshes):
+  """Each composition that a mesh used to refuse, on 1, 2 and 8 devices.
+
+  One noisy DP step with the same keys: the parameters (and BatchNorm
+  statistics) must equal the one-device step's, also with physical batches.
+  Returns {kind: {setting: max abs difference}} plus the update norms.
+  """
+  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import dpjax
+  from dpjax import distributed
+  from dpjax import models
+  from dpjax import normalization
+  from dpjax import pruning
+  from dpjax import train
+
+  class TinyBN(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.Conv(4, (3, 3))(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      return nn.Dense(4)(jnp.mean(nn.relu(x), axis=(-3, -2)))
+
+  flat = lambda t: np.concatenate(
+      [np.ravel(x) for x in jax.tree.leaves(t)] or [np.zeros(0)])
+  public = np.asarray(images[:24])
+  cases = {
+      'bookkeeping': dict(model=models.SmallCNN(num_classes=4),
+                          route='bookkeeping'),
+      'adaptive': dict(model=models.SmallCNN(num_classes=4),
+                       clipping=dict(mode='adaptive', count_noise_std=2.0)),
+      'batch_clipping': dict(model=models.SmallCNN(num_classes=4),
+                             clipping=dict(mode='batch', group_size=2),
+                             accountant='gdp'),
+      'pruning': dict(model=models.SmallCNN(num_classes=4), prune=True),
+      'per_layer_ghost': dict(model=models.SmallCNN(num_classes=4),
+                              clipping=dict(mode='per_layer',
+                                            layers='equal'),
+                              route='ghost'),
+      'bn_public': dict(model=TinyBN(), policy='public'),
+      'bn_frozen': dict(model=TinyBN(), policy='frozen'),
+      'bn_privatized': dict(model=TinyBN(), policy='privatized'),
+      'bn_batch': dict(model=TinyBN(), policy='batch',
+                       clipping=dict(mode='batch', group_size=2),
+                       accountant='gdp'),
+      # 'vmap_twin': an earlier case this one must match on one device.
+      'pruning_bookkeeping': dict(model=models.SmallCNN(num_classes=4),
+                                  prune=True, route='bookkeeping',
+                                  vmap_twin='pruning'),
+      'bn_privatized_bookkeeping': dict(model=TinyBN(), policy='privatized',
+                                        route='bookkeeping',
+                                        vmap_twin='bn_privatized'),
+  }
+
+  def plan_mode(case):
+    return case.get('clipping', {}).get('mode', 'flat')
+
+  def run(case, mesh, physical):
+    model = case['model']
+    policy = case.get('policy')
+    config = dpjax.PrivacyConfig(
+        clip_norm=0.5, noise_multiplier=1.0, steps=1,
+        expected_batch_size=14 if plan_mode(case) == 'batch' else 13,
+        accountant=case.get('accountant', 'rdp'),
+        clipping=dpjax.ClippingConfig(**case.get('clipping', {})),
+        stats_share=0.1 if policy == 'privatized' else None)
+    schedule = dpjax.KeySchedule(0, 7)
+    variables = model.init(jax.random.key(0), images[:1])
+    plan = dpjax.make_plan(config, 64, keys=schedule,
+                           params=variables['params'])
+    normalizer = None
+    if policy is not None:
+      normalizer = normalization.make_normalizer(
+          model, variables, normalization.NormalizationConfig(policy=policy),
+          public_images=public, plan=plan,
+          batch_clipping=plan.mode == 'batch',
+          public_key=schedule.root(dpjax.keys.PUBLIC_BATCH))
+    pruner = None
+    tx = optax.chain(plan.noise(), optax.sgd(1.0))
+    if case.get('prune'):
+      pruner = pruning.make_pruner(pruning.PruningConfig(
+          mode='select', keep_fraction=0.5))
+      tx = pruning.masked_chain(plan.noise(), optax.sgd(1.0), 'select')
+    state = train.create_train_state(model, jax.random.key(0),
+                                     images.shape[1:], tx, normalizer)
+    if pruner is not None:
+      params, pstate = pruner.init(state.params,
+                                   schedule.root(dpjax.keys.PRUNE))
+      state = state.replace(params=params, opt_state=tx.init(params),
+                            pruning=pstate)
+    start = flat(state.params)
+    data = (images, labels)
+    if mesh is not None:
+      state, data = distributed.put_replicated((state, data), mesh)
+    step = train.make_train_step(
+        model, plan, mesh=mesh, physical_batch_size=physical,
+        normalizer=normalizer, pruner=pruner,
+        stats_key=schedule.root(dpjax.keys.STATS),
+        grad_route=case.get('route', 'auto'))
+    state, _ = step(state, *data, indices, mask,
+                    None if normalizer is None else normalizer.public_batch(0))
+    return start, flat(state.params), flat(state.model_state)
+
+  results, one_device = {}, {}
+  for name, case in cases.items():
+    start, ref, ref_state = run(case, None, None)
+    one_device[name] = ref
+    result = {'update_norm': float(np.linalg.norm(ref - start))}
+    if 'vmap_twin' in case:
+      result['vmap_twin'] = float(np.max(np.abs(
+          ref - one_device[case['vmap_twin']])))
+    settings = [('2', meshes[2], None), ('8', meshes[8], None),
+                ('2_physical', meshes[2], 8)]
+    if plan_mode(case) != 'batch':
+      settings.append(('8_physical', meshes[8], 8))
+    for label, mesh, physical in settings:
+      _, params, model_state = run(case, mesh, physical)
+      result[label] = float(max(np.max(np.abs(params - ref)), np.max(
+          np.abs(model_state - ref_state), initial=0.0)))
+    results[name] = result
+  return results
+
+
 def main():
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
@@ -96,17 +224,18 @@ def main():
   # compiles fast.)
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=0.5, noise_multiplier=2.0, expected_batch_size=real,
-      steps=1), n)
+      steps=1), n, keys=dpjax.KeySchedule(0, 7))
   model = MLP()
   params = model.init(jax.random.key(0), images[:1])['params']
 
   def one_step(mesh, physical=None, private=True, augmult=None):
     # A fresh chain each time: the step donates the state, whose first noise
     # key is the transform's own array.
-    tx = optax.chain(plan.noise(7), optax.sgd(1.0))
+    tx = optax.chain(plan.noise(), optax.sgd(1.0))
     state = train.TrainState.create(
         apply_fn=model.apply, params=jax.tree.map(jnp.copy, params),
-        tx=tx if private else optax.sgd(1.0))
+        tx=tx if private else optax.chain(
+            dpjax.plan.NonPrivatePlan().noise(), optax.sgd(1.0)))
     data = (images, labels)
     if mesh is not None:
       state, data = distributed.put_replicated((state, data), mesh)
@@ -123,7 +252,8 @@ def main():
         one_step(mesh, physical) - ref_params)))
   # Augmentation multiplicity: each example's views follow its index, not
   # its device; the non-private baseline shards too.
-  views = augmult.AugMult(augmult.get_augmentation(('flip', 'shift')), 2)
+  views = augmult.AugMult(augmult.get_augmentation(('flip', 'shift')), 2,
+                          jax.random.key(3))
   for private in (True, False):
     name = 'dp' if private else 'nonprivate'
     ref_aug = one_step(None, private=private, augmult=views)
@@ -131,6 +261,8 @@ def main():
         ref_aug - flat(params)))
     out[f'augmult_{name}_max_diff_2'] = float(np.max(np.abs(
         one_step(meshes[2], private=private, augmult=views) - ref_aug)))
+
+  out['composed'] = composed_on_meshes(images, labels, indices, mask, meshes)
 
   # End to end: dpjax-train's config fields on 2 devices, with physical
   # batches, against 1 device.
@@ -142,13 +274,16 @@ def main():
     config.progress_bar = False
     config.privacy.steps = 2
     config.privacy.noise_multiplier = 1.0
+    config.privacy.target_epsilon = None
     config.eval_every_steps = 2
     config.perf.num_devices = d
     config.perf.physical_batch_size = 128  # one compiled shape
+    config.privacy.noise_seed = 5  # the two runs draw the same noise
     workdir = os.path.join(sys.argv[1], f'devices{d}')
     summaries[d] = train.train_and_evaluate(config, workdir)
-  out['e2e'] = {d: {k: s[k] for k in ('epsilon', 'test_loss', 'num_devices',
-                                      'compiled_batch_sizes')}
+  out['e2e'] = {d: {'compiled_batch_sizes': s[train.DIAGNOSTICS][
+      'compiled_batch_sizes'], **{k: s[k] for k in (
+          'epsilon', 'test_loss', 'num_devices')}}
                 for d, s in summaries.items()}
   print(json.dumps(out))
 

@@ -144,6 +144,80 @@ class TestCli:
     assert match in capsys.readouterr().err
 
 
+# TF Privacy's README (MNIST tutorial, legacy compute_dp_sgd_privacy: the
+# classic RDP conversion), N = 60000, B = 256, delta = 1e-5, eps to 2 decimals.
+TF_PRIVACY_LEGACY = [
+    # (sigma, epochs, eps)
+    (1.1, 60, 3.01),
+    (1.3, 15, 1.19),
+    (0.7, 45, 7.10),
+    (1.1, 1, 1.03),
+]
+
+
+class TestClassicConversion:
+  """``--conversion classic`` reproduces TF Privacy's legacy numbers."""
+
+  @pytest.mark.parametrize('sigma,epochs,eps', TF_PRIVACY_LEGACY)
+  def test_cli_reproduces_tf_privacy(self, sigma, epochs, eps, capsys):
+    privacy_cli.main(['-N', '60000', '-B', '256', '--noise-multiplier',
+                      str(sigma), '--epochs', str(epochs), '--conversion',
+                      'classic', '--json'])
+    import json  # pylint: disable=g-import-not-at-top
+    result = json.loads(capsys.readouterr().out)
+    assert result['conversion'] == 'classic'
+    assert result['steps'] == math.ceil(epochs * 60000 / 256)  # TF rounds up
+    assert result['epsilon_rdp_classic'] == pytest.approx(eps, rel=5e-3)
+
+  def test_classic_text_names_the_conversion(self, capsys):
+    privacy_cli.main(['-N', '60000', '-B', '256', '--noise-multiplier', '1.1',
+                      '--epochs', '60', '--conversion', 'classic'])
+    out = capsys.readouterr().out
+    assert '14063 steps' in out and 'epsilon = 3.009' in out
+    assert 'classic conversion (Mironov 2017' in out
+
+  def test_default_output_explains_the_smaller_epsilon(self, capsys):
+    privacy_cli.main(['-N', '60000', '-B', '256', '--noise-multiplier', '1.1',
+                      '--epochs', '60'])
+    out = ' '.join(capsys.readouterr().out.split())
+    assert 'epsilon = 2.59' in out
+    assert 'improved conversion' in out
+    assert "TF Privacy's legacy compute_dp_sgd_privacy reports epsilon = 3.009" in out
+    assert 'looser bound' in out and '--conversion classic' in out
+
+  def test_classic_is_looser_than_improved(self):
+    for sigma, q, steps in [(1.1, 0.004, 1000), (0.7, 0.01, 5000),
+                            (3.0, 0.08, 2500)]:
+      event = accounting.dpsgd_event(sigma, q, steps)
+      classic, _ = accounting.rdp_epsilon(event, 1e-5, 'classic')
+      improved, _ = accounting.rdp_epsilon(event, 1e-5, 'improved')
+      assert improved == pytest.approx(accounting.epsilon(event, 1e-5),
+                                       rel=1e-9)
+      assert classic > improved
+
+  def test_classic_calibration_round_trip(self, capsys):
+    q, steps = 4096 / 50000, 2500
+    sigma = accounting.calibrate_noise_multiplier_classic(8.0, 1e-5, q, steps)
+    eps, _ = accounting.rdp_epsilon(accounting.dpsgd_event(sigma, q, steps),
+                                    1e-5, 'classic')
+    assert eps <= 8.0 and eps == pytest.approx(8.0, rel=1e-2)
+    assert sigma > accounting.calibrate_noise_multiplier(8.0, 1e-5, q, steps)
+    privacy_cli.main(['-N', '50000', '-B', '4096', '--steps', '2500',
+                      '--target-epsilon', '8', '--conversion', 'classic'])
+    assert f'noise multiplier = {sigma:.4f}' in capsys.readouterr().out
+
+  def test_classic_refuses_pld(self, capsys):
+    with pytest.raises(SystemExit):
+      privacy_cli.main(['-N', '60000', '-B', '256', '--noise-multiplier',
+                        '1.1', '--epochs', '1', '--conversion', 'classic',
+                        '--accountant', 'pld'])
+    assert '--accountant rdp' in capsys.readouterr().err
+
+  def test_zero_noise(self):
+    event = accounting.dpsgd_event(0.0, 0.01, 10)
+    assert accounting.rdp_epsilon(event, 1e-5, 'classic')[0] == math.inf
+
+
 class TestGaussianDp:
   """Closed-form GDP (Dong, Roth, Su 2022) for batch clipping (PAPERS.md 2)."""
 

@@ -235,7 +235,7 @@ def test_train_state_carries_the_clip_state():
       clipping=dpjax.plan.ClippingConfig(mode='adaptive', count_noise_std=1.0))
   plan = dpjax.make_plan(config, 100)
   model = TinyModel()
-  tx = optax.chain(plan.noise(0), optax.sgd(0.1))
+  tx = optax.chain(plan.noise(), optax.sgd(0.1))
   state = train.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
   state = state.replace(clip_state=plan.clipping.init(state.params))
   rng = np.random.default_rng(0)

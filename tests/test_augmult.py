@@ -42,9 +42,9 @@ def _identity(key, image):
   return image
 
 
-def _clipped(loss_fn, params, batch, clip_norm, *args):
+def _clipped(loss_fn, params, batch, clip_norm, key=None):
   fn = jax.jit(dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(clip_norm)))
-  return fn(params, batch, args=args)
+  return fn(params, batch, None, args=(dpjax.StepInputs(aug_key=key),))
 
 
 def test_one_identity_view_is_plain_dp_sgd():
@@ -106,7 +106,8 @@ def test_train_step_with_views_runs_and_uses_step_keys():
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=4, steps=2),
                          100)
-  aug = augmult.AugMult(augmult.get_augmentation(('shift',)), 2, seed=0)
+  aug = augmult.AugMult(augmult.get_augmentation(('shift',)), 2,
+                        jax.random.key(0))
   images = jnp.concatenate([batch['image']] * 20)
   labels = jnp.concatenate([batch['label']] * 20)
   indices, mask = np.arange(8, dtype=np.int32), np.arange(8) < 6
@@ -114,7 +115,7 @@ def test_train_step_with_views_runs_and_uses_step_keys():
   for views in (None, aug):
     state = train.create_train_state(
         MODEL, jax.random.key(0), SHAPE,
-        optax.chain(plan.noise(0), optax.sgd(1.0)))
+        optax.chain(plan.noise(), optax.sgd(1.0)))
     step = train.make_train_step(MODEL, plan, augmult=views)
     state, metrics = step(state, images, labels, indices, mask)
     assert np.isfinite(float(metrics['loss']))

@@ -12,6 +12,7 @@ import pytest
 import dpjax
 from dpjax import data as data_lib
 from dpjax import autotune
+from dpjax import engines
 from dpjax import train
 
 _W = jax.ShapeDtypeStruct((128, 128), jnp.float32)
@@ -28,21 +29,21 @@ def _make(m):
 
 
 def test_chosen_microbatch_is_the_largest_within_budget():
-  peaks = {m: autotune.peak_bytes(_make(m), _W, _BATCH) for m in (4, 8)}
+  peaks = {m: autotune.peak_bytes(_make(m), _W, _BATCH, None) for m in (4, 8)}
   assert peaks[4] < peaks[8]  # per-example gradients grow with m
   budget = (peaks[4] + peaks[8]) // 2
-  m = autotune.microbatch_size(_make, (_W, _BATCH), 32, budget)
+  m = autotune.microbatch_size(_make, (_W, _BATCH, None), 32, budget)
   assert m == 4
-  assert autotune.peak_bytes(_make(m), _W, _BATCH) <= budget
+  assert autotune.peak_bytes(_make(m), _W, _BATCH, None) <= budget
 
 
 def test_whole_batch_when_it_fits():
-  assert autotune.microbatch_size(_make, (_W, _BATCH), 32, 2**40) == 32
+  assert autotune.microbatch_size(_make, (_W, _BATCH, None), 32, 2**40) == 32
 
 
 def test_raises_when_nothing_fits():
   with pytest.raises(ValueError, match='memory_budget_mb'):
-    autotune.microbatch_size(_make, (_W, _BATCH), 32, 1024)
+    autotune.microbatch_size(_make, (_W, _BATCH, None), 32, 1024)
 
 
 def test_candidates_and_default_budget():
@@ -63,8 +64,9 @@ def _dp_setup(grad_route, n=60):
   model = _Tiny()
   config = dpjax.PrivacyConfig(clip_norm=1.0, noise_multiplier=1.0,
                                expected_batch_size=8, steps=12)
-  plan = dpjax.make_plan(config, n, pad_to_multiple_of=4)
-  tx = optax.chain(plan.noise(0), optax.sgd(0.1))
+  plan = dpjax.make_plan(config, n, pad_to_multiple_of=4,
+                         keys=dpjax.KeySchedule(0, 0))
+  tx = optax.chain(plan.noise(), optax.sgd(0.1))
   state = train.create_train_state(model, jax.random.key(0), (5, 5, 1), tx)
   state = state.replace(clip_state=plan.clipping.init(state.params))
   rng = np.random.default_rng(0)
@@ -113,14 +115,14 @@ def test_train_tunes_microbatch_to_budget():
   train_data = data_lib.ArrayDataset(np.asarray(images), np.asarray(labels))
   size = plan.sampler.max_batch_size
   below = autotune.candidate_sizes(size)[-2]
-  loss_fn = train.example_loss(_Tiny())
+  loss = engines.LossSpec(train.example_loss(_Tiny()))
   spec = jax.ShapeDtypeStruct
-  grad = train.clipped_grad_fn(plan, loss_fn, below)
-  budget = autotune.peak_bytes(
-      jax.jit(lambda p, b, m, s: grad(p, b, m, clip_state=s)), state.params,
-      {'image': spec((size, 5, 5, 1), jnp.float32),
-       'label': spec((size,), jnp.int32)},
-      spec((size,), jnp.bool_), state.clip_state)
+  engine = engines.select(plan, loss, microbatch_size=below)
+  batch = dpjax.Batch({'image': spec((size, 5, 5, 1), jnp.float32),
+                       'label': spec((size,), jnp.int32)},
+                      spec((size,), jnp.bool_))
+  budget = autotune.peak_bytes(jax.jit(engine), state.params, batch,
+                               state.clip_state, dpjax.StepInputs())
   m = train.tune_microbatch(_Tiny(), plan, state, train_data, size,
                             budget_mb=budget / 2**20)
   assert m == below
@@ -129,4 +131,5 @@ def test_train_tunes_microbatch_to_budget():
 def test_grad_route_is_checked():
   plan, *_ = _dp_setup('auto')
   with pytest.raises(ValueError, match='grad_route'):
-    train.clipped_grad_fn(plan, train.example_loss(_Tiny()), None, 'fast')
+    engines.select(plan, engines.LossSpec(train.example_loss(_Tiny())),
+                   route='fast')

@@ -19,8 +19,10 @@ from dpjax import accounting
 from dpjax import batch_clipping
 from dpjax import data as data_lib
 from dpjax import models
+from dpjax import pruning
 from dpjax import sampling
 from dpjax import train
+from dpjax.training import run as run_lib
 
 Relation = dp_accounting.NeighboringRelation
 TOL = 1e-5
@@ -68,7 +70,7 @@ class TestEngine:
     group_loss = batch_clipping.group_loss_from_example_loss(
         _example_loss, group_size)
     out = jax.jit(batch_clipping.batch_clipped_grad(group_loss, bc))(
-        PARAMS, _data())
+        PARAMS, _data(), None)
     expected = jax.tree.map(jnp.zeros_like, PARAMS)
     data = _data()
     for k in range(12 // group_size):
@@ -88,8 +90,8 @@ class TestEngine:
     group_loss = batch_clipping.group_loss_from_example_loss(_example_loss, 1)
     bc = jax.jit(batch_clipping.batch_clipped_grad(group_loss, _bc(0.5, 1)))
     ic = jax.jit(dpjax.clipped_grad(_example_loss, dpjax.clip_per_example(0.5)))
-    for a, b in zip(jax.tree.leaves(bc(PARAMS, _data()).grad_sum),
-                    jax.tree.leaves(ic(PARAMS, _data()).grad_sum)):
+    for a, b in zip(jax.tree.leaves(bc(PARAMS, _data(), None).grad_sum),
+                    jax.tree.leaves(ic(PARAMS, _data(), None).grad_sum)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
   @pytest.mark.parametrize('microbatch_size', [2, 5])
@@ -98,8 +100,8 @@ class TestEngine:
     whole = jax.jit(batch_clipping.batch_clipped_grad(group_loss, _bc(0.3, 2)))
     chunked = jax.jit(batch_clipping.batch_clipped_grad(
         group_loss, _bc(0.3, 2), microbatch_size=microbatch_size))
-    for a, b in zip(jax.tree.leaves(whole(PARAMS, _data()).grad_sum),
-                    jax.tree.leaves(chunked(PARAMS, _data()).grad_sum)):
+    for a, b in zip(jax.tree.leaves(whole(PARAMS, _data(), None).grad_sum),
+                    jax.tree.leaves(chunked(PARAMS, _data(), None).grad_sum)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
   def test_padding_rows_change_nothing_even_when_nan(self):
@@ -118,10 +120,25 @@ class TestEngine:
         np.testing.assert_array_equal(a, b)
       assert int(out.stats.num_nonfinite) == 0
 
+  def test_param_mask_cuts_each_group_gradient_before_clipping(self):
+    bc = _bc(clip_norm=0.5, group_size=3)
+    group_loss = batch_clipping.group_loss_from_example_loss(_example_loss, 3)
+    param_mask = {'w': jnp.asarray(np.arange(15).reshape(5, 3) % 2 == 0),
+                  'b': jnp.array([True, False, True])}
+    masked = lambda p, g, gm, pm: group_loss(
+        pruning.mask_params(p, pm), g, gm)
+    data, mask = _data(), jnp.arange(12) < 11
+    out = batch_clipping.batch_clipped_grad(group_loss, bc)(
+        PARAMS, data, mask, param_mask=param_mask)
+    ref = batch_clipping.batch_clipped_grad(masked, bc)(
+        PARAMS, data, mask, args=(param_mask,))
+    assert _dist(out.grad_sum, ref.grad_sum) < 1e-6
+    assert float(out.grad_sum['b'][1]) == 0.0
+
   def test_rejects_batch_not_multiple_of_group_size(self):
     fn = batch_clipping.batch_clipped_grad(_linear_group_loss, _bc(1.0, 5))
     with pytest.raises(ValueError, match='multiple of the group size'):
-      fn(jnp.zeros(5), jnp.zeros((12, 5)))
+      fn(jnp.zeros(5), jnp.zeros((12, 5)), None)
 
   def test_rejects_plain_per_example_clipping(self):
     with pytest.raises(TypeError, match='clip_groups_of'):
@@ -169,10 +186,10 @@ class TestSensitivity:
     fn = _jitted_bc(group_size, layers, lambda: jax.jit(
         batch_clipping.batch_clipped_grad(loss, bc)))
     state = bc.init(params)
-    base = fn(params, rows, clip_state=state).grad_sum
+    base = fn(params, rows, None, clip_state=state).grad_sum
     replaced = rows.copy()
     replaced[j] = other
-    out = fn(params, replaced, clip_state=state).grad_sum
+    out = fn(params, replaced, None, clip_state=state).grad_sum
     assert _dist(base, out) <= bc.sensitivity(Relation.REPLACE_ONE) * (1 + TOL)
     mask = np.ones(8, bool)
     mask[j] = False
@@ -248,10 +265,11 @@ class TestBatchNormHook:
     bc = _bc(0.05, 4)
     fn = jax.jit(batch_clipping.batch_clipped_grad(group_loss, bc,
                                                    has_aux=True))
-    base = fn(variables['params'], data, args=(variables['batch_stats'],))
+    base = fn(variables['params'], data, None,
+              args=(variables['batch_stats'],))
     for value in (1e4, -1e4, 0.0):
       changed = dict(data, x=data['x'].at[2].set(value))
-      out = fn(variables['params'], changed,
+      out = fn(variables['params'], changed, None,
                args=(variables['batch_stats'],))
       assert _dist(base.grad_sum, out.grad_sum) <= (
           bc.sensitivity(Relation.REPLACE_ONE) * (1 + TOL))
@@ -260,7 +278,7 @@ class TestBatchNormHook:
 class TestShuffleSampler:
 
   def test_each_example_once_per_epoch(self):
-    sampler = sampling.ShuffleSampler(103, 10, seed=3)
+    sampler = sampling.ShuffleSampler(103, 10, key=jax.random.key(3))
     assert sampler.steps_per_epoch == 10
     for epoch in range(3):
       seen = np.concatenate([sampler.sample(epoch * 10 + k).indices
@@ -269,13 +287,13 @@ class TestShuffleSampler:
     assert not np.array_equal(sampler.sample(0).indices,
                               sampler.sample(10).indices)
     np.testing.assert_array_equal(sampler.sample(7).indices,
-                                  sampling.ShuffleSampler(103, 10, seed=3)
+                                  sampling.ShuffleSampler(103, 10, key=jax.random.key(3))
                                   .sample(7).indices)
     assert sampler.sample(5).mask.all()
 
   def test_rejects_batch_larger_than_dataset(self):
     with pytest.raises(ValueError, match='larger than the dataset'):
-      sampling.ShuffleSampler(10, 11)
+      sampling.ShuffleSampler(10, 11, key=jax.random.key(0))
 
 
 BC_CONFIG = dpjax.PrivacyConfig(
@@ -313,8 +331,8 @@ class TestBatchPlan:
 
   def test_noise_is_2c_sigma_over_k(self):
     plan = dpjax.make_plan(BC_CONFIG, 1000)
-    out, _ = plan.noise(0).update({'w': jnp.zeros(20000)},
-                                  plan.noise(0).init(None))
+    out, _ = plan.noise().update({'w': jnp.zeros(20000)},
+                                  plan.noise().init(None))
     assert float(np.std(out['w'])) == pytest.approx(2 * 0.5 * 2.0 / 4,
                                                     rel=0.03)
 
@@ -387,7 +405,8 @@ class TestAlc:
 
   def test_thresholds_never_depend_on_a_private_example(self):
     """The training driver's ALC thresholds, with one example changed."""
-    splits = data_lib.load('digits', public_fraction=0.1)
+    splits = data_lib.load('digits', public_fraction=0.1,
+                           key=jax.random.key(0))
     config = dataclasses.replace(BC_CONFIG, clipping=dpjax.plan.ClippingConfig(
         mode='batch', group_size=25, layers='alc'))
     plan = dpjax.make_plan(config, len(splits.train))
@@ -395,7 +414,7 @@ class TestAlc:
     params = model.init(jax.random.key(0), splits.train.images[:1])['params']
 
     def thresholds_with(s):
-      alc = train.layerwise_thresholds(plan, model, s)
+      alc = run_lib.alc_feature(plan, model, s, None).schedule
       return [float(c) for c in jax.tree.leaves(alc(params, 0))]
 
     def change(ds, i):

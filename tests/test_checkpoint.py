@@ -164,8 +164,8 @@ def test_no_good_checkpoint_means_a_fresh_start(tmp_path):
 
 def test_sampler_position_is_the_step():
   """Batches are a pure function of (seed, step), whatever the padding."""
-  a = sampling.PoissonSampler(1000, 64, seed=5)
-  b = sampling.PoissonSampler(1000, 64, seed=5, pad_to_multiple_of=128)
+  a = sampling.PoissonSampler(1000, 64, key=jax.random.key(5))
+  b = sampling.PoissonSampler(1000, 64, key=jax.random.key(5), pad_to_multiple_of=128)
   for step in (0, 7, 123):
     x, y = a.sample(step), b.sample(step)
     np.testing.assert_array_equal(x.indices[:x.size], y.indices[:y.size])
@@ -177,6 +177,7 @@ STEPS, EVERY = 40, 4
 # One padded batch size (384 > any Poisson batch of the digits here): one
 # compilation per run.
 OVERRIDES = {'privacy.steps': STEPS, 'privacy.noise_multiplier': 1.0,
+             'privacy.target_epsilon': None,
              'perf.checkpoint_every_steps': EVERY, 'eval_every_steps': 20,
              'perf.pad_to_multiple_of': 384, 'progress_bar': False}
 
@@ -211,11 +212,19 @@ def uninterrupted(tmp_path_factory):
   return workdir, train.train_and_evaluate(_config(), workdir)
 
 
-def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
-  """SIGKILL mid-run, corrupt the newest checkpoint, resume: same result."""
-  ref_dir, ref = uninterrupted
+@pytest.mark.parametrize('noise_seed', [None, 7])
+def test_sigkill_then_resume_is_bit_identical(noise_seed, tmp_path):
+  """SIGKILL mid-run, corrupt the newest checkpoint, resume: same result.
+
+  Without noise_seed the secret comes from the OS entropy and the resumed
+  run must keep it: it ends bit-identical to an uninterrupted run given that
+  secret as its noise_seed.
+  """
   workdir = str(tmp_path / 'killed')
-  args = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  overrides = dict(OVERRIDES)
+  if noise_seed is not None:
+    overrides['privacy.noise_seed'] = noise_seed
+  args = [f'--config.{k}={v}' for k, v in overrides.items()]
   proc = subprocess.Popen(
       [sys.executable, '-m', 'dpjax.main', '--workdir', workdir] + args,
       cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -232,8 +241,18 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
   _corrupt(_largest_file(os.path.join(workdir, 'checkpoints',
                                       str(committed[-1]), 'state')))
 
-  summary = train.train_and_evaluate(_config(), workdir)
+  config = _config(**{'privacy.noise_seed': noise_seed})
+  summary = train.train_and_evaluate(config, workdir)
   assert summary['resumed_from_steps'] == [committed[-2]]
+  ckpt = checkpoint.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      checkpoint.privacy_fields(config, summary['dataset_size']))
+  secret = ckpt.stored_secret()
+  ckpt.close()
+  assert noise_seed is None or secret == noise_seed
+  ref_dir = str(tmp_path / 'uninterrupted')
+  ref = train.train_and_evaluate(_config(**{'privacy.noise_seed': secret}),
+                                 ref_dir)
   assert _final_checksum(workdir) == _final_checksum(ref_dir)
   assert summary['epsilon'] == ref['epsilon']
   assert summary['test_accuracy'] == ref['test_accuracy']

@@ -1,5 +1,8 @@
 """Tests for dpjax/clipping.py: values, NaN handling, sensitivity properties."""
 
+import copy
+import dataclasses
+
 import dp_accounting
 from hypothesis import given
 from hypothesis import settings
@@ -12,6 +15,7 @@ import optax
 import pytest
 
 import dpjax
+from dpjax import batch_clipping
 from dpjax import clipping
 from tests import strategies
 
@@ -354,3 +358,53 @@ class TestAutomaticClipping:
   def test_rejects_non_positive_gamma(self, gamma):
     with pytest.raises(ValueError, match='gamma'):
       dpjax.clip_automatic(1.0, gamma=gamma)
+
+
+class TestDeclaredSpec:
+  """A clipping is its ClipSpec: declared, immutable, still an optax tx."""
+
+  def test_attributes_read_the_spec_and_cannot_be_patched(self):
+    clip = dpjax.clip_l2_then_linf(1.0, 4.0)
+    assert (clip.p, clip.linf_bound, clip.l2_bound) == (4.0, 0.5, 1.0)
+    assert clip.spec.name == clip.name == 'l2_then_linf'
+    with pytest.raises(AttributeError, match='immutable'):
+      clip.p = 9.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+      clip.spec.p = 9.0
+    assert isinstance(clip, optax.GradientTransformationExtraArgs)
+    init, update = clip  # what optax.chain unpacks
+    assert init is clip.init and update is clip.update
+
+  def test_a_spec_of_the_wrong_kind_is_refused(self):
+    flat = dpjax.clip_per_example(1.0)
+    with pytest.raises(TypeError, match='GroupClipSpec'):
+      batch_clipping.BatchClipping(flat.spec)
+
+  def test_copies_and_replaced_specs_are_clippings(self):
+    clip = dpjax.clip_per_layer({'a': 0.6, 'b': 0.8})
+    assert copy.deepcopy(clip).spec == clip.spec
+    wider = type(clip)(dataclasses.replace(clip.spec, l2_bound=2.0))
+    assert wider.sensitivity() == 2.0 and clip.sensitivity() == 1.0
+
+  @pytest.mark.parametrize('make', [
+      lambda: dpjax.clip_per_example(0.7),
+      lambda: dpjax.clip_automatic(0.7),
+      lambda: dpjax.clip_normalized(0.7),
+      lambda: dpjax.clip_per_layer({'a': 0.3, 'b': 0.6}),
+      lambda: _adaptive({'a': 0.3, 'b': 0.6})])
+  def test_clip_is_its_rule_on_norms(self, make):
+    # The vmap clip and the route from norms apply the same factors.
+    clip = make()
+    grads = {'a': jnp.array([[3.0, 0.0, 4.0], [jnp.nan, 0, 0], [1, 1, 1]]),
+             'b': jnp.ones((3, 2, 2)) * jnp.array([1.0, 0.1, 1e-3])[:, None,
+                                                                      None]}
+    mask = jnp.array([True, True, False])
+    state = clip.init(grads)
+    out, after = clip.clip(grads, state, mask)
+    scales, after_norms = clip.scales_from_norms(
+        clipping.per_leaf_sq_norms(grads), state, mask)
+    by_norms = clipping.clip_by_scales(grads, scales)
+    numbers = lambda t: [x for x in jax.tree.leaves(t)
+                         if jnp.issubdtype(x.dtype, jnp.number)]
+    for a, b in zip(numbers((out, after)), numbers((by_norms, after_norms))):
+      np.testing.assert_array_equal(a, b)

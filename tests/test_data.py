@@ -4,6 +4,7 @@ builders on fixtures and on the real files, digits, public data."""
 import os
 import pickle
 
+import jax
 import numpy as np
 import pytest
 
@@ -139,26 +140,35 @@ def test_unknown_dataset():
 
 
 @pytest.mark.parametrize('images,labels,match', [
-    (np.full((2, 4, 4, 1), np.nan, np.float32), np.zeros(2, int), 'NaN'),
-    (np.zeros((2, 4, 4, 1), np.float32), np.array([0, 10]), 'labels must'),
-    (np.zeros((2, 4, 4, 1), np.float32), np.array([0, -1]), 'labels must'),
     (np.zeros((3, 4, 4, 1), np.float32), np.zeros(2, int), '3 images but 2'),
     (np.zeros((2, 16), np.float32), np.zeros(2, int), 'shape'),
 ])
-def test_check_dataset_refuses_bad_data(images, labels, match):
+def test_check_dataset_refuses_bad_structure(images, labels, match):
   with pytest.raises(ValueError, match=match):
-    data.check_dataset(data.ArrayDataset(images, labels), 10, 'train split')
+    data.check_dataset(data.ArrayDataset(images, labels), 'train split')
+
+
+def test_out_of_domain_counts_records_not_values():
+  images = np.zeros((5, 4, 4, 1), np.float32)
+  images[0, 1, 1, 0] = np.nan
+  images[1, 0, 0, 0] = 2e6
+  images[1, 0, 1, 0] = np.inf  # one record, two bad values
+  labels = np.array([0, 10, -1, 3, 9])
+  counts = data.out_of_domain(data.ArrayDataset(images, labels), 10, 1e6)
+  assert counts == {'image': 2, 'label': 2}
 
 
 def test_public_split_is_disjoint_and_leaves_the_private_set():
   full = digits.load()
-  splits = data.load('digits', public_fraction=0.1, public_seed=3)
+  splits = data.load('digits', public_fraction=0.1, key=jax.random.key(3))
   assert len(splits.public) == round(0.1 * len(full.train))
   assert len(splits.train) + len(splits.public) == len(full.train)
   private = _as_set(splits.train.images, splits.train.labels)
   public = _as_set(splits.public.images, splits.public.labels)
   assert len(private & public) < 5  # the raw data has a few duplicates
-  again = data.load('digits', public_fraction=0.1, public_seed=3)
+  again = data.load('digits', public_fraction=0.1, key=jax.random.key(3))
+  other = data.load('digits', public_fraction=0.1, key=jax.random.key(4))
+  assert not np.array_equal(other.public.labels, splits.public.labels)
   np.testing.assert_array_equal(again.public.labels, splits.public.labels)
   assert data.load('digits').public is None
 
@@ -282,7 +292,7 @@ def test_another_dataset_as_public_data(tmp_path):
                      tfds_data_dir=str(tmp_path / 'tfds'),
                      public_dataset='fashion_mnist',
                      public_manual_dir=str(tmp_path / 'fashion'),
-                     public_size=12)
+                     public_size=12, key=jax.random.key(0))
   assert len(splits.train) == 20  # the private set is untouched
   assert len(splits.public) == 12
   raw_pixels = np.rint(
@@ -301,9 +311,166 @@ def test_another_dataset_as_public_data(tmp_path):
 
 def test_train_subset():
   full = digits.load()
-  splits = data.load('digits', public_fraction=0.1, train_size=100)
+  splits = data.load('digits', public_fraction=0.1, train_size=100,
+                     key=jax.random.key(0))
   assert len(splits.train) == 100
   assert _as_set(splits.train.images, splits.train.labels) <= _as_set(
       full.train.images, full.train.labels)
   with pytest.raises(ValueError, match='subset size'):
     data.load('digits', train_size=10**6)
+
+
+# The cache: announced, keyed on the raw files' SHA-256, never in ~.
+
+
+def test_builders_never_say_downloading(tmp_path, capfd):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  _write_fixture(raw)
+  cache = tmp_path / 'cache'
+  for _ in range(2):  # preparing, then reading the cache
+    data.load('mnist', manual_dir=str(raw), tfds_data_dir=str(cache))
+  out, err = capfd.readouterr()
+  assert 'ownload' not in out + err
+  assert 'preparing the cache' in err and f'4 files in {raw}' in err
+  assert f'dpjax_mnist: the cache {cache}' in err  # the second load says so
+
+
+def test_source_names_the_files_read(tmp_path):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  _write_fixture(raw)
+  splits = data.load('mnist', manual_dir=str(raw),
+                     tfds_data_dir=str(tmp_path / 'cache'))
+  files = splits.source['files']
+  assert [os.path.basename(f['path']) for f in files] == [
+      'train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
+      't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz']
+  first = files[0]
+  assert first['sha256'] == idx_builder.file_record(first['path'])['sha256']
+  assert splits.source['manual_dir'] == str(raw)
+  assert splits.source['cache_dir'].startswith(str(tmp_path / 'cache'))
+
+
+def test_changed_file_is_read_again_and_corrupt_one_refused(tmp_path):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  _write_fixture(raw)
+  cache = str(tmp_path / 'cache')
+  before = data.load('mnist', manual_dir=str(raw), tfds_data_dir=cache)
+  labels = np.full(8, 7, np.uint8)
+  idx.write_idx(raw / 't10k-labels-idx1-ubyte.gz', labels)
+  after = data.load('mnist', manual_dir=str(raw), tfds_data_dir=cache)
+  assert sorted(after.test.labels) == [7] * 8 != sorted(before.test.labels)
+  assert after.source['cache_dir'] != before.source['cache_dir']
+  # A truncated file is refused by name, although a cache of the old one
+  # exists.
+  path = raw / 'train-images-idx3-ubyte.gz'
+  path.write_bytes(path.read_bytes()[:200])
+  with pytest.raises(ValueError, match=f'{path} is truncated or corrupt'):
+    data.load('mnist', manual_dir=str(raw), tfds_data_dir=cache)
+
+
+def test_corrupt_cifar_batch_is_named(tmp_path):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  _write_cifar_fixture(raw)
+  path = raw / 'data_batch_2'
+  path.write_bytes(path.read_bytes()[:500])
+  with pytest.raises(ValueError, match=f'{path} is not a readable CIFAR-10'):
+    data.load('cifar10', manual_dir=str(raw),
+              tfds_data_dir=str(tmp_path / 'cache'))
+
+
+def test_cifar_release_folder_inside_the_given_one(tmp_path):
+  inner = tmp_path / 'cifar10' / 'cifar-10-batches-py'
+  inner.mkdir(parents=True)
+  _write_cifar_fixture(inner)
+  assert idx_builder.check_manual_dir(
+      cifar10.Cifar10, str(tmp_path / 'cifar10')) == str(inner)
+
+
+def test_cache_location(tmp_path, monkeypatch):
+  monkeypatch.delenv('DPJAX_CACHE_DIR', raising=False)
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  assert data.cache_root('/x/c', workdir='/w') == '/x/c'
+  assert data.cache_root(None, workdir='/w') == os.path.join('/w', 'data_cache')
+  assert data.cache_root() == str(tmp_path / 'home' / '.cache' / 'dpjax')
+  monkeypatch.setenv('DPJAX_CACHE_DIR', str(tmp_path / 'shared_cache'))
+  assert data.cache_root(None, workdir='/w') == str(tmp_path / 'shared_cache')
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  _write_fixture(raw)
+  splits = data.load('mnist', manual_dir=str(raw))
+  assert splits.source['cache_dir'].startswith(str(tmp_path / 'shared_cache'))
+  assert not (tmp_path / 'home').exists()  # no ~/tensorflow_datasets
+
+
+# Your own arrays (.npz).
+
+
+def _npz(path, n=40, test=None, **extra):
+  rng = np.random.default_rng(3)
+  arrays = {'images': rng.integers(0, 256, (n, 6, 6), np.uint8),
+            'labels': rng.integers(0, 4, n)}
+  if test:
+    arrays.update(test_images=rng.integers(0, 256, (test, 6, 6), np.uint8),
+                  test_labels=rng.integers(0, 4, test))
+  arrays.update(extra)
+  np.savez(path, **arrays)
+  return arrays
+
+
+def test_arrays_with_a_test_split(tmp_path):
+  path = tmp_path / 'd.npz'
+  raw = _npz(path, test=10)
+  splits = data.load('arrays', path=str(path))
+  assert splits.name == 'arrays' and splits.num_classes == 4
+  assert splits.train.images.shape == (40, 6, 6, 1)
+  assert splits.train.images.dtype == np.float32
+  np.testing.assert_allclose(splits.train.images[..., 0],
+                             raw['images'] / 255.0, rtol=1e-6)
+  assert splits.test.labels.tolist() == raw['test_labels'].tolist()
+  assert splits.source['files'][0]['path'] == str(path)
+  assert data.load('arrays', path=str(path), num_classes=10).num_classes == 10
+
+
+def test_arrays_keras_names_and_held_out_test(tmp_path):
+  path = tmp_path / 'k.npz'
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(50, 4, 4, 3)).astype(np.float32)
+  np.savez(path, x_train=x, y_train=np.arange(50) % 3)
+  splits = data.load('arrays', path=str(path), test_fraction=0.2,
+                     key=jax.random.key(1))
+  assert len(splits.train) == 40 and len(splits.test) == 10
+  together = np.concatenate([splits.train.images, splits.test.images])
+  assert {r.tobytes() for r in together} == {r.tobytes() for r in x}
+  assert data.load('arrays', path=str(path), test_fraction=0.2,
+                   key=jax.random.key(1)).test.labels.tolist() == (
+                       splits.test.labels.tolist())
+
+
+@pytest.mark.parametrize('arrays,match', [
+    ({'x': np.zeros(3)}, 'needs images and labels'),
+    ({'images': np.zeros((4, 8)), 'labels': np.zeros(4, int)}, r'\[N, H, W\]'),
+    ({'images': np.zeros((4, 2, 2), np.int64), 'labels': np.zeros(4, int)},
+     'uint8'),
+    ({'images': np.zeros((4, 2, 2), np.float32), 'labels': np.zeros(4)},
+     'integer class ids'),
+    ({'images': np.zeros((4, 2, 2), np.float32), 'labels': np.zeros(4, int),
+      'test_images': np.zeros((2, 2, 2), np.float32)}, 'both test_images'),
+    ({'images': np.array([{'a': 1}], object), 'labels': np.zeros(1, int)},
+     'not a readable .npz'),
+])
+def test_arrays_refuses_bad_files(tmp_path, arrays, match):
+  path = tmp_path / 'bad.npz'
+  np.savez(path, **arrays)
+  with pytest.raises(ValueError, match=match):
+    data.load('arrays', path=str(path))
+
+
+def test_arrays_needs_a_path(tmp_path):
+  with pytest.raises(ValueError, match='set data.path'):
+    data.load('arrays')
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    data.load('arrays', path=str(tmp_path / 'missing.npz'))

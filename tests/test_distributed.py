@@ -69,6 +69,22 @@ def test_dpjax_train_on_two_devices_matches_one(worker):
   assert two['test_loss'] == pytest.approx(one['test_loss'], rel=1e-4)
 
 
+@pytest.mark.parametrize('kind', [
+    'bookkeeping', 'adaptive', 'batch_clipping', 'pruning', 'bn_public',
+    'bn_frozen', 'bn_privatized', 'bn_batch', 'per_layer_ghost',
+    'pruning_bookkeeping', 'bn_privatized_bookkeeping'])
+def test_every_engine_and_policy_on_a_mesh_matches_one_device(worker, kind):
+  """Formerly refused on a mesh: the fast route, batch clipping, every
+  BatchNorm policy, pruning; and formerly refused on the fast routes:
+  per-layer clipping, pruning, the privatized statistics. The same noisy
+  update on 2 and 8 devices (and, with a vmap twin, on the vmap route)."""
+  result = worker['composed'][kind]
+  assert result['update_norm'] > 1e-2
+  for setting, diff in result.items():
+    if setting != 'update_norm':
+      assert diff < 1e-5, (setting, diff)
+
+
 def test_mesh_errors_name_the_fix():
   with pytest.raises(ValueError, match='xla_force_host_platform_device_count'):
     distributed.make_mesh(jax.device_count() + 1)

@@ -9,6 +9,7 @@ import pytest
 from configs import default
 from dpjax import config_validation
 from dpjax import data
+from dpjax import keys
 from dpjax import scatternet
 from dpjax.data import features
 from dpjax.data import idx
@@ -43,6 +44,10 @@ def test_load_with_scatternet_features_computes_then_reads_the_cache(
   np.testing.assert_allclose(splits.test.images, want, rtol=2e-3, atol=2e-3)
   files = _cache_files(tfds_dir)
   assert len(files) == 2 and all('scatternet-J2-L8-o2' in f for f in files)
+  assert splits.source['features'] == {
+      'transform': features.ScatterSettings().tag(),
+      'cache_dir': os.path.join(tfds_dir, features.CACHE_SUBDIR)}
+  assert splits.source['files'] == pixels.source['files']
 
   # The second load never runs the transform.
   def refuse(*args, **kwargs):
@@ -84,7 +89,7 @@ def test_public_slices_and_subsets_share_the_full_split_features(tmp_path):
                    features='scatternet')
   split = data.load('mnist', manual_dir=raw, tfds_data_dir=tfds_dir,
                     features='scatternet', public_fraction=0.25,
-                    train_size=10)
+                    train_size=10, key=keys.public_root(0, keys.DATA))
   assert len(_cache_files(tfds_dir)) == 2
   rows = {im.tobytes() for im in full.train.images}
   assert len(split.public) == 6 and len(split.train) == 10
@@ -92,13 +97,13 @@ def test_public_slices_and_subsets_share_the_full_split_features(tmp_path):
   assert all(im.tobytes() in rows for im in split.train.images)
 
 
-def test_cache_dir_is_beside_the_tfds_data(monkeypatch):
-  assert features.cache_dir('/data/tfds') == '/data/tfds/dpjax_features'
-  monkeypatch.setenv('TFDS_DATA_DIR', '/env/tfds')
-  assert features.cache_dir(None) == '/env/tfds/dpjax_features'
-  monkeypatch.delenv('TFDS_DATA_DIR')
+def test_cache_dir_is_under_the_prepared_data_cache(monkeypatch):
+  assert features.cache_dir('/data/cache') == '/data/cache/dpjax_features'
+  monkeypatch.setenv('DPJAX_CACHE_DIR', '/env/cache')
+  assert features.cache_dir(None) == '/env/cache/dpjax_features'
+  monkeypatch.delenv('DPJAX_CACHE_DIR')
   assert features.cache_dir(None) == os.path.expanduser(
-      '~/tensorflow_datasets/dpjax_features')
+      '~/.cache/dpjax/dpjax_features')
 
 
 def test_feature_settings_are_checked():

@@ -11,7 +11,10 @@ import optax
 import pytest
 
 import dpjax
+from dpjax import adaptive_clipping
+from dpjax import batch_clipping
 from dpjax import ghost
+from dpjax import pruning
 
 # Float32 rounding of g * (C / ||g||) can overshoot C by a few ulps.
 TOL = 1e-5
@@ -223,9 +226,9 @@ def test_has_aux_and_args():
   batch = {'x': jax.random.normal(jax.random.key(1), (4, 3))}
   clip = dpjax.clip_per_example(1.0)
   out = jax.jit(ghost.clipped_grad(loss_fn, clip, has_aux=True))(
-      params, batch, args=(2.0,))
+      params, batch, None, args=(2.0,))
   ref = jax.jit(dpjax.clipped_grad(loss_fn, clip, has_aux=True))(
-      params, batch, args=(2.0,))
+      params, batch, None, args=(2.0,))
   _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-5)
   np.testing.assert_allclose(out.stats.aux['y'], ref.stats.aux['y'])
 
@@ -243,33 +246,44 @@ def test_rejects_clipping_without_norm_method():
 # One compiled function for every hypothesis example: same shapes each time.
 _SENS_PARAMS, _SENS_BATCH, _SENS_LOSS = _setup(ConvNet(), (9, 8, 2),
                                                batch_size=5)
-_SENS_FNS = {r: jax.jit(ghost.clipped_grad(_SENS_LOSS,
-                                           dpjax.clip_per_example(0.7),
-                                           norm_route=r))
-             for r in ('speed', 'ghost')}
+_SENS_CLIPS = {
+    'flat': dpjax.clip_per_example(0.7),
+    'per_layer': dpjax.clip_per_layer(clip_norm=0.7, rule='sqrt_size',
+                                      groups='module'),
+    'adaptive': adaptive_clipping.clip_quantile(
+        0.7, rule='equal', count_noise_std=1.0, expected_batch_size=5, key=0),
+}
+_SENS_FNS = {(r, m): jax.jit(ghost.clipped_grad(_SENS_LOSS, c, norm_route=r))
+             for r in ('speed', 'ghost') for m, c in _SENS_CLIPS.items()}
 
 
 @settings(max_examples=25, deadline=None)
 @given(
     route=st.sampled_from(['speed', 'ghost']),
+    mode=st.sampled_from(sorted(_SENS_CLIPS)),
     j=st.integers(0, 4),
     scale=st.sampled_from([1.0, 1e3, 1e15, 1e30, np.inf, np.nan]),
     seed=st.integers(0, 2**16),
 )
-def test_sensitivity_add_remove_one(route, j, scale, seed):
+def test_sensitivity_add_remove_one(route, mode, j, scale, seed):
   # Neighbours: example j present (mask True) or absent (padding), with any
   # content in row j (ordinary, huge, Inf or NaN pixels).
   images = np.array(_SENS_BATCH['image'])
   rng = np.random.default_rng(seed)
   images[j] = rng.normal(size=images[j].shape) * scale
   batch = {'image': jnp.asarray(images), 'label': _SENS_BATCH['label']}
-  fn = _SENS_FNS[route]
-  with_j = fn(_SENS_PARAMS, batch, jnp.ones(5, bool))
-  without = fn(_SENS_PARAMS, batch, jnp.arange(5) != j)
+  fn = _SENS_FNS[route, mode]
+  state = _SENS_CLIPS[mode].init(_SENS_PARAMS)
+  with_j = fn(_SENS_PARAMS, batch, jnp.ones(5, bool), clip_state=state)
+  without = fn(_SENS_PARAMS, batch, jnp.arange(5) != j, clip_state=state)
   diff = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b,
                       with_j.grad_sum, without.grad_sum)
   dist = np.sqrt(sum(np.sum(d ** 2) for d in jax.tree.leaves(diff)))
-  assert dist <= 0.7 * (1 + TOL)
+  assert dist <= float(_SENS_CLIPS[mode].sensitivity(state=state)) * (1 + TOL)
+  if mode == 'adaptive':  # one row adds exactly +-1/2 to every count
+    for a, b in zip(jax.tree.leaves(with_j.clip_state.counts),
+                    jax.tree.leaves(without.clip_state.counts)):
+      assert abs(float(a) - float(b)) == 0.5
 
 
 @pytest.mark.parametrize('norm_route', ['speed', 'ghost'])
@@ -329,3 +343,176 @@ def test_layers_under_an_inner_vmap_fall_back():
   out, ref = _both(views_loss, dpjax.clip_per_example(0.3), params, batch,
                    mask)
   _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Every clipping that clips from norms: flat, per layer (tensor and module
+# groups, isotropic and per-layer noise), adaptive (flat and per layer),
+# automatic, normalized, on both norm routes, against the vmap route.
+
+
+class PlainCNN(nn.Module):
+  """Convs without feature groups: vmap keeps a NaN row to itself on CPU."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), strides=2)(x))
+    x = nn.relu(nn.Conv(5, (3, 3), padding='VALID')(x))
+    x = x.reshape(x.shape[:-3] + (-1,))
+    return nn.Dense(3)(x)
+
+
+def _adaptive(initial, **kw):
+  return adaptive_clipping.clip_quantile(
+      initial, count_noise_std=1.0, expected_batch_size=8, key=0, **kw)
+
+
+CLIP_MODES = {
+    'flat': lambda: dpjax.clip_per_example(0.3),
+    'per_layer_tensor': lambda: dpjax.clip_per_layer(
+        clip_norm=0.4, rule='sqrt_size'),
+    'per_layer_module': lambda: dpjax.clip_per_layer(
+        clip_norm=0.4, groups='module', noise='per_layer'),
+    'adaptive_flat': lambda: _adaptive(0.3),
+    'adaptive_per_layer': lambda: _adaptive(0.4, rule='equal',
+                                            groups='module'),
+    'automatic': lambda: dpjax.clip_automatic(0.3, gamma=0.01),
+    'normalized': lambda: dpjax.clip_normalized(0.3),
+}
+BAD_MODELS = {'sequence': (SeqNet(), (7, 4)), 'cnn': (PlainCNN(), (9, 8, 2))}
+
+
+def _bad_rows_batch(name, batch_size=8):
+  """NaN, huge and Inf rows, and a NaN padding row (the last)."""
+  model, shape = BAD_MODELS[name]
+  params, batch, loss_fn = _setup(model, shape, batch_size=batch_size)
+  images = np.array(batch['image'])
+  images[1] = np.nan
+  images[2] *= 1e30
+  images[3].flat[0] = np.inf
+  images[-1] = np.nan
+  batch = {'image': jnp.asarray(images), 'label': batch['label']}
+  return params, batch, loss_fn, jnp.arange(batch_size) < batch_size - 1
+
+
+def _group_norms(loss_fn, params, batch, clip_norms):
+  """[B] exact per-example norm of every clip group (float64)."""
+  _, grads = dpjax.per_example.per_example_grads(loss_fn)(params, batch)
+  sq = jax.tree.map(
+      lambda x: np.sum(np.asarray(x, np.float64).reshape(len(x), -1) ** 2, 1),
+      grads)
+  return jax.tree.leaves(jax.tree.map(
+      lambda _, sub: np.sqrt(sum(jax.tree.leaves(sub))), clip_norms, sq))
+
+
+def _assert_same_result(out, ref, rtol_norms):
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4)
+  finite = np.isfinite(ref.stats.norms)
+  np.testing.assert_array_equal(np.isfinite(out.stats.norms), finite)
+  np.testing.assert_allclose(out.stats.norms[finite], ref.stats.norms[finite],
+                             rtol=rtol_norms)
+  assert int(out.stats.num_nonfinite) == int(ref.stats.num_nonfinite)
+  assert int(out.stats.num_clipped) == int(ref.stats.num_clipped)
+  for a, b in zip(jax.tree.leaves(out.clip_state),
+                  jax.tree.leaves(ref.clip_state)):
+    if jnp.issubdtype(a.dtype, jnp.number):
+      np.testing.assert_array_equal(a, b)  # adaptive counts: exactly
+
+
+@pytest.mark.parametrize('model_name,norm_route', [
+    ('sequence', 'speed'), ('sequence', 'ghost'), ('cnn', 'speed')])
+@pytest.mark.parametrize('mode', sorted(CLIP_MODES))
+def test_every_clipping_mode_matches_vmap_with_bad_rows(mode, model_name,
+                                                         norm_route):
+  params, batch, loss_fn, mask = _bad_rows_batch(model_name)
+  clip = CLIP_MODES[mode]()
+  state = clip.init(params)
+  if hasattr(state, 'clip_norms'):
+    # Gram norms are upper bounds (rtol 1e-3): the counts and clipped
+    # counts agree exactly when no norm lies within that of a threshold.
+    clean = jax.tree.map(lambda x: x[4:7], batch)
+    for norms, c in zip(_group_norms(loss_fn, params, clean, state.clip_norms),
+                        jax.tree.leaves(state.clip_norms)):
+      assert np.all(np.abs(norms / float(c) - 1) > 1e-2), (norms, c)
+  ref = jax.jit(dpjax.clipped_grad(loss_fn, clip, microbatch_size=3))(
+      params, batch, mask, clip_state=state)
+  out = jax.jit(ghost.clipped_grad(loss_fn, clip, microbatch_size=3,
+                                   norm_route=norm_route))(
+                                       params, batch, mask, clip_state=state)
+  assert int(ref.stats.num_nonfinite) >= 2
+  _assert_same_result(out, ref, 1e-3 if norm_route == 'ghost' else 1e-5)
+
+
+def test_adaptive_counts_follow_the_norm_each_row_was_clipped_with():
+  # A Gram norm is an upper bound: a row whose bound exceeds its threshold is
+  # clipped there (factor < 1) and so counts as over it, consistently.
+  clip = _adaptive({'a': 1.0, 'b': 1.0})
+  state = clip.init(None)
+  sq = {'a': jnp.array([1.0 + 1e-6, 0.25, 4.0]) ** 2,
+        'b': jnp.array([0.5, np.nan, 0.1]) ** 2}
+  scales, state = clip.scales_from_norms(sq, state, jnp.array([True] * 3))
+  assert float(scales.scales['a'][0]) < 1.0
+  # Row 0 is over in 'a' by its bound; row 1 is non-finite ('b'), so over
+  # every threshold; row 2 is over in 'a'.
+  assert float(state.counts['a']) == -1.5
+  assert float(state.counts['b']) == 0.5
+  assert int(scales.num_nonfinite) == 1
+
+
+def _param_mask(params, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) < 0.6),
+                      params)
+
+
+@pytest.mark.parametrize('mode', ['flat', 'per_layer_module',
+                                  'adaptive_per_layer'])
+@pytest.mark.parametrize('model_name', sorted(BAD_MODELS))
+def test_param_mask_matches_the_masked_loss_on_vmap(model_name, mode):
+  # (A mask sends every layer to the direct norm route, whatever the policy.)
+  params, batch, loss_fn, mask = _bad_rows_batch(model_name)
+  param_mask = _param_mask(params)
+  clip = CLIP_MODES[mode]()
+  state = clip.init(params)
+  masked = pruning.masked_loss(lambda p, ex, inputs: loss_fn(p, ex))
+  ref = jax.jit(dpjax.clipped_grad(masked, clip, microbatch_size=3))(
+      params, batch, mask, clip_state=state,
+      args=(dpjax.StepInputs(param_mask=param_mask),))
+  vmap = jax.jit(dpjax.clipped_grad(loss_fn, clip, microbatch_size=3))(
+      params, batch, mask, clip_state=state, param_mask=param_mask)
+  out = jax.jit(ghost.clipped_grad(loss_fn, clip, microbatch_size=3))(
+      params, batch, mask, clip_state=state, param_mask=param_mask)
+  _assert_same_result(vmap, ref, 1e-6)
+  _assert_same_result(out, ref, 1e-5)
+  for g, m in zip(jax.tree.leaves(out.grad_sum), jax.tree.leaves(param_mask)):
+    assert np.all(np.asarray(g)[~np.asarray(m)] == 0.0)
+
+
+def test_param_mask_sends_every_layer_to_the_direct_route():
+  params, batch, loss_fn = _setup(SeqNet(), (7, 4))
+  example = jax.tree.map(lambda x: x[0], batch)
+  assert {l.norm_route for l in ghost.make_plan(
+      loss_fn, params, example, norm_route='ghost').layers} == {'ghost'}
+  # What the engine does with a mask: the Gram identity gives the norm of
+  # the whole layer gradient, not of its masked part.
+  assert {l.norm_route for l in ghost.make_plan(
+      loss_fn, params, example, norm_route='direct').layers} == {'direct'}
+  with pytest.raises(ValueError, match='param_mask must have the structure'):
+    ghost.clipped_grad(loss_fn, dpjax.clip_per_example(1.0))(
+        params, batch, None, param_mask={'x': jnp.ones(2, bool)})
+
+
+def test_route_refusal():
+  for make in CLIP_MODES.values():
+    assert ghost.route_refusal(make()) is None
+  linf = ghost.route_refusal(dpjax.clip_l2_then_linf(1.0, 4.0))
+  group = ghost.route_refusal(batch_clipping.clip_groups_of(
+      dpjax.clip_per_example(1.0), 4))
+  assert "'l2_then_linf'" in linf and "'batch_flat'" in group
+  assert 'vmap' in linf and 'vmap' in group
+  assert 'stats_gradient' in ghost.route_refusal(
+      dpjax.clip_per_example(1.0), stats_through_public=True)
+  for route in ('ghost', 'bookkeeping'):
+    with pytest.raises(ValueError, match='l2_then_linf'):
+      ghost.clipped_grad_for_route(route, lambda p, x: 0.0,
+                                   dpjax.clip_l2_then_linf(1.0, 4.0))

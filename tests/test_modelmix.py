@@ -128,7 +128,7 @@ class TestMixing:
     plan = dpjax.make_plan(dpjax.PrivacyConfig(
         clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=2, steps=3),
                            100)
-    tx = optax.chain(plan.noise(0), optax.sgd(0.5),
+    tx = optax.chain(plan.noise(), optax.sgd(0.5),
                      dpjax.mix_model_states(1e-3, 1))
     params = {'w': jnp.array([0.0, 10.0])}
     state = tx.init(params)
@@ -407,6 +407,7 @@ def _digits_config(**optimizer):
   config.progress_bar = False
   config.privacy.steps = 4
   config.privacy.noise_multiplier = 1.0  # no calibration: a fast test
+  config.privacy.target_epsilon = None
   config.perf.pad_to_multiple_of = 512  # one compiled batch size
   config.eval_every_steps = config.log_every_steps = 4
   config.modelmix.enabled = True
@@ -420,9 +421,9 @@ class TestTraining:
   def test_reports_both_epsilons(self, tmp_path):
     config = _digits_config()
     summary = train.train_and_evaluate(config, str(tmp_path))
-    plan = modelmix.with_refined_clipping(
-        dpjax.make_plan(train.privacy_config(config), summary['dataset_size']),
-        16.0)
+    plan = dpjax.make_plan(train.privacy_config(config, linf_p=16.0),
+                           summary['dataset_size'])
+    assert plan.clipping.name == 'l2_then_linf'
     expected = modelmix.ModelMixAccountant(plan, 0.15).epsilon()
     assert summary['epsilon_modelmix'] == pytest.approx(expected, rel=1e-9)
     assert summary['epsilon'] == pytest.approx(plan.epsilon(), rel=1e-9)
@@ -453,8 +454,8 @@ def test_cifar10_config_has_the_paper_settings():
               'sgd', 0.15, 0.0, 'constant')
   assert config.modelmix.enabled
   assert (config.modelmix.tau_over_lr, config.modelmix.p) == (0.15, 100.0)
-  plan = modelmix.with_refined_clipping(
-      dpjax.make_plan(train.privacy_config(config), 50000), config.modelmix.p)
+  plan = dpjax.make_plan(
+      train.privacy_config(config, linf_p=config.modelmix.p), 50000)
   assert plan.sampling_rate == 1500 / 50000
   eps = modelmix.ModelMixAccountant(plan, config.modelmix.tau_over_lr).epsilon()
   assert eps == pytest.approx(8.0, rel=0.01) and eps <= 8.0

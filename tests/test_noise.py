@@ -8,6 +8,8 @@ import pytest
 from scipy import stats
 
 import dpjax
+from dpjax import keys
+from dpjax import noise
 
 
 def _noise_only(noise_multiplier, sensitivity, batch, key, size=20000):
@@ -42,14 +44,18 @@ class TestNoiseDistribution:
 
 class TestOneDrawPerStep:
 
-  def test_state_key_split_once_per_update(self):
+  def test_draw_t_uses_the_stream_key_of_step_t(self):
     key = jax.random.key(7)
     tx = dpjax.add_gaussian_noise(1.0, 1.0, 1.0, key)
     state = tx.init(None)
-    _, state = tx.update({'w': jnp.zeros(3)}, state)
-    expected = jax.random.split(key)[0]
+    for t in range(3):
+      out, state = tx.update({'w': jnp.zeros(3)}, state)
+      expected = noise.gaussian_noise_like(keys.for_step(key, t),
+                                           {'w': jnp.zeros(3)}, 1.0)
+      np.testing.assert_array_equal(out['w'], expected['w'])
+      assert int(state.count) == t + 1
     np.testing.assert_array_equal(jax.random.key_data(state.key),
-                                  jax.random.key_data(expected))
+                                  jax.random.key_data(key))
 
   def test_fresh_noise_each_step(self):
     tx = dpjax.add_gaussian_noise(1.0, 1.0, 1.0, key=0)
@@ -77,7 +83,7 @@ class TestOneDrawPerStep:
     def noisy_update(mb):
       grad_fn = dpjax.clipped_grad(loss_fn, clip, microbatch_size=mb)
       tx = dpjax.add_gaussian_noise(2.0, clip.sensitivity(), 6.0, key=11)
-      out = grad_fn(params, batch)
+      out = grad_fn(params, batch, None)
       update, _ = tx.update(out.grad_sum, tx.init(params))
       return update
 
@@ -216,3 +222,32 @@ def test_init_survives_a_donated_state():
   first, _ = update(params, tx.init(params))
   again, _ = update(params, tx.init(params))
   np.testing.assert_array_equal(first['w'], again['w'])
+
+
+class TestSecureNoise:
+  """Sum-of-four-Gaussians draws (Holohan & Braghin 2021)."""
+
+  def test_distribution_is_the_same_gaussian(self):
+    tx = dpjax.add_gaussian_noise(1.3, 0.5, 4.0, key=11, secure=True)
+    out, _ = tx.update({'w': jnp.zeros(20000)}, tx.init(None))
+    samples = np.asarray(out['w']) / (1.3 * 0.5 / 4.0)
+    assert stats.kstest(samples, 'norm').pvalue > 1e-3
+    assert stats.kstest(samples / 1.2, 'norm').pvalue < 1e-6
+
+  def test_differs_from_a_single_draw(self):
+    plain = dpjax.add_gaussian_noise(1.0, 1.0, 1.0, key=5)
+    secure = dpjax.add_gaussian_noise(1.0, 1.0, 1.0, key=5, secure=True)
+    a, _ = plain.update({'w': jnp.zeros(100)}, plain.init(None))
+    b, _ = secure.update({'w': jnp.zeros(100)}, secure.init(None))
+    assert not np.allclose(a['w'], b['w'])
+
+  def test_plan_passes_secure_noise_on(self):
+    config = dpjax.PrivacyConfig(noise_multiplier=1.0, steps=3,
+                                 expected_batch_size=10, secure_noise=True)
+    schedule = keys.KeySchedule(0, 1)
+    plan = dpjax.make_plan(config, 100, keys=schedule)
+    out, _ = plan.noise().update({'w': jnp.zeros(4)}, plan.noise().init(None))
+    expected = noise.gaussian_noise_like(
+        keys.for_step(schedule.root(keys.NOISE), 0), {'w': jnp.zeros(4)},
+        1.0, secure=True)
+    np.testing.assert_allclose(out['w'], expected['w'] / 10.0, rtol=1e-6)

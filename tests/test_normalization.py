@@ -14,9 +14,14 @@ import dpjax
 from configs import default
 from configs import mnist_bn_public
 from dpjax import accounting
+from dpjax import adaptive_clipping
 from dpjax.data import idx
+from dpjax import ghost
+from dpjax import keys
 from dpjax import normalization
 from dpjax import per_example
+from dpjax import models
+from dpjax import plan as plan_lib
 from dpjax import train
 
 SHAPE = (4, 4, 1)
@@ -39,6 +44,9 @@ def _images(n, seed=0, scale=1.0):
   return jnp.asarray(rng.normal(size=(n,) + SHAPE) * scale + 0.5, jnp.float32)
 
 
+# Fixed keys: these tests compare runs draw for draw.
+TEST_KEYS = dpjax.KeySchedule(0, 0)
+
 @pytest.fixture(scope='module')
 def tiny():
   model = TinyBN()
@@ -53,7 +61,8 @@ def _normalizer(tiny, policy, public=True, **kwargs):
   config = normalization.NormalizationConfig(policy=policy, **kwargs)
   return normalization.make_normalizer(
       model, variables, config, plan=plan,
-      public_images=np.asarray(_images(40, seed=9)) if public else None)
+      public_images=np.asarray(_images(40, seed=9)) if public else None,
+      public_key=TEST_KEYS.root(keys.PUBLIC_BATCH))
 
 
 def test_reject_is_the_default_and_names_the_alternatives(tiny):
@@ -168,7 +177,8 @@ def test_batch_statistics_are_those_of_training_mode(tiny):
 def _per_example(norm, params, model_state, batch, public):
   fn = jax.jit(per_example.per_example_grads(norm.example_loss(),
                                              has_aux=norm.has_aux))
-  _, grads = fn(params, batch, model_state, public)
+  _, grads = fn(params, batch,
+                dpjax.StepInputs(model_state=model_state, public=public))
   return grads
 
 
@@ -227,19 +237,24 @@ def test_public_statistics_gradient_is_that_of_the_public_mix(tiny):
       np.testing.assert_allclose(a[i], b, rtol=2e-3, atol=2e-5)
 
 
-def _train_steps(tiny, policy, steps=3, physical_batch_size=None, **kwargs):
+def _train_steps(tiny, policy, steps=3, physical_batch_size=None, mesh=None,
+                 **kwargs):
   model, _ = tiny
+  share = kwargs.get('stats_budget', 0.1) if policy == 'privatized' else None
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=8,
-      steps=steps), 64, pad_to_multiple_of=4)
+      steps=steps, stats_share=share), 64, pad_to_multiple_of=4,
+                         keys=TEST_KEYS)
   norm = _normalizer(tiny, policy, plan=plan, **kwargs)
-  tx = optax.chain(norm.gradient_noise(plan, jax.random.key(1)),
-                   optax.sgd(0.5))
+  tx = optax.chain(plan.noise(), optax.sgd(0.5))
   state = train.create_train_state(model, jax.random.key(0, impl='rbg'),
                                    SHAPE, tx, norm)
   start = jax.tree.map(jnp.copy, state)  # the step donates its input
+  if mesh is not None:
+    from dpjax import distributed  # pylint: disable=g-import-not-at-top
+    state = distributed.put_replicated(state, mesh)
   step_fn = train.make_train_step(model, plan, normalizer=norm,
-                                  stats_key=jax.random.key(2),
+                                  stats_key=jax.random.key(2), mesh=mesh,
                                   physical_batch_size=physical_batch_size)
   images = _images(64, seed=5)
   labels = jnp.asarray(np.random.default_rng(5).integers(0, 3, 64))
@@ -281,7 +296,7 @@ def test_public_and_privatized_statistics_move(tiny, policy):
 def _privatized(tiny, sigma=1.0, budget=0.2, clip=3.0, momentum=0.0):
   plan = dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=1.0, noise_multiplier=sigma, expected_batch_size=16,
-      steps=10), 1000)
+      steps=10, stats_share=budget), 1000, keys=TEST_KEYS)
   return plan, _normalizer(tiny, 'privatized', plan=plan, stats_budget=budget,
                            stats_clip_norm=clip, momentum=momentum)
 
@@ -290,7 +305,7 @@ def test_privatized_statistics_noise_std(tiny):
   """KS test: the released means carry N(0, (sigma_s C_s / B)^2) noise."""
   model, variables = tiny
   plan, norm = _privatized(tiny)
-  sigma_g, sigma_s = normalization.split_noise_multiplier(1.0, 0.2)
+  sigma_g, sigma_s = accounting.split_noise_multiplier(1.0, 0.2)
   assert norm.stats_noise_std == pytest.approx(sigma_s * 3.0)
   state = norm.init_state(variables)
   center = normalization.stats_to_moments(state['batch_stats'])
@@ -331,7 +346,8 @@ def test_privatized_release_costs_one_step_at_the_plan_sigma(tiny):
   plan, norm = _privatized(tiny, sigma=1.2, budget=0.3)
   sigma_g, sigma_s = norm.gradient_noise_multiplier, norm.stats_noise_multiplier
   assert (sigma_g ** -2 + sigma_s ** -2) ** -0.5 == pytest.approx(1.2)
-  assert sigma_g > 1.2 and norm.gradient_noise(plan, 0) is not None
+  assert sigma_g > 1.2 and plan.grad_noise_multiplier == sigma_g
+  assert plan.stats_noise_multiplier == sigma_s
   ledger = accounting.PrivacyLedger()
   for _ in range(plan.num_steps):
     ledger.record(plan.step_event())
@@ -378,7 +394,8 @@ def test_batch_group_loss_ignores_padding_rows(tiny):
   loss_fn = jax.jit(jax.value_and_grad(
       normalization.batchnorm_group_loss(model), has_aux=True))
   mask = jnp.arange(5) < 3
-  state = {'batch_stats': variables['batch_stats']}
+  state = dpjax.StepInputs(
+      model_state={'batch_stats': variables['batch_stats']})
   outs = [loss_fn(variables['params'], _group(3, v), mask, state)
           for v in (0.0, 1e6, jnp.nan)]
   (loss, aux), grads = outs[0]
@@ -487,7 +504,7 @@ def test_mnist_bn_public_config_runs(tmp_path, fast_compile):
 
 def test_privatized_run_from_config_fields(monkeypatch, tmp_path):
   """dpjax-train with BatchNorm-privatized: summary states the true noise."""
-  monkeypatch.setattr(train.models, 'get_model', lambda *a, **k: TinyBN())
+  monkeypatch.setattr(models, 'get_model', lambda *a, **k: TinyBN())
   config = default.get_config()
   config.progress_bar = False
   config.normalization.policy = 'privatized'
@@ -510,7 +527,7 @@ def _bc_plan(steps=1, group_size=4):
   return dpjax.make_plan(dpjax.PrivacyConfig(
       clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=8,
       steps=steps, accountant='gdp', clipping=dpjax.ClippingConfig(
-          mode='batch', group_size=group_size)), 64)
+          mode='batch', group_size=group_size)), 64, keys=TEST_KEYS)
 
 
 def test_batch_policy_moves_the_noisy_sum_by_at_most_2c(tiny):
@@ -532,7 +549,7 @@ def test_batch_policy_moves_the_noisy_sum_by_at_most_2c(tiny):
   def run(imgs):
     state = train.create_train_state(
         model, jax.random.key(0, impl='rbg'), SHAPE,
-        optax.chain(plan.noise(jax.random.key(1)), optax.sgd(1.0)), norm)
+        optax.chain(plan.noise(), optax.sgd(1.0)), norm)
     start = jax.tree.map(jnp.copy, state.params)
     state, _ = step_fn(state, imgs, labels, batch.indices, batch.mask)
     assert state.model_state == {} or _max_change(
@@ -568,20 +585,24 @@ def test_privatized_statistics_noised_once_over_physical_batches(tiny):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
 
 
-def test_policies_refuse_a_device_mesh(tiny):
+def test_policies_run_on_a_device_mesh(tiny):
+  """Once refused: the statistics policies under the sharded engine
+  (1 device here; 2 and 8 in tests/test_distributed.py)."""
   from dpjax import distributed  # pylint: disable=g-import-not-at-top
-  plan = _bc_plan()
-  norm = _normalizer(tiny, 'frozen', plan=plan)
-  with pytest.raises(ValueError, match='num_devices=1'):
-    train.make_train_step(tiny[0], plan, normalizer=norm,
-                          mesh=distributed.make_mesh(1))
+  _, ref = _train_steps(tiny, 'privatized', steps=1)
+  _, sharded = _train_steps(tiny, 'privatized', steps=1,
+                            mesh=distributed.make_mesh(1))
+  for a, b in zip(jax.tree.leaves((ref.params, ref.model_state)),
+                  jax.tree.leaves((sharded.params, sharded.model_state))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_non_private_batchnorm_trains_over_real_rows_of_each_piece(tiny):
   model, variables = tiny
   norm = normalization.make_normalizer(model, variables, private=False)
+  tx = optax.chain(plan_lib.NonPrivatePlan().noise(), optax.sgd(0.1))
   state = train.create_train_state(model, jax.random.key(0, impl='rbg'),
-                                   SHAPE, optax.sgd(0.1), norm)
+                                   SHAPE, tx, norm)
   start = jax.tree.map(jnp.copy, state.model_state)
   step_fn = train.make_train_step(model, None, normalizer=norm,
                                   physical_batch_size=4)
@@ -598,7 +619,7 @@ def test_non_private_batchnorm_trains_over_real_rows_of_each_piece(tiny):
 def test_batch_policy_runs_from_config_fields(monkeypatch, tmp_path):
   """dpjax-train: BatchNorm-in-training-mode inside batch-clipping groups,
   running statistics from public batches for evaluation."""
-  monkeypatch.setattr(train.models, 'get_model', lambda *a, **k: TinyBN())
+  monkeypatch.setattr(models, 'get_model', lambda *a, **k: TinyBN())
   config = default.get_config()
   config.progress_bar = False
   config.normalization.policy = 'batch'
@@ -615,3 +636,60 @@ def test_batch_policy_runs_from_config_fields(monkeypatch, tmp_path):
       'eval_statistics': 'public'}
   assert summary['clipping_mode'] == 'batch' and summary['sensitivity'] == 2.0
   assert 0 < summary['test_accuracy'] <= 1
+
+
+@pytest.mark.parametrize('policy,stats_gradient', [
+    ('frozen', False), ('privatized', False), ('public', False),
+    ('public', True)])
+def test_policy_losses_on_the_ghost_routes_match_vmap(tiny, policy,
+                                                      stats_gradient):
+  """Inference-mode losses (given statistics) take the fast routes.
+
+  Conv/Dense kernels get ghost norms and book-kept sums, BatchNorm scale and
+  bias the vmap fallback, in one pass; 'public' with stats_gradient runs
+  every layer on the public batch too, so no layer is owned and the route
+  is vmap (route_refusal says so).
+  """
+  if policy == 'privatized':
+    _, norm = _privatized(tiny)
+  else:
+    norm = _normalizer(tiny, policy, stats_gradient=stats_gradient)
+  model, variables = tiny
+  params = variables['params']
+  public = norm.public_batch(0)
+  args = (dpjax.StepInputs(
+      model_state=norm.step_state(params, norm.init_state(variables),
+                                  public)[0],
+      public=None if public is None else jnp.asarray(public)),)
+  images = np.array(_images(8, seed=3))
+  images[1], images[2], images[7] = np.nan, images[2] * 1e30, np.nan
+  batch = {'image': jnp.asarray(images), 'label': jnp.arange(8) % 3}
+  mask = jnp.arange(8) < 7
+  clip = adaptive_clipping.clip_quantile(
+      1.0, rule='equal', groups='module', count_noise_std=1.0,
+      expected_batch_size=8, key=0)
+  state = clip.init(params)
+  loss_fn = norm.example_loss()
+  ref, out = (jax.jit(engine(loss_fn, clip, has_aux=norm.has_aux))(
+      params, batch, mask, clip_state=state, args=args)
+              for engine in (dpjax.clipped_grad, ghost.clipped_grad))
+  for a, b in zip(jax.tree.leaves(out.grad_sum), jax.tree.leaves(ref.grad_sum)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  finite = np.isfinite(ref.stats.norms)
+  np.testing.assert_allclose(out.stats.norms[finite], ref.stats.norms[finite],
+                             rtol=1e-5)
+  assert int(out.stats.num_nonfinite) == int(ref.stats.num_nonfinite) >= 1
+  for a, b in zip(jax.tree.leaves(out.clip_state.counts),
+                  jax.tree.leaves(ref.clip_state.counts)):
+    assert float(a) == float(b)
+  if norm.has_aux:  # the per-example moments the privatized policy releases
+    for a, b in zip(jax.tree.leaves(out.stats.aux),
+                    jax.tree.leaves(ref.stats.aux)):
+      np.testing.assert_allclose(np.where(mask[:, None], a, 0),
+                                 np.where(mask[:, None], b, 0), rtol=1e-6)
+  example = jax.tree.map(lambda x: x[0], batch)
+  owned = ghost.make_plan(loss_fn, params, example, args).layers
+  through = policy == 'public' and stats_gradient
+  assert len(owned) == (0 if through else 3)
+  assert (ghost.route_refusal(clip, stats_through_public=through) is None) == (
+      not through)

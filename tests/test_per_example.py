@@ -64,7 +64,7 @@ def test_clipped_sum_matches_loop(name, model, shape):
   params, batch, loss_fn = _setup(model, shape)
   clip_norm = 0.5
   fn = jax.jit(dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(clip_norm)))
-  out = fn(params, batch)
+  out = fn(params, batch, None)
   per_ex = _loop_grads(loss_fn, params, batch)
   norms = np.sqrt(sum(np.sum(np.reshape(g, (len(batch['label']), -1)) ** 2, 1)
                       for g in jax.tree.leaves(per_ex)))
@@ -103,7 +103,7 @@ def test_padding_rows_change_nothing(microbatch_size):
   params, batch, loss_fn = _setup(MLP(), (4, 4, 1), batch_size=4)
   fn = jax.jit(dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(1.0),
                                   microbatch_size=microbatch_size))
-  base = fn(params, batch)
+  base = fn(params, batch, None)
   # Three padding rows holding garbage (NaN, huge values, valid-looking data).
   junk = jnp.stack([jnp.full((4, 4, 1), jnp.nan), jnp.full((4, 4, 1), 1e30),
                     batch['image'][0]])
@@ -125,7 +125,7 @@ def test_nan_example_is_zeroed_and_counted(microbatch_size):
   fn = jax.jit(dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(1.0),
                                   microbatch_size=microbatch_size))
   poisoned = dict(batch, image=batch['image'].at[2].set(jnp.nan))
-  out = fn(params, poisoned)
+  out = fn(params, poisoned, None)
   assert int(out.stats.num_nonfinite) == 1
   assert all(bool(jnp.all(jnp.isfinite(g)))
              for g in jax.tree.leaves(out.grad_sum))
@@ -145,7 +145,7 @@ def test_has_aux_returns_per_example_aux():
 
   out = jax.jit(dpjax.clipped_grad(
       loss_with_aux, dpjax.clip_per_example(1.0), has_aux=True,
-      microbatch_size=2))(params, batch)
+      microbatch_size=2))(params, batch, None)
   np.testing.assert_allclose(out.stats.aux['double'], 2 * out.stats.losses,
                              rtol=1e-6)
 
@@ -155,7 +155,7 @@ def test_loss_args_are_broadcast():
     return scale * jnp.sum(w * example)
 
   fn = dpjax.clipped_grad(loss_fn, dpjax.clip_per_example(100.0))
-  out = fn(jnp.ones(2), jnp.ones((3, 2)), args=(2.0,))
+  out = fn(jnp.ones(2), jnp.ones((3, 2)), None, args=(2.0,))
   np.testing.assert_allclose(out.grad_sum, [6.0, 6.0])
 
 
@@ -163,7 +163,7 @@ def test_rejects_mismatched_leading_sizes():
   fn = dpjax.clipped_grad(lambda w, ex: jnp.sum(w * ex['x']) + ex['y'],
                           dpjax.clip_per_example(1.0))
   with pytest.raises(ValueError, match='same leading'):
-    fn(jnp.ones(2), {'x': jnp.ones((3, 2)), 'y': jnp.ones(4)})
+    fn(jnp.ones(2), {'x': jnp.ones((3, 2)), 'y': jnp.ones(4)}, None)
 
 
 @pytest.mark.parametrize('bad', [0, -2, 1.5, True])
@@ -171,3 +171,68 @@ def test_rejects_bad_microbatch_size(bad):
   with pytest.raises(ValueError, match='microbatch_size'):
     dpjax.clipped_grad(lambda w, ex: 0.0, dpjax.clip_per_example(1.0),
                        microbatch_size=bad)
+
+
+def _engines():
+  from dpjax import batch_clipping, distributed, ghost  # pylint: disable=g-import-not-at-top
+  clip = dpjax.clip_per_example(1.0)
+  loss = lambda w, ex: jnp.sum(jnp.tanh(ex['x'] @ w))
+  group = batch_clipping.group_loss_from_example_loss(loss, 1)
+  return {
+      'vmap': dpjax.clipped_grad(loss, clip),
+      'ghost': ghost.clipped_grad(loss, clip),
+      'groups': batch_clipping.batch_clipped_grad(
+          group, batch_clipping.clip_groups_of(clip, 1)),
+      'sharded': distributed.clipped_grad(loss, clip, distributed.make_mesh(1)),
+  }
+
+
+@pytest.mark.parametrize('engine', ['vmap', 'ghost', 'groups', 'sharded'])
+def test_a_padded_batch_cannot_reach_clipping_without_its_mask(engine):
+  """The README's API, mask forgotten: an error, not example 0 counted 4x."""
+  fn = _engines()[engine]
+  sampler = dpjax.PoissonSampler(20, 4, pad_to_multiple_of=8,
+                                 key=jax.random.key(1))
+  data = {'x': jnp.asarray(np.random.default_rng(0).normal(size=(20, 3)),
+                           jnp.float32)}
+  padded = sampler.sample(0)
+  assert padded.size < 8  # there are padding rows, repeating example 0
+  batch = padded.take(data)
+  w = jnp.ones(3)
+  with pytest.raises(TypeError, match="needs the batch's mask"):
+    fn(w, batch.examples)
+  with pytest.raises(ValueError, match='carries its own mask'):
+    fn(w, batch, batch.mask)
+  out = fn(w, batch)
+  explicit = fn(w, batch.examples, batch.mask)
+  np.testing.assert_allclose(out.grad_sum, explicit.grad_sum, rtol=1e-6)
+  real = jax.tree.map(lambda x: x[padded.indices[:padded.size]], data)
+  np.testing.assert_allclose(out.grad_sum, fn(w, real, None).grad_sum,
+                             rtol=1e-5, atol=1e-6)
+  # What the mask prevents: the padding rows counted as example 0.
+  assert not np.allclose(fn(w, batch.examples, None).grad_sum, out.grad_sum)
+
+
+@pytest.mark.parametrize('microbatch_size', [None, 2])
+def test_param_mask_cuts_every_row_before_clipping(microbatch_size):
+  params, batch, loss_fn = _setup(MLP(), (4, 4, 1), batch_size=5)
+  rng = np.random.default_rng(0)
+  param_mask = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) < 0.5),
+                            params)
+  clip = dpjax.clip_per_example(0.1)
+  out = jax.jit(dpjax.clipped_grad(loss_fn, clip,
+                                   microbatch_size=microbatch_size))(
+                                       params, batch, None,
+                                       param_mask=param_mask)
+  # The reference: each row's gradient cut to the mask, then clipped.
+  _, grads = dpjax.per_example.per_example_grads(loss_fn)(params, batch)
+  cut = jax.tree.map(lambda g, m: np.where(m, g, 0.0), grads, param_mask)
+  expected, _ = clip.clip(cut, clip.init(params), None)
+  for a, b, m in zip(jax.tree.leaves(out.grad_sum),
+                     jax.tree.leaves(expected.grad_sum),
+                     jax.tree.leaves(param_mask)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(a)[~np.asarray(m)] == 0.0)
+  with pytest.raises(ValueError, match='param_mask must have the structure'):
+    dpjax.clipped_grad(loss_fn, clip)(params, batch, None,
+                                      param_mask=jnp.ones(3, bool))

@@ -28,7 +28,7 @@ def test_pieces_agree():
 
 def test_noise_transform_uses_plan_std_and_public_divisor():
   plan = dpjax.make_plan(BASE, 60000)
-  tx = plan.noise(key=0)
+  tx = plan.noise()
   out, _ = tx.update({'w': jnp.zeros(20000)}, tx.init(None))
   std = float(np.std(np.asarray(out['w'])))
   assert std == pytest.approx(plan.noise_std / 256, rel=0.03)

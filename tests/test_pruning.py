@@ -16,6 +16,7 @@ import flax.linen as nn
 
 import dpjax
 from configs import default
+from dpjax import ghost
 from dpjax import pruning
 from dpjax import train
 from tests import strategies
@@ -29,7 +30,8 @@ _PARAM_MASKS = st.fixed_dictionaries({
     'a': hnp.arrays(bool, (3,)), 'b': hnp.arrays(bool, (2, 2))})
 
 
-def _linear_loss(w, ex):
+def _linear_loss(w, ex, inputs=None):
+  del inputs
   # Its per-example gradient is the example itself, so a batch of examples
   # is a batch of arbitrary per-example gradients (NaN, Inf, huge).
   return sum(jnp.sum(a * x) for a, x in zip(jax.tree.leaves(w),
@@ -40,7 +42,8 @@ def _clipped_sum(clip, grads, param_mask, mask=None, microbatch_size=None):
   fn = dpjax.clipped_grad(pruning.masked_loss(_linear_loss), clip,
                           microbatch_size=microbatch_size)
   params = jax.tree.map(lambda x: jnp.zeros(np.shape(x)[1:]), grads)
-  return fn(params, grads, mask, args=(param_mask,)).grad_sum
+  return fn(params, grads, mask,
+            args=(dpjax.StepInputs(param_mask=param_mask),)).grad_sum
 
 
 def _dist(x, y):
@@ -182,22 +185,33 @@ class TestRefusal:
     with pytest.raises((ValueError, TypeError), match=match):
       pruning.PruningConfig(**kwargs)
 
-  def test_non_private_run_is_refused(self, tmp_path):
+  def test_non_private_baseline_prunes_too(self, tmp_path):
+    """The baseline of a pruned DP run: the same masks, no noise."""
     config = default.get_config()
+    config.progress_bar = False
     config.privacy.enabled = False
+    config.privacy.steps = 3
     config.pruning.mode = 'freeze'
     config.pruning.keep_fraction = 0.5
-    with pytest.raises(ValueError, match='applies to DP-SGD'):
-      train.train_and_evaluate(config, str(tmp_path))
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary['epsilon'] == float('inf')
+    assert summary['pruning']['keep_fraction'] == 0.5
 
-
-  def test_modelmix_is_refused(self, tmp_path):
+  def test_modelmix_composes_with_its_epsilon_withheld(self, tmp_path):
+    """Standard epsilon (ModelMix is post-processing); ModelMix's withheld:
+    its analysis assumes every coordinate noised and mixed alike."""
     config = default.get_config()
+    config.progress_bar = False
+    config.privacy.steps = 3
+    config.privacy.noise_multiplier = 1.0
+    config.privacy.target_epsilon = None
     config.modelmix.enabled = True
     config.pruning.mode = 'freeze'
     config.pruning.keep_fraction = 0.5
-    with pytest.raises(ValueError, match='do not compose'):
-      train.train_and_evaluate(config, str(tmp_path))
+    with pytest.warns(UserWarning, match='every coordinate noised'):
+      summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary['epsilon_modelmix'] is None
+    assert summary['epsilon'] > 0
 
 
 class TestMaskedGradient:
@@ -222,7 +236,8 @@ class TestMaskedGradient:
                   'b': np.array([[False, True], [True, False]])}
     masked = jax.tree.map(lambda g, m: np.where(m, g, 0), grads, param_mask)
     params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), grads)
-    expected = dpjax.clipped_grad(_linear_loss, clip)(params, masked).grad_sum
+    expected = dpjax.clipped_grad(_linear_loss, clip)(params, masked,
+                                                      None).grad_sum
     out = _clipped_sum(clip, grads, param_mask, microbatch_size=3)
     for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
@@ -293,6 +308,15 @@ class TestSensitivityWithMasks:
       assert dist <= self.CLIP.sensitivity(Relation.REPLACE_ONE) * (1 + TOL)
 
 
+class _TinyNet(nn.Module):
+  """Two dense layers: the training tests compile in seconds."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Dense(6)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(10)(x)
+
+
 class TestMaskedNoise:
 
   SIGMA, SENS, BATCH, SIZE = 1.3, 0.7, 8.0, 20000
@@ -323,13 +347,64 @@ class TestMaskedNoise:
       assert ratio == pytest.approx(np.sqrt(keep), rel=0.05)
 
 
-class _TinyNet(nn.Module):
-  """Two dense layers: the training tests compile in seconds."""
+class TestFastRoutes:
+  """A pruner's mask given to the ghost/bookkeeping engine as ``param_mask``."""
 
-  @nn.compact
-  def __call__(self, x):
-    x = nn.tanh(nn.Dense(6)(x.reshape((x.shape[0], -1))))
-    return nn.Dense(10)(x)
+  MODEL = _TinyNet()
+  PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
+  CLIP = dpjax.clip_per_layer(clip_norm=0.5, groups='module')
+
+  @classmethod
+  def loss(cls, params, example):
+    logits = cls.MODEL.apply({'params': params}, example['image'][None])[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                           example['label'])
+
+  def _batch(self, bad_row=None, value=np.nan):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(6, 8, 8, 1)).astype(np.float32)
+    if bad_row is not None:
+      images[bad_row] = value
+    return {'image': jnp.asarray(images), 'label': jnp.arange(6) % 10}
+
+  def _mask(self, seed):
+    config = pruning.PruningConfig(mode='freeze', keep_fraction=0.3)
+    return pruning.make_pruner(config).init(
+        self.PARAMS, jax.random.key(seed))[1].mask
+
+  def test_matches_the_masked_loss_on_vmap(self):
+    param_mask, batch = self._mask(0), self._batch(2)
+    mask = jnp.arange(6) < 5
+    masked = pruning.masked_loss(lambda p, ex, inputs: self.loss(p, ex))
+    ref = dpjax.clipped_grad(masked, self.CLIP)(
+        self.PARAMS, batch, mask,
+        args=(dpjax.StepInputs(param_mask=param_mask),))
+    out = ghost.clipped_grad(self.loss, self.CLIP)(
+        self.PARAMS, batch, mask, param_mask=param_mask)
+    for x, y in zip(jax.tree.leaves(out.grad_sum), jax.tree.leaves(ref.grad_sum)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    _assert_zero_off_mask(out.grad_sum, param_mask)
+    assert int(out.stats.num_nonfinite) == int(ref.stats.num_nonfinite) == 1
+
+  @settings(max_examples=15, deadline=None)
+  @given(j=st.integers(0, 5), seed=st.integers(0, 2**16),
+         value=st.sampled_from([np.nan, np.inf, 1e30, 0.5]))
+  def test_sensitivity_add_remove(self, j, seed, value):
+    fn = _GHOST_PRUNED
+    param_mask, batch = self._mask(seed), self._batch(j, value)
+    state = self.CLIP.init(self.PARAMS)
+    with_j = fn(self.PARAMS, batch, jnp.ones(6, bool), state, param_mask)
+    without = fn(self.PARAMS, batch, jnp.arange(6) != j, state, param_mask)
+    assert _dist(with_j, without) <= float(
+        self.CLIP.sensitivity(state=state)) * (1 + TOL)
+    _assert_zero_off_mask(with_j, param_mask)
+
+
+_GHOST_PRUNED = jax.jit(
+    lambda params, batch, mask, state, param_mask: ghost.clipped_grad(
+        TestFastRoutes.loss, TestFastRoutes.CLIP)(
+            params, batch, mask, clip_state=state,
+            param_mask=param_mask).grad_sum)
 
 
 def _train(optimizer, pruning_config, steps=4, clipping=None,
@@ -343,9 +418,9 @@ def _train(optimizer, pruning_config, steps=4, clipping=None,
       steps=steps, accountant=accountant,
       clipping=clipping or dpjax.ClippingConfig()), 64,
                          pad_to_multiple_of=8, params=params,
-                         clip_key=jax.random.key(2))
+                         keys=dpjax.KeySchedule(0, 2))
   pruner = pruning.make_pruner(pruning_config)
-  tx = pruning.masked_chain(plan.noise(0), optimizer, pruning_config.mode)
+  tx = pruning.masked_chain(plan.noise(), optimizer, pruning_config.mode)
   state = train.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
   _, pruning_state = pruner.init(state.params, jax.random.key(1))
   state = state.replace(pruning=pruning_state)
@@ -435,20 +510,36 @@ class TestTraining:
         summary['pruning']['num_params'], 0.2)
 
 
-@pytest.mark.parametrize('settings, match', [
-    ({'model.name': 'resnet8', 'model.norm': 'batch', 'model.width': 0.25,
-      'normalization.policy': 'frozen'}, 'BatchNorm statistics'),
-    ({'perf.grad_route': 'ghost'}, 'grad_route'),
-])
-def test_refuses_what_it_does_not_compose_with(tmp_path, settings, match):
+def test_composes_with_batchnorm_statistics(tmp_path):
+  """Pruning with a BatchNorm policy (refused before the feature objects)."""
   config = default.get_config()
   config.progress_bar = False
   config.privacy.steps = 2
   config.pruning.mode = 'freeze'
   config.pruning.keep_fraction = 0.5
-  for field, value in settings.items():
-    section, name = field.split('.')
-    config[section][name] = value
-  with pytest.raises(ValueError, match=match):
-    train.train_and_evaluate(config, str(tmp_path))
-  assert not (tmp_path / 'summary.json').exists()
+  config.model.name, config.model.norm = 'resnet8', 'batch'
+  config.model.width = 0.25
+  config.normalization.policy = 'frozen'
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['pruning']['keep_fraction'] == 0.5
+  assert summary['normalization']['policies'] == {'batch_stats': 'frozen'}
+
+
+def test_fast_routes_train_the_model_of_the_vmap_route(tmp_path):
+  # The engine cuts each row's gradient to the mask before clipping, on
+  # every route: the same noise gives the same model.
+  results = {}
+  for route in ('vmap', 'bookkeeping'):
+    config = default.get_config()
+    config.progress_bar = False
+    config.privacy.steps = 3
+    config.privacy.noise_seed = 7
+    config.pruning.mode = 'freeze'
+    config.pruning.keep_fraction = 0.5
+    config.perf.grad_route = route
+    results[route] = train.train_and_evaluate(config,
+                                              str(tmp_path / route))
+  vmap, fast = results['vmap'], results['bookkeeping']
+  assert fast['test_loss'] == pytest.approx(vmap['test_loss'], rel=1e-4)
+  assert fast['test_accuracy'] == pytest.approx(vmap['test_accuracy'],
+                                                abs=2e-3)

@@ -156,7 +156,7 @@ def test_per_example_gradients_match_a_loop(name, options):
         model, variables, normalization.NormalizationConfig(policy='frozen'))
     loss_fn = norm.example_loss()
     _per_example_check(loss_fn, variables['params'], batch,
-                       norm.init_state(variables), None)
+                       dpjax.StepInputs(model_state=norm.init_state(variables)))
   else:
     _per_example_check(train.example_loss(model), variables['params'], batch)
 
@@ -177,7 +177,7 @@ def test_nnx_model_split_merge_per_example_and_training():
       clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=32, steps=15),
                          64)
   grad_fn = jax.jit(dpjax.clipped_grad(loss_fn, plan.clipping))
-  tx = optax.chain(plan.noise(1), optax.sgd(0.5))
+  tx = optax.chain(plan.noise(), optax.sgd(0.5))
   opt_state = tx.init(params)
   start = float(jnp.mean(jax.vmap(loss_fn, (None, 0))(params, data)))
   for step in range(plan.num_steps):

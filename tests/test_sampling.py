@@ -1,5 +1,6 @@
 """Tests for dpjax/sampling.py: Poisson inclusion, padding, overflow."""
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats
@@ -9,7 +10,7 @@ from dpjax import sampling
 
 def test_inclusion_frequency_is_q():
   n, batch, steps = 500, 50, 2000
-  sampler = sampling.PoissonSampler(n, batch, seed=3)
+  sampler = sampling.PoissonSampler(n, batch, key=jax.random.key(3))
   counts = np.zeros(n)
   sizes = []
   for t in range(steps):
@@ -28,7 +29,7 @@ def test_inclusion_frequency_is_q():
 
 
 def test_batches_are_padded_masked_and_unique():
-  sampler = sampling.PoissonSampler(1000, 100, pad_to_multiple_of=16, seed=0)
+  sampler = sampling.PoissonSampler(1000, 100, pad_to_multiple_of=16, key=jax.random.key(0))
   for t in range(50):
     b = sampler.sample(t)
     assert len(b.indices) % 16 == 0
@@ -41,16 +42,16 @@ def test_batches_are_padded_masked_and_unique():
 
 
 def test_deterministic_per_step_and_seed():
-  s1 = sampling.PoissonSampler(1000, 100, seed=5)
-  s2 = sampling.PoissonSampler(1000, 100, seed=5)
+  s1 = sampling.PoissonSampler(1000, 100, key=jax.random.key(5))
+  s2 = sampling.PoissonSampler(1000, 100, key=jax.random.key(5))
   np.testing.assert_array_equal(s1.sample(17).indices, s2.sample(17).indices)
   assert not np.array_equal(s1.sample(17).indices, s1.sample(18).indices)
-  s3 = sampling.PoissonSampler(1000, 100, seed=6)
+  s3 = sampling.PoissonSampler(1000, 100, key=jax.random.key(6))
   assert not np.array_equal(s1.sample(17).indices, s3.sample(17).indices)
 
 
 def test_padded_sizes_are_few():
-  sampler = sampling.PoissonSampler(60000, 256)
+  sampler = sampling.PoissonSampler(60000, 256, key=jax.random.key(0))
   seen = {len(sampler.sample(t).indices) for t in range(300)}
   assert len(seen) <= 8
   assert seen <= set(sampler.padded_sizes)
@@ -58,13 +59,15 @@ def test_padded_sizes_are_few():
 
 def test_max_batch_size_bounds_overflow_probability():
   n, b = 60000, 256
-  sampler = sampling.PoissonSampler(n, b, overflow_probability=1e-9)
+  sampler = sampling.PoissonSampler(n, b, overflow_probability=1e-9,
+                                     key=jax.random.key(0))
   assert stats.binom.sf(sampler.max_batch_size, n, b / n) <= 1e-9
 
 
 def test_overflow_raises_instead_of_truncating():
   sampler = sampling.PoissonSampler(1000, 100, pad_to_multiple_of=1,
-                                    overflow_probability=0.3)
+                                    overflow_probability=0.3,
+                                    key=jax.random.key(0))
   with pytest.raises(sampling.BatchOverflowError, match='Truncating'):
     for t in range(200):
       sampler.sample(t)
@@ -79,4 +82,4 @@ def test_overflow_raises_instead_of_truncating():
 ])
 def test_rejects_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    sampling.PoissonSampler(**kwargs)
+    sampling.PoissonSampler(**kwargs, key=jax.random.key(0))

@@ -33,7 +33,7 @@ def test_default_config_meets_targets(default_run):
   assert summary['epsilon'] <= 3.0
   assert summary['delta'] == 1e-5
   assert summary['test_accuracy'] >= 0.85
-  assert summary['train_time_s'] < 120
+  assert summary[train.DIAGNOSTICS]['train_time_s'] < 120
 
 
 def test_default_run_writes_summary_and_plot(default_run):
@@ -41,8 +41,13 @@ def test_default_run_writes_summary_and_plot(default_run):
   with open(os.path.join(workdir, 'summary.json')) as f:
     written = json.load(f)
   for key in ('epsilon', 'delta', 'noise_multiplier', 'accountant', 'steps',
-              'sampling_rate', 'clip_norm', 'test_accuracy', 'train_time_s'):
+              'sampling_rate', 'clip_norm', 'test_accuracy', 'noise_key'):
     assert key in written, key
+  # What was computed from private data without noise is labelled so.
+  assert set(written[train.DIAGNOSTICS]) == {
+      'train_time_s', 'num_nonfinite_gradients', 'compiled_batch_sizes'}
+  for key in written[train.DIAGNOSTICS]:
+    assert key not in written
   assert written['epsilon'] == pytest.approx(summary['epsilon'])
   assert os.path.getsize(os.path.join(workdir, 'training.png')) > 1000
   with open(os.path.join(workdir, 'history.json')) as f:
@@ -73,8 +78,8 @@ def _step_params(padded_size, noise_multiplier=0.0):
   model = models.SmallCNN()
   config = dpjax.PrivacyConfig(clip_norm=1.0, noise_multiplier=noise_multiplier,
                                expected_batch_size=4, steps=1)
-  plan = dpjax.make_plan(config, 100)
-  tx = optax.chain(plan.noise(0), optax.sgd(1.0))
+  plan = dpjax.make_plan(config, 100, keys=dpjax.KeySchedule(0, 0))
+  tx = optax.chain(plan.noise(), optax.sgd(1.0))
   state = train.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(100, 8, 8, 1)), jnp.float32)
@@ -169,6 +174,7 @@ def test_clipping_modes_run_from_config(tmp_path, name):
   config.progress_bar = False
   config.privacy.steps = 3
   config.privacy.noise_multiplier = 1.0
+  config.privacy.target_epsilon = None
   config.privacy.expected_batch_size = 64
   config.data.public_fraction = 0.1
   for key, value in CLIPPING_RUNS[name].items():
@@ -225,6 +231,7 @@ def test_scale_features_from_config_fields(tmp_path):
   config.progress_bar = False
   config.privacy.steps = 4
   config.privacy.noise_multiplier = 1.0
+  config.privacy.target_epsilon = None
   config.eval_every_steps = 2
   config.averaging.ema_decay = 0.9
   config.averaging.polyak = True
@@ -234,7 +241,8 @@ def test_scale_features_from_config_fields(tmp_path):
   for key in ('test_accuracy', 'test_accuracy_ema', 'test_accuracy_polyak'):
     assert 0 <= summary[key] <= 1, key
   assert summary['augmult_views'] == 2
-  assert all(size % 96 == 0 for size in summary['compiled_batch_sizes'])
+  assert all(size % 96 == 0
+             for size in summary[train.DIAGNOSTICS]['compiled_batch_sizes'])
   plan = dpjax.make_plan(train.privacy_config(config), summary['dataset_size'])
   assert summary['epsilon'] == pytest.approx(plan.epsilon(), rel=1e-9)
   history = json.loads((tmp_path / 'history.json').read_text())
@@ -264,8 +272,8 @@ def test_adaptive_clipping_counts_add_up_over_physical_batches():
 
   def run(physical):
     plan = dpjax.make_plan(config, 200, params=shapes,
-                           clip_key=jax.random.key(4))
-    tx = optax.chain(plan.noise(0), optax.sgd(0.5))
+                           keys=dpjax.KeySchedule(0, 4))
+    tx = optax.chain(plan.noise(), optax.sgd(0.5))
     state = train.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
     state = state.replace(clip_state=plan.clipping.init(state.params))
     step = train.make_train_step(model, plan, physical_batch_size=physical)
@@ -281,27 +289,149 @@ def test_adaptive_clipping_counts_add_up_over_physical_batches():
   assert float(whole.clip_state.clip_norms) != 1.0  # the threshold moved
 
 
-def test_run_keys_are_independent_streams():
-  """Every randomness source gets its own stream: no two share a key.
+def _short_config(**privacy):
+  config = default.get_config()
+  config.progress_bar = False
+  config.privacy.steps = 4
+  config.privacy.noise_multiplier = 1.0
+  config.privacy.target_epsilon = None
+  config.privacy.update(privacy)
+  return config
 
-  A released noise sharing bits with a secret one (ModelMix's alpha) or with
-  another release would break the accounting; the first streams must also
-  stay where they were so a run's noise does not change with new features.
+
+def _final_meta(workdir):
+  ckpt = os.path.join(workdir, 'checkpoints')
+  last = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  with open(os.path.join(ckpt, str(last), 'meta', 'metadata')) as f:
+    return json.load(f)
+
+
+def test_noise_is_secret_unless_a_noise_seed_is_given(tmp_path):
+  """Two runs without noise_seed differ; with the same one, bit-identical.
+
+  The secret lives in the checkpoint only: summary.json, history.json and
+  the console never carry it.
   """
-  keys = train.RunKeys.from_seed(0)
-  data = [tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys]
-  assert len(set(data)) == len(keys._fields)
-  root = jax.random.key(0)
-  for i, name in enumerate(('init', 'noise', 'clip', 'mix')):
-    np.testing.assert_array_equal(
-        jax.random.key_data(getattr(keys, name)),
-        jax.random.key_data(jax.random.fold_in(root, i)))
+  runs = {}
+  for name, seed in (('a', None), ('b', None), ('c', 11), ('d', 11)):
+    workdir = str(tmp_path / name)
+    runs[name] = (workdir, train.train_and_evaluate(
+        _short_config(noise_seed=seed), workdir))
+  meta = {name: _final_meta(w) for name, (w, _) in runs.items()}
+  assert meta['a']['checksum'] != meta['b']['checksum']
+  assert meta['a']['secret_seed'] != meta['b']['secret_seed']
+  assert meta['c']['checksum'] == meta['d']['checksum']
+  assert meta['c']['secret_seed'] == '11'
+  for name in 'ab':
+    workdir, summary = runs[name]
+    secret = meta[name]['secret_seed']
+    for file in ('summary.json', 'history.json'):
+      with open(os.path.join(workdir, file)) as f:
+        assert secret not in f.read()
+    assert summary['config']['privacy']['noise_seed'] is None
+    assert 'OS entropy' in summary['noise_key']
+  _, seeded = runs['c']
+  assert seeded['config']['privacy']['noise_seed'] == 11
+  assert 'assumes that seed stays secret' in seeded['noise_key']
+
+
+def test_public_seed_still_reproduces_what_may_be_public(tmp_path):
+  """config.seed drives init and the data split, not the noise."""
+  config = _short_config()
+  keys = train.key_schedule(config)
+  other = train.key_schedule(config)
+  same = lambda a, b: np.array_equal(jax.random.key_data(a),
+                                     jax.random.key_data(b))
+  assert same(keys.key(dpjax.keys.INIT), other.key(dpjax.keys.INIT))
+  assert not same(keys.root(dpjax.keys.NOISE), other.root(dpjax.keys.NOISE))
+  del tmp_path
+
+
+def test_out_of_domain_records_train_and_no_value_is_shown(
+    tmp_path, monkeypatch, caplog, capfd):
+  """One NaN image and one pixel at 2e6: the run trains, counts only."""
+  from dpjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  load = data_lib.load
+
+  def poisoned(*args, **kwargs):
+    splits = load(*args, **kwargs)
+    images = splits.train.images.copy()
+    images[3, 2, 2, 0] = np.nan
+    images[7, 1, 1, 0] = 2e6
+    labels = splits.train.labels.copy()
+    labels[11] = 10  # outside the classes
+    return splits._replace(train=data_lib.ArrayDataset(images, labels))
+
+  monkeypatch.setattr(data_lib, 'load', poisoned)
+  summary = train.train_and_evaluate(_short_config(noise_seed=1),
+                                     str(tmp_path))
+  assert np.isfinite(summary['test_loss'])
+  out = capfd.readouterr()
+  text = caplog.text + out.out + out.err
+  assert '2 records with an image outside the domain' in text
+  assert '1 with a label outside [0, 10)' in text
+  for private_value in ('2e+06', '2000000', 'nan', 'NaN'):
+    assert private_value not in text, private_value
+
+
+def _tiny_mnist(directory, n_train=64, n_test=16):
+  from dpjax.data import idx  # pylint: disable=g-import-not-at-top
+  directory.mkdir()
+  rng = np.random.default_rng(0)
+  for split, n in (('train', n_train), ('t10k', n_test)):
+    idx.write_idx(directory / f'{split}-images-idx3-ubyte.gz',
+                  rng.integers(0, 256, (n, 28, 28), np.uint8))
+    idx.write_idx(directory / f'{split}-labels-idx1-ubyte.gz',
+                  rng.integers(0, 10, n).astype(np.uint8))
+
+
+def _fast(config):
+  config.progress_bar = False
+  config.privacy.steps = 2
+  config.privacy.expected_batch_size = 16
+  config.perf.pad_to_multiple_of = 64
+  return config
+
+
+def test_summary_names_the_data_files_and_cache(tmp_path, monkeypatch):
+  monkeypatch.delenv('DPJAX_CACHE_DIR', raising=False)
+  _tiny_mnist(tmp_path / 'raw')
+  config = _fast(default.get_config())
+  config.data.name = 'mnist'
+  config.data.manual_dir = str(tmp_path / 'raw')
+  workdir = tmp_path / 'run'
+  summary = train.train_and_evaluate(config, str(workdir))
+  source = summary['data_source']
+  assert sorted(os.path.basename(f['path']) for f in source['files']) == [
+      't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz',
+      'train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz']
+  assert all(len(f['sha256']) == 64 for f in source['files'])
+  # No cache given: it goes under the workdir, not the user's home.
+  assert source['cache_dir'].startswith(str(workdir / 'data_cache'))
+  written = json.loads((workdir / 'summary.json').read_text())
+  assert written['data_source'] == source
+
+
+def test_trains_on_user_arrays(tmp_path):
+  rng = np.random.default_rng(0)
+  path = tmp_path / 'mine.npz'
+  np.savez(path, images=rng.integers(0, 256, (300, 8, 8), np.uint8),
+           labels=rng.integers(0, 3, 300))
+  config = _fast(default.get_config())
+  config.data.name = 'arrays'
+  config.data.path = str(path)
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['dataset'] == 'arrays'
+  assert summary['dataset_size'] == 270  # 10% held out as the test split
+  assert summary['data_source']['files'][0]['path'] == str(path)
+  assert 0 <= summary['test_accuracy'] <= 1 and summary['epsilon'] > 0
 
 
 def test_scatternet_features_and_eval_size(tmp_path, monkeypatch):
-  """ScatterNet+linear on the digits' features (cached under the tfds dir);
-  evaluations during training on 100 test digits, the last on all 359."""
-  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  """ScatterNet+linear on the digits' features (cached under the cache
+  root); evaluations during training on 100 test digits, the last on all
+  359."""
+  monkeypatch.setenv('DPJAX_CACHE_DIR', str(tmp_path / 'cache'))
   config = default.get_config()
   config.progress_bar = False
   config.data.features = 'scatternet'
@@ -316,4 +446,4 @@ def test_scatternet_features_and_eval_size(tmp_path, monkeypatch):
     accuracies = json.load(f)['test_accuracy']
   counts = [a * 100 for a in accuracies[:-1]] + [accuracies[-1] * 359]
   assert all(abs(c - round(c)) < 1e-6 for c in counts)
-  assert os.listdir(tmp_path / 'tfds' / 'dpjax_features')
+  assert os.listdir(tmp_path / 'cache' / 'dpjax_features')

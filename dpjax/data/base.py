@@ -1,10 +1,15 @@
-"""In-memory datasets as the training loop consumes them."""
+"""In-memory datasets as the training loop consumes them, and where the
+prepared copies of datasets read from files are kept."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import hashlib
+import os
+from typing import Any, NamedTuple
 
 import numpy as np
+
+CACHE_DIR_ENV = 'DPJAX_CACHE_DIR'
 
 
 class ArrayDataset(NamedTuple):
@@ -31,14 +36,18 @@ class DataSplits(NamedTuple):
   test: ArrayDataset
   num_classes: int
   public: ArrayDataset | None = None
+  # Where the data came from (files read, their SHA-256, the cache), for
+  # summary.json; None for data built in memory.
+  source: dict[str, Any] | None = None
 
 
 def split_public(splits: DataSplits, public_fraction: float,
-                 seed: int = 0) -> DataSplits:
-  """Moves a seeded random ``public_fraction`` of ``train`` to ``public``.
+                 rng: np.random.Generator | None = None) -> DataSplits:
+  """Moves a random ``public_fraction`` of ``train`` to ``public``.
 
-  The held-out slice is chosen from the indices alone (never from the data),
-  and removed from the private set, so the private N shrinks accordingly.
+  The held-out slice is chosen from the indices alone (never from the data)
+  with ``rng`` (the run's public data stream, :mod:`dpjax.keys`), and
+  removed from the private set, so the private N shrinks accordingly.
   """
   if public_fraction == 0:
     return splits
@@ -51,50 +60,61 @@ def split_public(splits: DataSplits, public_fraction: float,
     raise ValueError(
         f'public_fraction={public_fraction} of {n} examples leaves an empty'
         ' public or private split.')
-  order = np.random.default_rng(seed).permutation(n)
+  order = require_rng(rng).permutation(n)
   public, private = np.sort(order[:num_public]), np.sort(order[num_public:])
   take = lambda ds, i: ArrayDataset(ds.images[i], ds.labels[i])
   return splits._replace(train=take(splits.train, private),
                          public=take(splits.train, public))
 
 
-def subsample_train(splits: DataSplits, size: int,
-                    seed: int = 0) -> DataSplits:
-  """Keeps a seeded random ``size`` examples of ``train`` (chosen by index)."""
-  n = len(splits.train)
+def require_rng(rng: np.random.Generator | None) -> np.random.Generator:
+  if rng is None:
+    raise ValueError(
+        'a random split or subset needs rng= (e.g. keys.host_rng('
+        'keys.public_root(seed, keys.DATA))): no module picks its own seed.')
+  return rng
+
+
+def random_subset(ds: ArrayDataset, size: int,
+                  rng: np.random.Generator | None = None) -> ArrayDataset:
+  """``size`` random examples of ``ds``, chosen by index with ``rng``, in
+  their original order."""
+  n = len(ds)
   if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
       not 0 < size <= n):
     raise ValueError(
         f'a subset size must be an integer in [1, {n}] (the examples'
         f' available), got {size!r}.')
-  keep = np.sort(np.random.default_rng(seed).permutation(n)[:size])
-  return splits._replace(train=ArrayDataset(splits.train.images[keep],
-                                            splits.train.labels[keep]))
+  keep = np.sort(require_rng(rng).permutation(n)[:size])
+  return ArrayDataset(ds.images[keep], ds.labels[keep])
+
+
+def subsample_train(splits: DataSplits, size: int,
+                    rng: np.random.Generator | None = None) -> DataSplits:
+  """Keeps ``size`` random examples of ``train``, chosen by index with ``rng``."""
+  return splits._replace(train=random_subset(splits.train, size, rng))
 
 
 def eval_subset(ds: ArrayDataset, size: int | None,
-                seed: int = 0) -> ArrayDataset:
-  """A seeded random ``size`` examples of ``ds`` (all of it for None or a
-  size >= its length), in their original order.
+                rng: np.random.Generator | None = None) -> ArrayDataset:
+  """``size`` random examples of a test split (all of it for None or a size
+  >= its length), chosen with ``rng`` (the run's evaluation stream,
+  ``keys.EVAL``): public, as the test split is.
 
   Examples:
     >>> ds = ArrayDataset(np.zeros((10, 1, 1, 1)), np.arange(10))
-    >>> len(eval_subset(ds, 4)), len(eval_subset(ds, None))
+    >>> from dpjax import keys
+    >>> rng = keys.host_rng(keys.public_root(0, keys.EVAL))
+    >>> len(eval_subset(ds, 4, rng)), len(eval_subset(ds, None))
     (4, 10)
   """
   if size is None or size >= len(ds):
     return ds
-  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
-      size < 1):
-    raise ValueError(
-        f'eval_size must be a positive integer (or None: the whole test'
-        f' set), got {size!r}.')
-  keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:size])
-  return ArrayDataset(ds.images[keep], ds.labels[keep])
+  return random_subset(ds, size, rng)
 
 
-def check_dataset(ds: ArrayDataset, num_classes: int, where: str) -> None:
-  """Refuses data a training run would silently mishandle."""
+def check_dataset(ds: ArrayDataset, where: str) -> None:
+  """Refuses data of the wrong structure (never describing its values)."""
   if ds.images.shape[0] != ds.labels.shape[0]:
     raise ValueError(
         f'{where}: {ds.images.shape[0]} images but {ds.labels.shape[0]}'
@@ -103,10 +123,50 @@ def check_dataset(ds: ArrayDataset, num_classes: int, where: str) -> None:
     raise ValueError(
         f'{where}: images must have shape [N, H, W, C], got'
         f' {ds.images.shape}.')
-  if not np.all(np.isfinite(ds.images)):
-    raise ValueError(f'{where}: images contain NaN or Inf values.')
-  if ds.labels.size and (ds.labels.min() < 0
-                         or ds.labels.max() >= num_classes):
-    raise ValueError(
-        f'{where}: labels must lie in [0, {num_classes}), got range'
-        f' [{ds.labels.min()}, {ds.labels.max()}].')
+
+
+def out_of_domain(ds: ArrayDataset, num_classes: int, max_abs: float,
+                  chunk: int = 4096) -> dict[str, int]:
+  """How many records have a bad image or label: counts only, no values.
+
+  An image is out of its domain if any value is non-finite or beyond
+  ``max_abs``; a label if it lies outside ``[0, num_classes)``.
+  """
+  bad_images = 0
+  # In row chunks: a memory-mapped feature cache is never copied whole.
+  for start in range(0, len(ds.images), chunk):
+    flat = np.asarray(ds.images[start:start + chunk]).reshape(
+        -1, int(np.prod(ds.images.shape[1:])))
+    with np.errstate(invalid='ignore'):
+      bad_images += int((~np.all(np.isfinite(flat) & (np.abs(flat) <= max_abs),
+                                 axis=1)).sum())
+  labels = np.asarray(ds.labels)
+  bad_label = (labels < 0) | (labels >= num_classes)
+  return {'image': bad_images, 'label': int(bad_label.sum())}
+
+
+def file_record(path: str) -> dict[str, Any]:
+  """``{'path', 'bytes', 'sha256'}`` of one raw file."""
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return {'path': os.path.abspath(path), 'bytes': os.path.getsize(path),
+          'sha256': h.hexdigest()}
+
+
+def cache_root(data_dir: str | None = None,
+               workdir: str | None = None) -> str:
+  """Where prepared datasets are kept: the one place that decides.
+
+  ``data_dir`` (config.data.tfds_data_dir) if given, else
+  ``$DPJAX_CACHE_DIR``, else ``<workdir>/data_cache``, else
+  ``~/.cache/dpjax``. Never tfds' default ``~/tensorflow_datasets``.
+  """
+  if data_dir:
+    return os.path.expanduser(data_dir)
+  if os.environ.get(CACHE_DIR_ENV):
+    return os.path.expanduser(os.environ[CACHE_DIR_ENV])
+  if workdir:
+    return os.path.join(workdir, 'data_cache')
+  return os.path.join(os.path.expanduser('~'), '.cache', 'dpjax')

@@ -9,7 +9,6 @@ run code.
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import pickle
@@ -17,12 +16,17 @@ import pickle
 import numpy as np
 
 from dpjax.data import base
+from dpjax.data import idx
 from dpjax.data import idx_builder
 
 # Published CIFAR-10 per-channel statistics (training set, pixels in [0, 1]);
 # fixed constants, not recomputed from the private training split.
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+  """A batch file asked to rebuild something other than arrays."""
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -38,15 +42,21 @@ class _ArraysOnly(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) in self._ALLOWED:
       return super().find_class(module, name)
-    raise pickle.UnpicklingError(
+    raise UnsafePickleError(
         f'refusing to load {module}.{name} from a CIFAR-10 batch file.')
 
 
 def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
   """Images [N, 32, 32, 3] uint8 and labels [N] of one python batch file."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    batch = _ArraysOnly(io.BytesIO(f.read()), encoding='bytes').load()
+  try:
+    batch = _ArraysOnly(io.BytesIO(idx.read_bytes(path)),
+                        encoding='bytes').load()
+  except UnsafePickleError:
+    raise
+  except (EOFError, ValueError, pickle.UnpicklingError) as e:
+    raise ValueError(f'{path} is not a readable CIFAR-10 python batch ({e});'
+                     ' it is truncated or corrupt: replace it with a complete'
+                     ' copy.') from None
   if not isinstance(batch, dict) or b'data' not in batch or (
       b'labels' not in batch):
     raise ValueError(f'{path} is not a CIFAR-10 python batch (no data/labels).')
@@ -76,6 +86,10 @@ class Cifar10(idx_builder.IdxImageBuilder, skip_registration=True):
       'Place data_batch_1 ... data_batch_5 and test_batch of'
       ' cifar-10-python.tar.gz (the cifar-10-batches-py folder) in the manual'
       ' directory.')
+
+  @classmethod
+  def read_raw_file(cls, path: str) -> None:
+    read_batch(path)
 
   def _split_generators(self, dl_manager):
     directory = os.fspath(dl_manager.manual_dir)

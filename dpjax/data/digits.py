@@ -14,7 +14,12 @@ from dpjax.data import base
 
 
 def load(test_fraction: float = 0.2, split_seed: int = 0) -> base.DataSplits:
-  """Digits as [N, 8, 8, 1] float32 images in [0, 1] and int32 labels."""
+  """Digits as [N, 8, 8, 1] float32 images in [0, 1] and int32 labels.
+
+  The train/test split is part of the dataset's definition (like MNIST's
+  fixed test set), the same in every run: ``split_seed`` is not a run's
+  randomness and never touches the key schedule.
+  """
   if not 0 < test_fraction < 1:
     raise ValueError(
         f'test_fraction must lie in (0, 1), got {test_fraction!r}.')

@@ -7,9 +7,10 @@ Tramer & Boneh 2021's ScatterNet models (``scatter_linear``,
 ``scatter_cnn``). The map is fixed and acts on one image at a time, so it
 costs no privacy (see :mod:`dpjax.scatternet`).
 
-Features are computed once per split, with a progress bar, and cached next to
-the tfds data: ``<tfds data dir>/dpjax_features/`` (``config.data.
-tfds_data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``). A
+Features are computed once per split, with a progress bar, and cached beside
+the prepared datasets: ``<cache root>/dpjax_features/``, where
+:func:`dpjax.data.base.cache_root` decides the root (``config.data.
+tfds_data_dir``, else ``$DPJAX_CACHE_DIR``, else ``<workdir>/data_cache``). A
 cache file is keyed on the SHA-256 of the split's images (after dpjax's
 standardization) and on the transform's settings, so new data or settings
 never read stale features. Features are stored as float16 (half the memory of
@@ -60,10 +61,8 @@ def check_features(features: str | None) -> None:
 
 
 def cache_dir(tfds_data_dir: str | None = None) -> str:
-  """Where features are cached: ``dpjax_features`` beside the tfds data."""
-  root = tfds_data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.join(
-      '~', 'tensorflow_datasets')
-  return os.path.join(os.path.expanduser(root), CACHE_SUBDIR)
+  """Where features are cached: ``dpjax_features`` under the cache root."""
+  return os.path.join(base.cache_root(tfds_data_dir), CACHE_SUBDIR)
 
 
 def checksum(images: np.ndarray) -> str:
@@ -133,11 +132,14 @@ def cached(images: np.ndarray, name: str, settings: ScatterSettings,
   return np.load(path, mmap_mode='r')
 
 
-def featurize_dataset(ds: base.ArrayDataset, name: str, features: str,
+def featurize_dataset(ds: base.ArrayDataset, name: str, features: str | None,
                       tfds_data_dir: str | None = None,
                       progress: bool = True) -> base.ArrayDataset:
-  """``ds`` with its images replaced by ``features`` (cached as ``name``)."""
+  """``ds`` with its images replaced by ``features`` (cached as ``name``);
+  None leaves it as it is."""
   check_features(features)
+  if features is None:
+    return ds
   return base.ArrayDataset(
       cached(ds.images, name, FEATURES[features], cache_dir(tfds_data_dir),
              progress), ds.labels)
@@ -160,6 +162,10 @@ def featurize(splits: base.DataSplits, features: str | None,
     return featurize_dataset(ds, f'{splits.name}-{split}', features,
                              tfds_data_dir, progress)
 
+  source = dict(splits.source or {}, features={
+      'transform': FEATURES[features].tag(),
+      'cache_dir': cache_dir(tfds_data_dir)})
   return splits._replace(train=convert(splits.train, 'train'),
                          test=convert(splits.test, 'test'),
-                         public=convert(splits.public, 'public'))
+                         public=convert(splits.public, 'public'),
+                         source=source)

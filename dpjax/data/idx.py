@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 
@@ -21,12 +22,25 @@ _DTYPES = {
 }
 
 
+def read_bytes(path: str) -> bytes:
+  """The bytes of ``path``, gunzipped if it ends in .gz; a damaged gzip
+  stream is a ValueError naming the file."""
+  if not path.endswith('.gz'):
+    with open(path, 'rb') as f:
+      return f.read()
+  try:
+    with gzip.open(path, 'rb') as f:
+      return f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise ValueError(
+        f'{path} is truncated or corrupt ({e}); replace it with a complete'
+        ' copy of the file.') from None
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
   """The array stored in an IDX file (``.gz`` files are decompressed)."""
   path = os.fspath(path)
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
+  data = read_bytes(path)
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
     raise ValueError(f'{path} is not an IDX file (bad magic number).')
   dtype, ndim = _DTYPES[data[2]], data[3]
