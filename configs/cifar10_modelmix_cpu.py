@@ -3,10 +3,10 @@ width, DP-SGD + ModelMix at a ModelMix epsilon of 8.
 
 The settings of Xiao, Wan, Devadas 2022 as configs/cifar10_modelmix.py has
 them (c = 20, plain SGD at eta = 0.15, tau = 0.15 eta, p = 100, every
-coordinate mixed), shrunk to about an hour on 2 CPU cores: channels x 0.5
-(8, 16, 32; GroupNorm groups min(16, channels)), expected batch 500
-(q = 0.01) and 1000 steps (10 epochs), evaluations during training on 2,000
-test images (the last on all 10,000). sigma = 0.2287 puts the ModelMix
+coordinate mixed), shrunk for 2 CPU cores (aimed at about an hour; not timed
+yet): channels x 0.5 (8, 16, 32; GroupNorm groups min(16, channels)),
+expected batch 500 (q = 0.01) and 1000 steps (10 epochs), evaluations during
+training on 2,000 test images (the last on all 10,000). sigma = 0.2287 puts the ModelMix
 epsilon at 8.0 after 1000 steps (delta = 1e-5); the standard epsilon of the
 same run, which always holds, is reported beside it.
 
