@@ -87,6 +87,13 @@ def example_key(key: jax.Array, index: jax.Array) -> jax.Array:
   return jax.random.fold_in(key, index)
 
 
+def _check_num_views(num_views: int) -> None:
+  if isinstance(num_views, bool) or not isinstance(num_views, int) or (
+      num_views < 1):
+    raise ValueError(
+        f'num_views must be an integer >= 1, got {num_views!r}.')
+
+
 def average_over_views(loss_fn: LossFn, augment: Augment, num_views: int, *,
                        field: str = 'image') -> LossFn:
   """The one-example loss averaged over ``num_views`` augmented views.
@@ -126,10 +133,7 @@ def average_over_views(loss_fn: LossFn, augment: Augment, num_views: int, *,
     De et al., 2022. Unlocking High-Accuracy Differentially Private Image
     Classification through Scale. https://arxiv.org/abs/2204.13650
   """
-  if isinstance(num_views, bool) or not isinstance(num_views, int) or (
-      num_views < 1):
-    raise ValueError(
-        f'num_views must be an integer >= 1, got {num_views!r}.')
+  _check_num_views(num_views)
 
   def averaged(params, example, inputs):
     if 'index' not in example:
@@ -152,6 +156,56 @@ def average_over_views(loss_fn: LossFn, augment: Augment, num_views: int, *,
   return averaged
 
 
+def views_of_group(group_loss_fn: Callable[..., Any], augment: Augment,
+                   num_views: int, *, field: str = 'image'
+                   ) -> Callable[..., Any]:
+  """A group loss over the ``num_views`` views of each of its rows.
+
+  For a loss that couples the rows of a group (BatchNorm in training mode
+  inside a batch-clipping group, or over the non-private baseline's batch):
+  ``fn(params, group, group_mask, inputs)`` runs ``group_loss_fn`` on the
+  m * K rows of the group's views (row i's views drawn as in
+  :func:`average_over_views`, each carrying row i's mask). A group loss that
+  is a mean over its rows then averages each example's views, and a view
+  never leaves its example's group, so batch clipping's bound is unchanged.
+
+  Args:
+    group_loss_fn: ``group_loss_fn(params, group, group_mask, inputs)``, a
+      mean over the group's rows (or ``(mean, aux)``).
+    augment: ``augment(key, image) -> image`` on one example image.
+    num_views: K >= 1, views per example.
+    field: the examples' field the augmentation applies to.
+
+  Returns:
+    The group loss over views; rows must carry ``'index'`` and ``inputs``
+    the step's ``aug_key``.
+
+  References:
+    De et al., 2022. Unlocking High-Accuracy Differentially Private Image
+    Classification through Scale. https://arxiv.org/abs/2204.13650
+  """
+  _check_num_views(num_views)
+
+  def over_views(params, group, group_mask, inputs):
+    if 'index' not in group or inputs.aug_key is None:
+      raise ValueError(
+          "augmentation multiplicity needs each example's dataset index"
+          " ('index' in the batch) and StepInputs(aug_key=...).")
+
+    def views(index, image):
+      keys = jax.random.split(example_key(inputs.aug_key, index), num_views)
+      return jax.vmap(augment, in_axes=(0, None))(keys, image)
+
+    images = jax.vmap(views)(group['index'], group[field])  # [m, K, ...]
+    rows = images.shape[0] * num_views
+    expand = lambda x: jnp.repeat(x, num_views, axis=0)
+    expanded = {k: expand(v) for k, v in group.items() if k != field}
+    expanded[field] = images.reshape((rows,) + images.shape[2:])
+    return group_loss_fn(params, expanded, expand(group_mask), inputs)
+
+  return over_views
+
+
 class AugMult(NamedTuple):
   """A training run's augmentation multiplicity: what, how many views, key.
 
@@ -168,6 +222,10 @@ class AugMult(NamedTuple):
 
   def loss(self, loss_fn: LossFn) -> LossFn:
     return average_over_views(loss_fn, self.augment, self.num_views)
+
+  def group_loss(self, group_loss_fn: Callable[..., Any]
+                 ) -> Callable[..., Any]:
+    return views_of_group(group_loss_fn, self.augment, self.num_views)
 
   def step_key(self, step: jax.Array | int) -> jax.Array:
     return keys_lib.for_step(self.key, step)

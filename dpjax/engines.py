@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -103,10 +104,9 @@ def groups(loss: LossSpec, clipping: batch_clipping.BatchClipping, *,
   chunk are rounded to whole groups.
   """
   if route not in ('auto', 'vmap'):
-    raise ValueError(
-        f"perf.grad_route={route!r} computes per-example norms; clipping.mode"
-        "='batch' clips group gradients, by vmap over groups: set"
-        " perf.grad_route='auto'.")
+    logging.warning(
+        "perf.grad_route=%r runs as 'vmap': %s", route,
+        ghost.route_refusal(clipping))
   m = clipping.group_size
   group_loss = loss.group_loss_fn or (
       batch_clipping.group_loss_from_example_loss(loss.loss_fn, m))

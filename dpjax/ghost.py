@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -911,7 +912,8 @@ def clipped_grad_for_route(
   'auto': 'bookkeeping' when :func:`route_refusal` has no objection and
   the model has at least :data:`AUTO_MIN_PARAMS` parameters, else 'vmap' (a
   model without supported layers runs the vmap route either way); an
-  explicit 'ghost' or 'bookkeeping' with an objection is an error. Every
+  explicit 'ghost' or 'bookkeeping' with an objection logs it and runs
+  'vmap': the route is a performance setting, never a refusal. Every
   function takes ``param_mask=`` (:func:`clipped_grad`). All routes compute
   the same clipped sum: the route is a performance setting.
 
@@ -933,7 +935,7 @@ def clipped_grad_for_route(
                                      has_aux=has_aux)
   refusal = route_refusal(clipping, stats_through_public=stats_through_public)
   if refusal is not None and route in ('ghost', 'bookkeeping'):
-    raise ValueError(f'perf.grad_route={route!r}: {refusal}')
+    logging.warning("perf.grad_route=%r runs as 'vmap': %s", route, refusal)
   if route == 'vmap' or refusal is not None:
     return vmap_fn
   ghost_fn = clipped_grad(

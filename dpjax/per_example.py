@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dpjax import batch_loss as batch_loss_lib
 from dpjax import clipping as clipping_lib
 from dpjax import sampling
 
@@ -181,6 +182,7 @@ def clipped_grad(
     *,
     microbatch_size: int | None = None,
     has_aux: bool = False,
+    keep_batch_dim: bool = False,
 ) -> Callable[..., ClippedGrad]:
   """Builds the per-example (vmap) clipped-gradient function ``fn``.
 
@@ -218,12 +220,18 @@ def clipped_grad(
     microbatch_size: rows per vectorized chunk; None processes the whole batch
       at once. A performance setting only: it never changes the result.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    keep_batch_dim: ``loss_fn`` is the loss of a BATCH (a scalar mean or
+      sum, or a [batch] vector), evaluated on each example as a batch of one
+      (:func:`dpjax.batch_loss.batch_of_one`; as jax_privacy's
+      ``keep_batch_dim=True``). Mean and sum give the same gradient there.
 
   Returns:
     A function returning :class:`ClippedGrad` ``(grad_sum, clip_state,
     stats)``. Call it under ``jax.jit``.
   """
   check_microbatch_size(microbatch_size)
+  if keep_batch_dim:
+    loss_fn = batch_loss_lib.batch_of_one(loss_fn, has_aux=has_aux)
   grads_fn = per_example_grads(loss_fn, has_aux=has_aux)
 
   def chunk_fn(params, param_mask, chunk, chunk_mask, clip_state, args):

@@ -63,6 +63,7 @@ VARIANTS = {
     'dpjax-vmap': (False, 'dpjax vmap'),
     'dpjax-bookkeeping': (False, 'dpjax bookkeeping'),
     'dpjax-ghost': (False, 'dpjax ghost'),
+    'dpjax-make-private': (False, 'dpjax make_private (auto route)'),
     'optax-dpsgd': (False, 'optax.contrib.dpsgd'),
     'jax_privacy': (True, 'jax_privacy 2 clipped_grad'),
     'torch-nonprivate': (True, 'torch non-private'),
@@ -98,6 +99,49 @@ def _load_models_module():
   sys.modules[spec.name] = module  # flax's dataclasses look it up
   spec.loader.exec_module(module)
   return module
+
+
+def _make_private_step(model, sgd, images, labels):
+  """The step of a loop converted by dpjax.make_private, on a fixed batch.
+
+  The user's batch loss and their own step around ``value_and_grad``; the
+  fixed batch is wrapped as the PrivateBatch that ``private.batches`` would
+  hand out (every row real), so the time is the convenience layer's step.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  sys.path.insert(0, REPO)
+  import dpjax
+  from dpjax import private as private_lib
+
+  def batch_loss(p, batch):
+    logits = model.apply({'params': p}, batch['image'])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch['label']).mean()
+
+  size = len(labels)
+  private = dpjax.make_private(
+      batch_loss, sgd, {'image': np.asarray(images), 'label': np.asarray(labels)},
+      noise_multiplier=SIGMA, clip_norm=CLIP, expected_batch_size=size,
+      steps=1, delta=0.5 / size)
+  index, mask = jnp.arange(size, dtype=jnp.int32), jnp.ones(size, bool)
+
+  def step(p, opt_state, key, images, labels):
+    examples = dpjax.example_keys.Indexed(
+        {'image': images, 'label': labels}, index)
+    # A fresh step number per call: value_and_grad refuses a second release
+    # of one step (its noise would be reused).
+    step_number = jax.random.randint(key, (), 0, jnp.iinfo(jnp.int32).max)
+    batch = private_lib.PrivateBatch(
+        dpjax.Batch(examples, mask), step_number,
+        dpjax.GaussianNoiseState(key, step_number), key)
+    _, grads = private.value_and_grad(p, batch)
+    updates, opt_state = sgd.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state
+
+  return step
 
 
 def _jax_step(variant, model_name, shape, batch_size, clipping='flat'):
@@ -139,6 +183,8 @@ def _jax_step(variant, model_name, shape, batch_size, clipping='flat'):
         return jnp.mean(losses)
       updates, opt_state = sgd.update(jax.grad(mean_loss)(p), opt_state, p)
       return optax.apply_updates(p, updates), opt_state
+  elif variant == 'dpjax-make-private':
+    step = _make_private_step(model, sgd, images, labels)
   elif variant.startswith('dpjax-'):
     sys.path.insert(0, REPO)
     import dpjax

@@ -147,3 +147,63 @@ def test_bad_settings():
   avg = augmult.average_over_views(lambda p, e: 0.0, _identity, 2)
   with pytest.raises(ValueError, match="'index'"):
     avg(None, {'image': jnp.zeros((2, 2, 1))}, jax.random.key(0))
+
+
+def test_group_views_average_each_examples_views():
+  # A group loss without coupling: views of the group == the group of views.
+  from dpjax import batch_clipping  # pylint: disable=g-import-not-at-top
+  params, batch, loss_fn = _setup(6)
+  shift = lambda key, image: image + jax.random.normal(key, image.shape)
+  inputs = dpjax.StepInputs(aug_key=jax.random.key(3))
+  mask = jnp.arange(6) < 5
+  def group(p, rows, rows_mask, inputs):  # a mean over its rows
+    values = jax.vmap(loss_fn, in_axes=(None, 0, None))(p, rows, inputs)
+    return jnp.sum(jnp.where(rows_mask, values, 0.0)) / rows_mask.shape[0]
+
+  over_views = augmult.views_of_group(group, shift, 3)(params, batch, mask,
+                                                       inputs)
+  per_example = batch_clipping.group_loss_from_example_loss(
+      augmult.average_over_views(loss_fn, shift, 3), 6)(params, batch, mask,
+                                                        inputs)
+  np.testing.assert_allclose(over_views, per_example, rtol=1e-5)
+  with pytest.raises(ValueError, match='num_views'):
+    augmult.views_of_group(group, shift, 0)
+
+
+@pytest.mark.parametrize('private', [True, False])
+def test_views_with_batchnorm_in_training_mode(monkeypatch, tmp_path,
+                                               private):
+  """Formerly refused: views inside batch-clipping groups with BatchNorm in
+  training mode (policy 'batch'), and the non-private BatchNorm baseline."""
+  # pylint: disable=g-import-not-at-top
+  import sys
+  import os
+  from dpjax import models
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import default
+
+  class TinyBN(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.Conv(4, (3, 3))(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      return nn.Dense(10)(jnp.mean(nn.relu(x), axis=(-3, -2)))
+
+  monkeypatch.setattr(models, 'get_model', lambda *a, **k: TinyBN())
+  config = default.get_config()
+  config.progress_bar = False
+  config.privacy.steps = 2
+  config.privacy.expected_batch_size = 32
+  config.augmult.num_views = 2
+  config.normalization.policy = 'batch' if private else 'frozen'
+  config.data.public_fraction = 0.05
+  if private:
+    config.privacy.accountant = 'gdp'
+    config.privacy.clipping.mode = 'batch'
+    config.privacy.clipping.group_size = 8
+  else:
+    config.privacy.enabled = False
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(summary['test_loss'])
+  assert 0 < summary['test_accuracy'] <= 1

@@ -35,6 +35,11 @@ def test_devices_and_accumulation_refuse_nothing():
     assert features.refusal_of(s) is base
 
 
+def test_every_refusal_is_a_privacy_refusal():
+  # A route or feature that is not implemented is not a reason to refuse.
+  assert all(refusal.privacy for refusal in features.REFUSALS)
+
+
 def test_every_refusal_says_why_and_how_to_fix():
   for refusal in features.REFUSALS:
     assert len(refusal.reason) > 60
@@ -46,10 +51,6 @@ def test_every_refusal_says_why_and_how_to_fix():
      'only clipping.mode=.batch. bounds'),
     (features.Selection(mode='batch', normalization='privatized'),
      "shuffling accountant"),
-    (features.Selection(mode='batch', route='bookkeeping'),
-     'vmap over the groups'),
-    (features.Selection(mode='flat', route='ghost', modelmix=True),
-     'needs each per-example gradient itself'),
 ])
 def test_check_raises_the_reason(selection, match):
   with pytest.raises(ValueError, match=match):
@@ -71,6 +72,10 @@ def test_check_raises_the_reason(selection, match):
                        normalization='privatized', pruning='select'),
     features.Selection(mode='flat', route='ghost', normalization='public',
                        augmult=True),
+    features.Selection(mode='batch', route='bookkeeping', devices=8),
+    features.Selection(mode='flat', route='ghost', modelmix=True),
+    features.Selection(mode='batch', normalization='batch', augmult=True),
+    features.Selection(mode='none', normalization='frozen', augmult=True),
 ])
 def test_what_used_to_be_refused_now_composes(selection):
   features.check(selection)

@@ -512,7 +512,19 @@ def test_route_refusal():
   assert 'vmap' in linf and 'vmap' in group
   assert 'stats_gradient' in ghost.route_refusal(
       dpjax.clip_per_example(1.0), stats_through_public=True)
+
+
+
+def test_an_explicit_fast_route_it_cannot_take_runs_vmap(caplog):
+  # The route is a performance setting: never a refusal.
+  clip = dpjax.clip_l2_then_linf(1.0, 4.0)
+  loss = lambda w, ex: jnp.sum(w * ex['g'])
+  batch = {'g': jnp.asarray([[3.0, -1.0], [0.2, 0.1]])}
+  ref = dpjax.clipped_grad(loss, clip)(jnp.zeros(2), batch, None)
   for route in ('ghost', 'bookkeeping'):
-    with pytest.raises(ValueError, match='l2_then_linf'):
-      ghost.clipped_grad_for_route(route, lambda p, x: 0.0,
-                                   dpjax.clip_l2_then_linf(1.0, 4.0))
+    with caplog.at_level('WARNING'):
+      fn = ghost.clipped_grad_for_route(route, loss, clip)
+    assert f"perf.grad_route='{route}' runs as 'vmap'" in caplog.text
+    assert 'l2_then_linf' in caplog.text
+    np.testing.assert_array_equal(fn(jnp.zeros(2), batch, None).grad_sum,
+                                  ref.grad_sum)

@@ -37,7 +37,6 @@ from dpjax import augmult as augmult_lib
 from dpjax import averaging
 from dpjax import batch_clipping
 from dpjax import engines
-from dpjax import ghost
 from dpjax import keys as keys_lib
 from dpjax import losses
 from dpjax import modelmix as modelmix_lib
@@ -115,7 +114,11 @@ class AugMultFeature(Feature):
   needs_index = True
 
   def wrap_loss(self, loss):
-    return loss._replace(loss_fn=self.augmult.loss(loss.loss_fn))
+    group = loss.group_loss_fn
+    return loss._replace(
+        loss_fn=self.augmult.loss(loss.loss_fn),
+        group_loss_fn=None if group is None else self.augmult.group_loss(
+            group))
 
   def prepare(self, state, public):
     del public
@@ -382,24 +385,6 @@ REFUSALS: tuple[Refusal, ...] = (
             " batch clipping's shuffling accountant (replace-one, per epoch)"
             " does not cover that release: use 'batch', 'public' or 'frozen'"
             ' with batch clipping.', privacy=True),
-    Refusal(lambda s: s.mode == 'batch' and s.route in ('ghost',
-                                                       'bookkeeping'),
-            "clipping.mode='batch' clips group gradients by vmap over the"
-            ' groups (ghost norms and book-keeping are per example): set'
-            " perf.grad_route='auto'.", privacy=False),
-    Refusal(lambda s: s.augmult and (
-        s.normalization == 'batch' or (s.mode == 'none'
-                                       and s.normalization != 'none')),
-            'augmentation multiplicity averages a one-example loss over views;'
-            ' BatchNorm in training mode (policy \'batch\', or the non-private'
-            ' baseline) normalizes a whole group instead: set'
-            ' augmult.num_views=0 or normalization.policy \'public\','
-            " 'frozen' or 'privatized'.", privacy=False),
-    Refusal(lambda s: s.modelmix and s.mode != 'none' and s.route in (
-        'ghost', 'bookkeeping'),
-            'modelmix clips each gradient in L2 then L-inf: '
-            + ghost.route_refusal(modelmix_lib.clip_l2_then_linf(1.0, 1.0)),
-            privacy=False),
 )
 
 
