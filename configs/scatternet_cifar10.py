@@ -3,7 +3,7 @@
 Tramer & Boneh 2021 ("Differentially Private Learning Needs Better Features
 (or Much More Data)"): 67.0% (linear) and 69.3% (CNN) at epsilon 3, delta
 1e-5, with shuffled batches accounted as Poisson; here batches are truly
-Poisson-sampled. Settings in configs/scatternet_base.py; recipes below.
+Poisson-sampled. Settings in configs/_scatternet.py; recipes below.
 
     dpjax-train --config configs/scatternet_cifar10.py:linear --workdir runs/scat_c10_linear
     dpjax-train --config configs/scatternet_cifar10.py:cnn --workdir runs/scat_c10_cnn
@@ -12,7 +12,7 @@ Data: the python batches in $DPJAX_DATA_DIR/cifar10/cifar-10-batches-py
 (default ../shared/data); features cached with the prepared data on first use.
 """
 
-from configs import scatternet_base
+from configs import _scatternet
 
 RECIPES = {
     # Measured: docs/EXPERIMENTS_scatternet.md.
@@ -23,6 +23,6 @@ RECIPES = {
 
 
 def get_config(model: str = 'cnn'):
-  return scatternet_base.scatternet_config(
-      'cifar10', scatternet_base.data_dir('cifar10', 'cifar-10-batches-py'),
+  return _scatternet.scatternet_config(
+      'cifar10', _scatternet.data_dir('cifar10', 'cifar-10-batches-py'),
       model, **RECIPES.get(model, {}))

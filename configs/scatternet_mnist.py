@@ -3,7 +3,7 @@
 Tramer & Boneh 2021 ("Differentially Private Learning Needs Better Features
 (or Much More Data)"): 98.7% with ScatterNet features at epsilon 3,
 delta 1e-5, with shuffled batches accounted as Poisson; here batches are
-truly Poisson-sampled. Settings in configs/scatternet_base.py; recipes below.
+truly Poisson-sampled. Settings in configs/_scatternet.py; recipes below.
 
     dpjax-train --config configs/scatternet_mnist.py:linear --workdir runs/scat_mnist_linear
     dpjax-train --config configs/scatternet_mnist.py:cnn --workdir runs/scat_mnist_cnn
@@ -12,7 +12,7 @@ Data: the IDX files in $DPJAX_DATA_DIR/mnist (default ../shared/data/mnist);
 features cached with the prepared data on first use.
 """
 
-from configs import scatternet_base
+from configs import _scatternet
 
 RECIPES = {
     'linear': dict(batch_size=4096, learning_rate=8.0, epochs=40.0),
@@ -21,6 +21,6 @@ RECIPES = {
 
 
 def get_config(model: str = 'cnn'):
-  return scatternet_base.scatternet_config(
-      'mnist', scatternet_base.data_dir('mnist'), model,
+  return _scatternet.scatternet_config(
+      'mnist', _scatternet.data_dir('mnist'), model,
       **RECIPES.get(model, {}))

@@ -467,8 +467,8 @@ def test_cifar10_cpu_config_keeps_the_recipe_at_modelmix_epsilon_8():
   assert (config.privacy.clip_norm, config.optimizer.learning_rate,
           config.modelmix.tau_over_lr, config.modelmix.p) == (
               20.0, 0.15, 0.15, 100.0)
-  plan = modelmix.with_refined_clipping(
-      dpjax.make_plan(train.privacy_config(config), 50000), config.modelmix.p)
+  plan = dpjax.make_plan(
+      train.privacy_config(config, linf_p=config.modelmix.p), 50000)
   eps = modelmix.ModelMixAccountant(plan, config.modelmix.tau_over_lr).epsilon()
   assert eps == pytest.approx(8.0, rel=0.01) and eps <= 8.0
   assert config.eval_size < 10000

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import scatternet_base
+from configs import _scatternet
 from dpjax import config_validation
 from dpjax import models
 from dpjax import scatternet
@@ -182,5 +182,5 @@ def test_scatternet_configs(dataset, model):
           config.privacy.clip_norm) == (3.0, 1e-5, 0.1)
   config_validation.validate_config(config)
   with pytest.raises(ValueError, match='model argument'):
-    scatternet_base.scatternet_config('mnist', '.', 'resnet', batch_size=1,
+    _scatternet.scatternet_config('mnist', '.', 'resnet', batch_size=1,
                                       learning_rate=1.0, epochs=1.0)

@@ -126,16 +126,18 @@ def check_dataset(ds: ArrayDataset, where: str) -> None:
 
 
 def out_of_domain(ds: ArrayDataset, num_classes: int, max_abs: float,
-                  chunk: int = 4096) -> dict[str, int]:
+                  chunk: int = 1024) -> dict[str, int]:
   """How many records have a bad image or label: counts only, no values.
 
   An image is out of its domain if any value is non-finite or beyond
   ``max_abs``; a label if it lies outside ``[0, num_classes)``.
   """
   bad_images = 0
-  # In row chunks: a memory-mapped feature cache is never copied whole.
+  # In row chunks: a memory-mapped feature cache is never copied whole; in
+  # at least float32, where max_abs is finite (float16 tops out at 65504).
+  dtype = np.promote_types(ds.images.dtype, np.float32)
   for start in range(0, len(ds.images), chunk):
-    flat = np.asarray(ds.images[start:start + chunk]).reshape(
+    flat = np.asarray(ds.images[start:start + chunk], dtype).reshape(
         -1, int(np.prod(ds.images.shape[1:])))
     with np.errstate(invalid='ignore'):
       bad_images += int((~np.all(np.isfinite(flat) & (np.abs(flat) <= max_abs),

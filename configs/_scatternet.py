@@ -1,11 +1,13 @@
 """Shared settings of the ScatterNet configs (Tramer & Boneh 2021).
 
-Not a config of its own: ``configs/scatternet_{mnist,fashion_mnist,cifar10}.py``
-call :func:`scatternet_config`. Features: the scattering transform (J = 2,
-L = 8, order 2) of each image, computed once and cached with the prepared
-data (``config.data.features``, :mod:`dpjax.data.features`). Models: ``scatter_linear`` and ``scatter_cnn``,
-the features normalized by GroupNorm with 27 groups and no scale or bias (the
-paper's data-independent normalization). Privacy: epsilon 3 at delta 1e-5,
+Not a config of its own (hence the underscore, which tests/test_configs.py
+skips): ``configs/scatternet_{mnist,fashion_mnist,cifar10}.py`` call
+:func:`scatternet_config`. Features: the scattering transform (J = 2, L = 8,
+order 2) of each image, computed once and cached with the prepared data
+(``config.data.features``, :mod:`dpjax.data.features`). Models:
+``scatter_linear`` and ``scatter_cnn``, the features normalized by GroupNorm
+with 27 groups and no scale or bias (the paper's data-independent
+normalization). Privacy: epsilon 3 at delta 1e-5,
 Poisson sampling, RDP; the paper's clip norm 0.1 and SGD with momentum 0.9.
 """
 
