@@ -6,9 +6,10 @@ markdown table and writes the plot of scripts/compare_normalization.py.
 Variants: no normalization, GroupNorm, GroupNorm + ScaleNorm (Klause et al.
 2022), and BatchNorm with public, frozen (public, fixed at initialization)
 and privatized statistics (dpjax/normalization.py). Every variant holds out the
-same public slice (``--public-fraction``), so N is the same for all. Finished
-runs (a summary.json in their directory) are read, not retrained: an
-interrupted study resumes.
+same public slice (``--public-fraction``), so N is the same for all, and one
+prepared-data cache (``$DPJAX_CACHE_DIR``, else ``<workdir>/data_cache``), so
+features are computed once. Finished runs (a summary.json in their directory)
+are read, not retrained: an interrupted study resumes.
 
     python scripts/normalization_study.py --config configs/scatternet_cifar10.py:cnn \
         --workdir runs/norm_c10 --seeds 0 1 --out docs/normalization_scatternet.png
@@ -27,6 +28,7 @@ import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dpjax import config_validation  # pylint: disable=g-import-not-at-top
+from dpjax import data as data_lib  # pylint: disable=g-import-not-at-top
 from dpjax import train  # pylint: disable=g-import-not-at-top
 from scripts import compare_normalization  # pylint: disable=g-import-not-at-top
 
@@ -84,6 +86,9 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   overrides = dict(parse_assignment(a) for a in args.overrides)
   overrides.setdefault('data.public_fraction', args.public_fraction)
+  # One prepared-data cache for every run: features are computed once.
+  overrides.setdefault('data.tfds_data_dir',
+                       data_lib.cache_root(None, args.workdir))
   jobs = [(v, s) for v in args.variants for s in args.seeds]
   dirs: dict[str, list[str]] = {v: [] for v in args.variants}
   for variant, seed in tqdm.tqdm(jobs, desc='runs'):
