@@ -1,4 +1,5 @@
-"""CIFAR-10, ResNet-20 (GroupNorm), DP-SGD + ModelMix at the paper's settings.
+"""CIFAR-10, ResNet-20 (GroupNorm), DP-SGD + ModelMix at the paper's settings
+(GPU-sized: 3500 steps of batch 1500; CPU: configs/cifar10_modelmix_cpu.py).
 
 Xiao, Wan, Devadas 2022 ("Differentially Private Deep Learning with ModelMix",
 arXiv 2210.03843): q = 1500 / 50000, c = 20, plain SGD at eta = 0.15, 3500

@@ -1,4 +1,5 @@
-"""CIFAR-10, ResNet-9 with GroupNorm + ScaleNorm (Klause et al. 2022), eps = 8.
+"""CIFAR-10, ResNet-9 with GroupNorm + ScaleNorm (Klause et al. 2022), eps = 8
+(GPU-sized; CPU: configs/cifar10_scalenorm_cpu.py).
 
 Seed method 5's recipe, from the authors' code: ResNet-9 with GroupNorm (32
 groups) and ScaleNorm (a GroupNorm right after each residual addition), Mish
@@ -7,7 +8,8 @@ sampling, RDP accounting, epsilon 8 at delta 1e-5, no augmentation, 50 epochs
 (their default; their grid also used 25 and 90). Their headline is 82.5%
 (likely on top of De et al.'s training setup). The authors lowered the
 learning rate on a validation plateau; this config keeps it constant. A GPU
-run; on CPU, shrink it (see docs/EXPERIMENTS_normalization.md).
+run: on 2 CPU cores no step of it finished in 6 minutes; the CPU-sized
+variant is configs/cifar10_scalenorm_cpu.py.
 
     dpjax-train --config configs/cifar10_scalenorm.py --workdir runs/scalenorm
 

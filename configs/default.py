@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.public_size = ml_collections.config_dict.placeholder(int)
   # A seeded subset of the private training set (small experiments).
   config.data.train_size = ml_collections.config_dict.placeholder(int)
+  # Fixed per-example features instead of pixels: 'scatternet' (the
+  # scattering transform of Tramer & Boneh 2021, for the 'scatter_linear'
+  # and 'scatter_cnn' models), computed once and cached with the prepared data.
+  config.data.features = ml_collections.config_dict.placeholder(str)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'small_cnn'
@@ -181,6 +185,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.augmult.augmentations = ('shift',)
 
   config.eval_every_steps = 0  # 0: ten evaluations per run
+  # Test examples (a seeded subset) of the evaluations during training; the
+  # last evaluation always uses the whole test set. None: always all.
+  config.eval_size = ml_collections.config_dict.placeholder(int)
   config.log_every_steps = 10
   config.progress_bar = True
   return config

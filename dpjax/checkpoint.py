@@ -56,7 +56,7 @@ PyTree = Any
 # where the raw data lives. Everything else is in the fingerprint.
 NON_PRIVACY_FIELDS: tuple[str, ...] = (
     'perf', 'progress_bar', 'log_every_steps', 'eval_every_steps',
-    'data.manual_dir', 'data.tfds_data_dir')
+    'eval_size', 'data.manual_dir', 'data.tfds_data_dir')
 
 _EVENT_TYPES: dict[str, type[dp_accounting.DpEvent]] = {
     cls.__name__: cls for cls in vars(dp_accounting.dp_event).values()

@@ -10,7 +10,8 @@ the one its user asked for. This module refuses, before anything is written:
 * a run given both a noise multiplier and a target epsilon: one of them
   would silently win;
 * out-of-range settings of the scale features (devices, physical batches,
-  checkpoints, parameter averaging, augmentation multiplicity);
+  checkpoints, parameter averaging, augmentation multiplicity, evaluation
+  size), and a scattering model without its features;
 * datasets of the wrong structure: dtypes, shapes that disagree between
   splits, images and labels that do not pair up.
 
@@ -39,6 +40,7 @@ import numpy as np
 
 from dpjax import augmult as augmult_lib
 from dpjax import data as data_lib
+from dpjax import scatternet
 
 # Inputs beyond this magnitude are not normalized images: their gradients
 # overflow float32 norms, and the clipping zeroes them (counted, not refused).
@@ -211,8 +213,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   Sections: ``privacy`` (noise multiplier or target epsilon: exactly one),
   ``perf`` (num_devices, physical_batch_size, checkpoint_every_steps),
-  ``averaging`` (ema_decay, polyak, polyak_start_step) and ``augmult``
-  (num_views, augmentations).
+  ``averaging`` (ema_decay, polyak, polyak_start_step), ``augmult``
+  (num_views, augmentations), ``eval_size``, and ``data.features`` (known,
+  and set for the scattering models).
   """
   check_noise_choice(config)
   perf = _section(config, 'perf')
@@ -240,6 +243,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if avg.get('polyak_start_step') is not None:
     _int('averaging.polyak_start_step', avg.polyak_start_step, 0)
 
+  if config.get('eval_size') is not None:
+    _int('eval_size', config.eval_size, 1,
+         ' None evaluates on the whole test set every time.')
+  _check_features(config)
+
   aug = _section(config, 'augmult')
   if aug.get('num_views') is not None:
     views = _int('augmult.num_views', aug.num_views, 0,
@@ -249,6 +257,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         augmult_lib.get_augmentation(tuple(aug.augmentations))
       except ValueError as e:
         raise ConfigError(f'augmult.augmentations: {e}') from None
+
+
+def _check_features(config: ml_collections.ConfigDict) -> None:
+  """``data.features`` is known, and the scattering models get features."""
+  features = _section(config, 'data').get('features')
+  try:
+    data_lib.features_lib.check_features(features)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  model = _section(config, 'model').get('name')
+  if model in scatternet.MODELS and features != 'scatternet':
+    raise ConfigError(
+        f'model.name={model!r} takes scattering features, not pixels: set'
+        " data.features='scatternet' (computed once and cached beside the"
+        ' prepared data).')
 
 
 def check_splits(splits: data_lib.DataSplits) -> dict[str, dict[str, int]]:

@@ -111,6 +111,8 @@ _COMMON_FIELDS = (
      ' $DPJAX_DATA_DIR/<dataset>)'),
     ('data.tfds_data_dir', 'the prepared-dataset cache (default'
      ' $DPJAX_CACHE_DIR, else <workdir>/data_cache)'),
+    ('data.features', "'scatternet': fixed scattering features (Tramer &"
+     " Boneh 2021), for model.name='scatter_linear' | 'scatter_cnn'"),
     ('model.name', 'e.g. small_cnn, tanh_cnn, resnet8, resnet20, nnx_cnn'),
     ('optimizer.name', "'sgd' | 'adam' | 'nadam'"),
     ('optimizer.learning_rate', ''),

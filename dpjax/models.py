@@ -8,7 +8,10 @@ because they keep activations, hence gradient norms, bounded.
 
 :func:`get_model` also builds the residual networks of :mod:`dpjax.resnets`
 (ResNet-18, ResNet-20, ResNet-8, ResNet-9, WRN-16-4, each with a choice of
-normalization) and the Flax NNX CNN of :mod:`dpjax.nnx_models`.
+normalization), the Flax NNX CNN of :mod:`dpjax.nnx_models` and the models
+over scattering features of :mod:`dpjax.scatternet` (``scatter_linear``,
+``scatter_cnn``: Tramer & Boneh 2021's ScatterNet+linear and +CNN; they take
+the feature maps of ``config.data.features='scatternet'``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import jax
 
 from dpjax import nnx_models
 from dpjax import resnets
+from dpjax import scatternet
 
 
 class TanhCNN(nn.Module):
@@ -97,7 +101,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # Residual networks with a choice of normalization (dpjax/resnets.py), and a
 # Flax NNX CNN behind flax's Linen bridge (dpjax/nnx_models.py).
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS) + tuple(resnets.RESNETS) + (
-    'nnx_cnn',)
+    'nnx_cnn',) + tuple(scatternet.MODELS)
+# The scattering models' defaults: Tramer & Boneh's GroupNorm of the features
+# (27 groups, no scale or bias).
+SCATTER_DEFAULT_NORM, SCATTER_DEFAULT_GROUPS = 'group', 27
 
 
 def get_model(name: str, num_classes: int, activation: str | None = None, *,
@@ -108,17 +115,22 @@ def get_model(name: str, num_classes: int, activation: str | None = None, *,
 
   Args:
     name: 'tanh_cnn', 'small_cnn', 'cifar_tanh_cnn', 'resnet18', 'resnet20',
-      'resnet8', 'resnet9', 'wrn16_4' or 'nnx_cnn'.
+      'resnet8', 'resnet9', 'wrn16_4', 'nnx_cnn', 'scatter_linear' or
+      'scatter_cnn'.
     num_classes: size of the output layer.
     activation: a key of :data:`ACTIVATIONS`; None: the model's default (tanh
       for the CNNs, relu for the ResNets, mish for ResNet-9).
-    norm: residual networks only: 'none', 'group' or 'batch' (None: the
-      model's default; 'batch' puts statistics in ``batch_stats``, which DP
-      training handles by a :mod:`dpjax.normalization` policy).
+    norm: residual and scattering networks only: 'none', 'group' or 'batch'
+      (None: the model's default; 'batch' puts statistics in
+      ``batch_stats``, which DP training handles by a
+      :mod:`dpjax.normalization` policy).
     num_groups: GroupNorm groups (None: the model's default).
-    scale_norm: residual networks only: a norm after each residual addition.
-    width: residual networks only: multiplier of every channel count.
-    affine: residual networks only: learned scale and bias in the norms.
+    scale_norm: residual networks and ``scatter_cnn``: a norm after each
+      residual addition.
+    width: residual networks and ``scatter_cnn``: multiplier of every
+      channel count.
+    affine: residual and scattering networks: learned scale and bias in the
+      norms.
 
   Returns:
     A ``flax.linen.Module``; the residual networks take ``train``.
@@ -138,6 +150,10 @@ def get_model(name: str, num_classes: int, activation: str | None = None, *,
         width=width, affine=affine,
         activation=ACTIVATIONS[activation or default_activation])
     return build(**options)
+  if name in scatternet.MODELS:
+    return _scatter_model(name, num_classes, activation, norm=norm,
+                          num_groups=num_groups, scale_norm=scale_norm,
+                          width=width, affine=affine)
   if norm not in (None, 'none') or scale_norm or width != 1.0 or not affine:
     raise ValueError(
         f'model {name!r} has no normalization or width options (got norm='
@@ -148,3 +164,24 @@ def get_model(name: str, num_classes: int, activation: str | None = None, *,
     return nnx_models.NnxCNNLinen(num_classes=num_classes,
                                   activation=activation)
   return MODELS[name](num_classes=num_classes, activation=activation)
+
+
+def _scatter_model(name: str, num_classes: int, activation: str | None, *,
+                   norm: str | None, num_groups: int | None, scale_norm: bool,
+                   width: float, affine: bool) -> nn.Module:
+  """A model of :mod:`dpjax.scatternet` (refusing options it lacks)."""
+  build, is_cnn = scatternet.MODELS[name]
+  options: dict[str, Any] = dict(
+      num_classes=num_classes,
+      norm=resnets.check_norm(SCATTER_DEFAULT_NORM if norm is None else norm),
+      num_groups=SCATTER_DEFAULT_GROUPS if num_groups is None else num_groups,
+      affine=affine)
+  if is_cnn:
+    options.update(scale_norm=scale_norm, width=width,
+                   activation=ACTIVATIONS[activation or 'tanh'])
+  elif scale_norm or width != 1.0 or activation is not None:
+    raise ValueError(
+        f'model {name!r} is one Dense layer over normalized features: it has'
+        f' no scale_norm, width or activation (got scale_norm={scale_norm!r},'
+        f" width={width!r}, activation={activation!r}); use 'scatter_cnn'.")
+  return build(**options)

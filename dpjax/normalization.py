@@ -11,7 +11,10 @@ dpjax makes the choice explicit, per collection (``config.normalization.policy``
   in training and at evaluation (the sound form of Davody et al. 2020,
   "On the effect of normalization layers on differentially private training
   of deep neural networks"); per-example gradients stay independent, with or
-  without gradients flowing through the public statistics.
+  without gradients flowing through the public statistics. Each step uses a
+  fresh public batch's statistics at the step's parameters; evaluation uses
+  those of a fixed public batch at the evaluated parameters (never a running
+  average of past parameters' statistics, which lags behind the weights).
 * ``frozen``: statistics fixed (from public data, or the initial values),
   scale and bias still trained.
 * ``privatized``: statistics updated from noised sums of clipped per-example
@@ -21,8 +24,9 @@ dpjax makes the choice explicit, per collection (``config.normalization.policy``
 * ``batch``: training-mode BatchNorm over a batch-clipping group only (Nguyen
   et al. 2023, "Batch Clipping and Adaptive Layerwise Clipping for
   Differential Private Stochastic Gradient Descent"), where the whole group's
-  gradient is one clipped quantity; running statistics come from public data
-  or are replaced by batch statistics at evaluation.
+  gradient is one clipped quantity; evaluation normalizes with public
+  statistics (a fixed public batch's, at the evaluated parameters) or with
+  each evaluation batch's own.
 
 Other mutable collections accept ``reject`` or ``frozen``. GroupNorm,
 LayerNorm, ScaleNorm and weight standardization need no policy.
@@ -79,12 +83,13 @@ class NormalizationConfig:
     policy: one of :data:`POLICIES` for every collection, or per collection
       as ``'batch_stats:public,cache:frozen'``.
     public_batch_size: public examples per step whose statistics the
-      ``public`` policy normalizes with (also the batch ``frozen`` and
+      ``public`` policy normalizes with (also the size of the fixed public
+      batch that evaluation normalizes with, and that ``frozen`` and
       ``privatized`` initialize from).
     stats_gradient: ``public`` only: whether gradients flow through the public
       statistics (they depend on the parameters, never on private data).
-    momentum: decay of the running statistics used at evaluation (``public``,
-      ``batch``) and of the privatized estimate.
+    momentum: ``privatized`` only: decay of the running estimate that the
+      noised statistics are averaged into.
     stats_clip_norm: ``privatized``: L2 bound on each example's moment vector
       (deviations from the current statistics, all layers together).
     stats_budget: ``privatized``: the share of each step's privacy spent on
@@ -92,8 +97,9 @@ class NormalizationConfig:
       sigma, the gradient gets sigma / sqrt(1 - share) and the statistics
       sigma / sqrt(share), which together cost exactly what a gradient step
       at sigma costs.
-    eval_statistics: ``batch`` only: 'public' (running statistics of public
-      batches) or 'batch' (each evaluation batch's own statistics).
+    eval_statistics: ``batch`` only: 'public' (statistics of a fixed public
+      batch at the evaluated parameters) or 'batch' (each evaluation batch's
+      own statistics).
   """
 
   policy: str = 'reject'
@@ -505,8 +511,14 @@ class Normalizer:
   @property
   def needs_public_batch(self) -> bool:
     """Whether each step draws a public batch."""
-    return (self.private and (self.bn_policy == 'public' or (
-        self.bn_policy == 'batch' and self.config.eval_statistics == 'public')))
+    return self.private and self.bn_policy == 'public'
+
+  @property
+  def evaluates_on_public(self) -> bool:
+    """Whether evaluation normalizes with a public batch's statistics at the
+    evaluated parameters (``public``; ``batch`` with public evaluation)."""
+    return self.private and (self.bn_policy == 'public' or (
+        self.bn_policy == 'batch' and self.config.eval_statistics == 'public'))
 
   @property
   def has_aux(self) -> bool:
@@ -551,25 +563,23 @@ class Normalizer:
 
   @property
   def tracks_public(self) -> bool:
-    """Whether the stored statistics follow public batches (running EMA)."""
+    """Whether the stored statistics are the last step's public ones."""
     return self.needs_public_batch
 
   def step_state(self, params: PyTree, model_state: PyTree,
                  public: jax.Array | None) -> tuple[PyTree, PyTree]:
     """``(state the step's loss uses, state after the step)`` (device; pure).
 
-    ``public`` (and ``batch`` with public evaluation statistics): the public
-    batch's statistics at ``params`` (no gradient) for the loss, and their
-    running average for evaluation; otherwise ``model_state`` twice (the
-    ``privatized`` update comes from :meth:`privatized_state`).
+    ``public``: the public batch's statistics at ``params`` (no gradient),
+    for the loss and kept after the step; otherwise ``model_state`` twice
+    (the ``privatized`` update comes from :meth:`privatized_state`).
     """
     if public is None:
       return model_state, model_state
     stats = jax.lax.stop_gradient(batch_statistics(
         self.model, {'params': params, **model_state}, public))
-    return ({**model_state, BATCH_STATS: stats},
-            {**model_state, BATCH_STATS: ema(model_state[BATCH_STATS], stats,
-                                             self.config.momentum)})
+    state = {**model_state, BATCH_STATS: stats}
+    return state, state
 
   def example_loss(
       self,
@@ -628,15 +638,32 @@ class Normalizer:
     return {**model_state, BATCH_STATS: moments_to_stats(
         ema(center, estimate, self.config.momentum))}
 
+  def eval_statistics(self, variables: PyTree) -> PyTree:
+    """The variables evaluation normalizes with (device; pure).
+
+    ``public`` and ``batch`` with public evaluation statistics: the
+    statistics of the fixed public evaluation batch (the first
+    ``public_batch_size`` public examples) at ``variables['params']``, the
+    parameters being evaluated; otherwise the stored ones (``frozen``,
+    ``privatized``).
+    """
+    if not self.evaluates_on_public:
+      return variables
+    stats = batch_statistics(self.model, variables,
+                             jnp.asarray(self._public_slice(None)))
+    return {**variables, BATCH_STATS: stats}
+
   def eval_apply(self, variables: PyTree, images: jax.Array,
                  mask: jax.Array) -> jax.Array:
-    """Logits for evaluation: stored statistics, or the batch's own (masked)."""
+    """Logits for evaluation, with the statistics of :meth:`eval_statistics`
+    or the batch's own (masked)."""
     if self.bn_policy == 'batch' and self.config.eval_statistics == 'batch':
       with batchnorm_interceptor(None, mask):
         logits, _ = self.model.apply(variables, images, train=True,
                                      mutable=[BATCH_STATS])
       return logits
-    return self.model.apply(variables, images, **self._apply_kwargs(False))
+    return self.model.apply(self.eval_statistics(variables), images,
+                            **self._apply_kwargs(False))
 
   def summary(self) -> dict[str, Any]:
     """Entries for summary.json: ``normalization``, the policies and their

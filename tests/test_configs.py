@@ -17,8 +17,10 @@ from dpjax.data import idx_builder
 from dpjax.data import mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/_*.py hold settings shared by several configs; they are no config.
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(
-    os.path.join(REPO, 'configs', '*.py')) if not p.endswith('__init__.py'))
+    os.path.join(REPO, 'configs', '*.py'))
+    if not os.path.basename(p).startswith('_'))
 BUILDERS = {'mnist': mnist.Mnist, 'fashion_mnist': fashion_mnist.FashionMnist,
             'cifar10': cifar10.Cifar10}
 

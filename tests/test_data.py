@@ -158,6 +158,21 @@ def test_out_of_domain_counts_records_not_values():
   assert counts == {'image': 2, 'label': 2}
 
 
+def test_out_of_domain_reads_float16_features_in_chunks(tmp_path):
+  """A memory-mapped float16 cache, read 2 rows at a time: every chunk
+  counted, and 1e6 compared without overflowing float16."""
+  images = np.zeros((7, 2, 2, 3), np.float16)
+  images[2, 0, 0, 0] = np.inf
+  images[6, 1, 1, 2] = np.nan
+  images[4] = 60000.0  # finite in float16, within 1e6
+  np.save(tmp_path / 'f.npy', images)
+  cached = np.load(tmp_path / 'f.npy', mmap_mode='r')
+  with np.errstate(all='raise'):
+    counts = data.out_of_domain(data.ArrayDataset(cached, np.zeros(7, int)),
+                                10, 1e6, chunk=2)
+  assert counts == {'image': 2, 'label': 0}
+
+
 def test_public_split_is_disjoint_and_leaves_the_private_set():
   full = digits.load()
   splits = data.load('digits', public_fraction=0.1, key=jax.random.key(3))

@@ -17,6 +17,7 @@ from scipy import stats
 
 import dpjax
 from configs import cifar10_modelmix
+from configs import cifar10_modelmix_cpu
 from configs import default
 from dpjax import clipping
 from dpjax import modelmix
@@ -458,3 +459,16 @@ def test_cifar10_config_has_the_paper_settings():
   assert plan.sampling_rate == 1500 / 50000
   eps = modelmix.ModelMixAccountant(plan, config.modelmix.tau_over_lr).epsilon()
   assert eps == pytest.approx(8.0, rel=0.01) and eps <= 8.0
+
+
+def test_cifar10_cpu_config_keeps_the_recipe_at_modelmix_epsilon_8():
+  config = cifar10_modelmix_cpu.get_config()
+  assert (config.model.name, config.model.width) == ('resnet20', 0.5)
+  assert (config.privacy.clip_norm, config.optimizer.learning_rate,
+          config.modelmix.tau_over_lr, config.modelmix.p) == (
+              20.0, 0.15, 0.15, 100.0)
+  plan = dpjax.make_plan(
+      train.privacy_config(config, linf_p=config.modelmix.p), 50000)
+  eps = modelmix.ModelMixAccountant(plan, config.modelmix.tau_over_lr).epsilon()
+  assert eps == pytest.approx(8.0, rel=0.01) and eps <= 8.0
+  assert config.eval_size < 10000

@@ -429,6 +429,34 @@ def test_batch_eval_statistics_use_each_batch_masked(tiny):
   assert norm.public_batch(0) is None
 
 
+@pytest.mark.parametrize('policy,eval_statistics', [
+    ('public', 'public'), ('batch', 'public'), ('frozen', 'public')])
+def test_evaluation_normalizes_with_the_statistics_the_policy_claims(
+    tiny, policy, eval_statistics):
+  """'public' (and 'batch' with public evaluation statistics): a fixed public
+  batch's statistics at the parameters evaluated, never the stored ones
+  (mnist_bn_public once evaluated with a running average of past weights'
+  statistics); 'frozen': the stored ones."""
+  model, variables = tiny
+  norm = normalization.make_normalizer(
+      model, variables, normalization.NormalizationConfig(
+          policy=policy, eval_statistics=eval_statistics),
+      public_images=np.asarray(_images(40, seed=9)),
+      batch_clipping=policy == 'batch')
+  params = jax.tree.map(lambda p: 3.0 * p, variables['params'])
+  stored = jax.tree.map(lambda s: s + 5.0, variables['batch_stats'])
+  evaluated = {'params': params, 'batch_stats': stored}
+  images = _images(6, seed=4)
+  got = jax.jit(norm.eval_apply)(evaluated, images, jnp.ones(6, bool))
+  public = norm.public_images[:norm.config.public_batch_size]
+  fresh = normalization.batch_statistics(model, evaluated, public)
+  with_fresh = model.apply({'params': params, 'batch_stats': fresh}, images)
+  with_stored = model.apply(evaluated, images)
+  assert np.abs(with_fresh - with_stored).max() > 1e-2
+  want = with_stored if policy == 'frozen' else with_fresh
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _mnist_fixture(directory, n_train=100, n_test=20):
   rng = np.random.default_rng(3)
   for split, n in (('train', n_train), ('t10k', n_test)):

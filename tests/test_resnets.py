@@ -12,6 +12,7 @@ import pytest
 
 import dpjax
 from configs import cifar10_scalenorm
+from configs import cifar10_scalenorm_cpu
 from dpjax import models
 from dpjax import nnx_models
 from dpjax import normalization
@@ -229,3 +230,23 @@ def test_cifar10_scalenorm_config_runs(tmp_path, fast_compile):
   assert summary['dataset'] == 'cifar10' and summary['dataset_size'] == 40
   assert summary['epsilon'] <= 8.0 and summary['accountant'] == 'rdp'
   assert 'normalization' not in summary  # GroupNorm needs no policy
+
+
+def test_cifar10_scalenorm_cpu_config_is_the_recipe_at_a_quarter_width():
+  gpu, cpu = cifar10_scalenorm.get_config(), cifar10_scalenorm_cpu.get_config()
+  for field in ('name', 'norm', 'num_groups', 'scale_norm', 'activation'):
+    assert cpu.model[field] == gpu.model[field], field
+  assert (cpu.privacy.clip_norm, cpu.privacy.target_epsilon,
+          cpu.optimizer.name, cpu.optimizer.learning_rate) == (
+              gpu.privacy.clip_norm, gpu.privacy.target_epsilon,
+              gpu.optimizer.name, gpu.optimizer.learning_rate)
+  assert cpu.model.width == 0.25 and cpu.eval_size < 10000
+
+  def size(width):
+    model = models.get_model('resnet9', 10, norm='group', num_groups=32,
+                             scale_norm=True, width=width)
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, 32, 32, 3)))
+    return sum(x.size for x in jax.tree.leaves(shapes))
+
+  assert size(cpu.model.width) < size(1.0) / 12  # ~1/16 of the compute

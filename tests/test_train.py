@@ -425,3 +425,25 @@ def test_trains_on_user_arrays(tmp_path):
   assert summary['dataset_size'] == 270  # 10% held out as the test split
   assert summary['data_source']['files'][0]['path'] == str(path)
   assert 0 <= summary['test_accuracy'] <= 1 and summary['epsilon'] > 0
+
+
+def test_scatternet_features_and_eval_size(tmp_path, monkeypatch):
+  """ScatterNet+linear on the digits' features (cached under the cache
+  root); evaluations during training on 100 test digits, the last on all
+  359."""
+  monkeypatch.setenv('DPJAX_CACHE_DIR', str(tmp_path / 'cache'))
+  config = default.get_config()
+  config.progress_bar = False
+  config.data.features = 'scatternet'
+  config.model.name = 'scatter_linear'
+  config.model.affine = False
+  config.privacy.steps = 30
+  config.eval_every_steps = 10
+  config.eval_size = 100
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['epsilon'] <= 3.0 and summary['test_accuracy'] >= 0.7
+  with open(tmp_path / 'run' / 'history.json') as f:
+    accuracies = json.load(f)['test_accuracy']
+  counts = [a * 100 for a in accuracies[:-1]] + [accuracies[-1] * 359]
+  assert all(abs(c - round(c)) < 1e-6 for c in counts)
+  assert os.listdir(tmp_path / 'cache' / 'dpjax_features')

@@ -8,9 +8,12 @@ from dpjax.data.base import ArrayDataset
 from dpjax.data.base import cache_root
 from dpjax.data.base import check_dataset
 from dpjax.data.base import DataSplits
+from dpjax.data.base import eval_subset
 from dpjax.data.base import out_of_domain
+from dpjax.data.base import random_subset
 from dpjax.data.base import split_public
 from dpjax.data.base import subsample_train
+from dpjax.data import features as features_lib
 
 DATASETS: tuple[str, ...] = ('digits', 'mnist', 'fashion_mnist', 'cifar10',
                              'arrays')
@@ -43,8 +46,8 @@ def load(name: str, *, manual_dir: str | None = None,
          key=None, public_dataset: str | None = None,
          public_manual_dir: str | None = None, public_size: int | None = None,
          train_size: int | None = None, path: str | None = None,
-         num_classes: int | None = None,
-         test_fraction: float = 0.1) -> DataSplits:
+         num_classes: int | None = None, test_fraction: float = 0.1,
+         features: str | None = None) -> DataSplits:
   """Loads a dataset by name (see :data:`DATASETS`); never downloads.
 
   Public data, never trained on privately and never charged to the
@@ -63,11 +66,17 @@ def load(name: str, *, manual_dir: str | None = None,
   (None: largest label + 1) and ``test_fraction`` (held out, by ``key``,
   when the file has no test split). ``tfds_data_dir`` is the cache of
   prepared datasets (:func:`cache_root` decides the default).
+
+  ``features='scatternet'`` replaces every split's images by their
+  scattering transform, computed once per split and cached under
+  ``tfds_data_dir`` (:mod:`dpjax.data.features`), before any public split or
+  subset is taken, so every slice of a dataset shares one cache file.
   """
   rng = None if key is None else keys_lib.host_rng(key)
-  splits = _load_one(name, manual_dir, tfds_data_dir, path=path,
-                     num_classes=num_classes, test_fraction=test_fraction,
-                     rng=rng)
+  splits = features_lib.featurize(
+      _load_one(name, manual_dir, tfds_data_dir, path=path,
+                num_classes=num_classes, test_fraction=test_fraction, rng=rng),
+      features, tfds_data_dir)
   if public_dataset is not None:
     if public_fraction:
       raise ValueError(
@@ -79,7 +88,9 @@ def load(name: str, *, manual_dir: str | None = None,
           ' itself; hold out a slice with data.public_fraction instead.')
     public_splits = _load_one(public_dataset, public_manual_dir,
                               tfds_data_dir)
-    public = public_splits.train
+    public = features_lib.featurize_dataset(
+        public_splits.train, f'{public_splits.name}-train', features,
+        tfds_data_dir)
     if public.images.shape[1:] != splits.train.images.shape[1:]:
       raise ValueError(
           f'public dataset {public_dataset!r} has images of shape'
@@ -94,8 +105,8 @@ def load(name: str, *, manual_dir: str | None = None,
       raise ValueError(
           'data.public_size is set but there is no public data; set'
           ' data.public_fraction or data.public_dataset.')
-    splits = splits._replace(public=subsample_train(
-        splits._replace(train=splits.public), public_size, rng).train)
+    splits = splits._replace(public=random_subset(splits.public, public_size,
+                                                  rng))
   if train_size is not None:
     splits = subsample_train(splits, train_size, rng)
   return splits

@@ -75,18 +75,42 @@ def require_rng(rng: np.random.Generator | None) -> np.random.Generator:
   return rng
 
 
-def subsample_train(splits: DataSplits, size: int,
-                    rng: np.random.Generator | None = None) -> DataSplits:
-  """Keeps ``size`` random examples of ``train``, chosen by index with ``rng``."""
-  n = len(splits.train)
+def random_subset(ds: ArrayDataset, size: int,
+                  rng: np.random.Generator | None = None) -> ArrayDataset:
+  """``size`` random examples of ``ds``, chosen by index with ``rng``, in
+  their original order."""
+  n = len(ds)
   if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
       not 0 < size <= n):
     raise ValueError(
         f'a subset size must be an integer in [1, {n}] (the examples'
         f' available), got {size!r}.')
   keep = np.sort(require_rng(rng).permutation(n)[:size])
-  return splits._replace(train=ArrayDataset(splits.train.images[keep],
-                                            splits.train.labels[keep]))
+  return ArrayDataset(ds.images[keep], ds.labels[keep])
+
+
+def subsample_train(splits: DataSplits, size: int,
+                    rng: np.random.Generator | None = None) -> DataSplits:
+  """Keeps ``size`` random examples of ``train``, chosen by index with ``rng``."""
+  return splits._replace(train=random_subset(splits.train, size, rng))
+
+
+def eval_subset(ds: ArrayDataset, size: int | None,
+                rng: np.random.Generator | None = None) -> ArrayDataset:
+  """``size`` random examples of a test split (all of it for None or a size
+  >= its length), chosen with ``rng`` (the run's evaluation stream,
+  ``keys.EVAL``): public, as the test split is.
+
+  Examples:
+    >>> ds = ArrayDataset(np.zeros((10, 1, 1, 1)), np.arange(10))
+    >>> from dpjax import keys
+    >>> rng = keys.host_rng(keys.public_root(0, keys.EVAL))
+    >>> len(eval_subset(ds, 4, rng)), len(eval_subset(ds, None))
+    (4, 10)
+  """
+  if size is None or size >= len(ds):
+    return ds
+  return random_subset(ds, size, rng)
 
 
 def check_dataset(ds: ArrayDataset, where: str) -> None:
@@ -101,19 +125,26 @@ def check_dataset(ds: ArrayDataset, where: str) -> None:
         f' {ds.images.shape}.')
 
 
-def out_of_domain(ds: ArrayDataset, num_classes: int,
-                  max_abs: float) -> dict[str, int]:
+def out_of_domain(ds: ArrayDataset, num_classes: int, max_abs: float,
+                  chunk: int = 1024) -> dict[str, int]:
   """How many records have a bad image or label: counts only, no values.
 
   An image is out of its domain if any value is non-finite or beyond
   ``max_abs``; a label if it lies outside ``[0, num_classes)``.
   """
-  flat = np.asarray(ds.images).reshape(len(ds.images), -1)
-  with np.errstate(invalid='ignore'):
-    bad_image = ~np.all(np.isfinite(flat) & (np.abs(flat) <= max_abs), axis=1)
+  bad_images = 0
+  # In row chunks: a memory-mapped feature cache is never copied whole; in
+  # at least float32, where max_abs is finite (float16 tops out at 65504).
+  dtype = np.promote_types(ds.images.dtype, np.float32)
+  for start in range(0, len(ds.images), chunk):
+    flat = np.asarray(ds.images[start:start + chunk], dtype).reshape(
+        -1, int(np.prod(ds.images.shape[1:])))
+    with np.errstate(invalid='ignore'):
+      bad_images += int((~np.all(np.isfinite(flat) & (np.abs(flat) <= max_abs),
+                                 axis=1)).sum())
   labels = np.asarray(ds.labels)
   bad_label = (labels < 0) | (labels >= num_classes)
-  return {'image': int(bad_image.sum()), 'label': int(bad_label.sum())}
+  return {'image': bad_images, 'label': int(bad_label.sum())}
 
 
 def file_record(path: str) -> dict[str, Any]:

@@ -22,7 +22,9 @@ import tqdm
 
 from dpjax import averaging
 from dpjax import checkpoint
+from dpjax import data as data_lib
 from dpjax import distributed
+from dpjax import keys as keys_lib
 from dpjax import plots
 from dpjax.training import run as run_lib
 from dpjax.training import step as step_lib
@@ -67,9 +69,11 @@ def _place(run: run_lib.Run):
   return distributed.put_replicated((run.state, images, labels), run.mesh)
 
 
-def _evaluate(run, evaluate, state, log: RunLog, eps: float) -> None:
-  """Test metrics of the parameters (and their averages) into the history."""
-  history, test = log.history, run.splits.test
+def _evaluate(run, evaluate, state, log: RunLog, eps: float,
+              test: data_lib.ArrayDataset) -> None:
+  """Metrics on ``test`` of the parameters (and their averages) into the
+  history."""
+  history = log.history
   result = evaluate(state.params, test, state.model_state)
   history['step'].append(log.step)
   history['test_accuracy'].append(result['accuracy'])
@@ -97,6 +101,9 @@ def _loop(run: run_lib.Run, state, images, labels, log: RunLog,
   accountant, delta = config.privacy.accountant, config.privacy.delta
   eval_every, ckpt_every = _schedule(config, plan.num_steps)
   evaluate = step_lib.make_eval_fn(run.model, normalizer=run.normalizer)
+  # Evaluations during training may use a subset; the last uses every example.
+  eval_set = data_lib.eval_subset(run.splits.test, config.get('eval_size'),
+                                  run.keys.rng(keys_lib.EVAL))
   mixing = run.features.get('modelmix')
   eps = 0.0
   bar = tqdm.trange(log.step, plan.num_steps,
@@ -126,7 +133,8 @@ def _loop(run: run_lib.Run, state, images, labels, log: RunLog,
                        'eps': f'{eps:.3f}',
                        **(mixing.report.postfix() if mixing else {})})
     if eval_now:
-      _evaluate(run, evaluate, state, log, eps)
+      _evaluate(run, evaluate, state, log, eps,
+                run.splits.test if last else eval_set)
     if ckpt_every and (log.step % ckpt_every == 0 or last):
       run.checkpointer.save(log.step, state, log.meta(
           run, log.train_time_s + time.time() - start))

@@ -66,10 +66,10 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The public-data, subset and own-data options of ``config.data``."""
+  """The public-data, subset, own-data and feature options of config.data."""
   return {k: config[k] for k in (
       'public_dataset', 'public_manual_dir', 'public_size', 'train_size',
-      'path', 'num_classes', 'test_fraction') if k in config}
+      'path', 'num_classes', 'test_fraction', 'features') if k in config}
 
 
 def normalization_config(

@@ -1,0 +1,53 @@
+"""Shared settings of the ScatterNet configs (Tramer & Boneh 2021).
+
+Not a config of its own (hence the underscore, which tests/test_configs.py
+skips): ``configs/scatternet_{mnist,fashion_mnist,cifar10}.py`` call
+:func:`scatternet_config`. Features: the scattering transform (J = 2, L = 8,
+order 2) of each image, computed once and cached with the prepared data
+(``config.data.features``, :mod:`dpjax.data.features`). Models:
+``scatter_linear`` and ``scatter_cnn``, the features normalized by GroupNorm
+with 27 groups and no scale or bias (the paper's data-independent
+normalization). Privacy: epsilon 3 at delta 1e-5,
+Poisson sampling, RDP; the paper's clip norm 0.1 and SGD with momentum 0.9.
+"""
+
+import os
+
+from configs import default
+
+MODELS = {'linear': 'scatter_linear', 'cnn': 'scatter_cnn'}
+
+
+def data_dir(*parts: str) -> str:
+  return os.path.join(
+      os.environ.get('DPJAX_DATA_DIR', os.path.join('..', 'shared', 'data')),
+      *parts)
+
+
+def scatternet_config(dataset: str, manual_dir: str, model: str, *,
+                      batch_size: int, learning_rate: float, epochs: float):
+  """The ScatterNet config of ``dataset`` for ``model`` ('linear' | 'cnn')."""
+  if model not in MODELS:
+    raise ValueError(
+        f'the ScatterNet configs take a model argument, one of {sorted(MODELS)}'
+        f' (e.g. --config configs/scatternet_mnist.py:linear); got {model!r}.')
+  config = default.get_config()
+  config.data.name = dataset
+  config.data.manual_dir = manual_dir
+  config.data.features = 'scatternet'
+  config.model.name = MODELS[model]
+  config.model.norm = 'group'
+  config.model.num_groups = 27
+  config.model.affine = False
+  config.privacy.clip_norm = 0.1
+  config.privacy.target_epsilon = 3.0
+  config.privacy.delta = 1e-5
+  config.privacy.expected_batch_size = batch_size
+  config.privacy.epochs = epochs
+  config.privacy.accountant = 'rdp'
+  config.optimizer.name = 'sgd'
+  config.optimizer.learning_rate = learning_rate
+  config.optimizer.momentum = 0.9
+  config.eval_every_steps = 0
+  config.log_every_steps = 5
+  return config
