@@ -31,3 +31,15 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
   # Every notebook shows something: a plot or printed numbers.
   assert any(o.get('output_type') in ('display_data', 'stream')
              for o in outputs)
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_saved_with_its_outputs(path):
+  # Opened on GitHub or Colab, it shows its results before anyone runs it
+  # (scripts/execute_notebooks.py saves them).
+  notebook = nbformat.read(path, as_version=4)
+  code = [c for c in notebook.cells if c.cell_type == 'code']
+  outputs = [o for cell in code for o in cell.get('outputs', [])]
+  assert all(cell.get('execution_count') for cell in code), path
+  assert not [o for o in outputs if o.get('output_type') == 'error']
+  assert any(o.get('output_type') == 'display_data' for o in outputs), path
