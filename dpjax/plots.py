@@ -7,11 +7,11 @@ import math
 import os
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.ticker  # pylint: disable=g-import-not-at-top
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+# Figures are built without pyplot, so that writing them never changes the
+# caller's backend (a notebook's inline plots keep working) and needs no
+# display.
+from matplotlib import figure as figure_lib
+import matplotlib.ticker
 
 
 def plot_training(history: dict[str, list[float]], path: str,
@@ -21,7 +21,8 @@ def plot_training(history: dict[str, list[float]], path: str,
   Parameter averages (``test_accuracy_ema``, ``test_accuracy_polyak``) are
   drawn beside the raw parameters' accuracy. The file is written atomically.
   """
-  fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig = figure_lib.Figure(figsize=(10, 3.8))
+  ax_acc, ax_eps = fig.subplots(1, 2)
   steps = history['step']
   ax_acc.plot(steps, [100 * a for a in history['test_accuracy']], marker='o',
               label='parameters')
@@ -95,7 +96,8 @@ def plot_privacy_utility(runs: Sequence[dict[str, float | str]], path: str,
     title: figure title.
   """
   points = privacy_utility_points(runs)
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+  fig = figure_lib.Figure(figsize=(5.5, 4))
+  ax = fig.subplots()
   for label, rows in points.items():
     eps, mean, lo, hi = zip(*rows)
     ax.errorbar(eps, mean, marker='o', capsize=3, label=label or None,
@@ -118,9 +120,8 @@ def plot_privacy_utility(runs: Sequence[dict[str, float | str]], path: str,
 
 
 def _save(fig, path: str) -> None:
-  """Writes ``fig`` to ``path`` atomically and closes it."""
+  """Writes ``fig`` to ``path`` atomically."""
   tmp = os.path.join(os.path.dirname(path) or '.',
                      f'.{os.getpid()}.{os.path.basename(path)}')
   fig.savefig(tmp, dpi=110, format=os.path.splitext(path)[1][1:] or 'png')
   os.replace(tmp, path)
-  plt.close(fig)

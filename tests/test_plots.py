@@ -60,3 +60,19 @@ def test_privacy_utility_script_trains_and_plots(tmp_path):
   assert rows[0]['noise_multiplier'] > rows[1]['noise_multiplier']
   _image(tmp_path / 'privacy_utility.png')
   assert '| default | 8 | 1 |' in out.stdout
+
+
+def test_writing_a_plot_keeps_the_callers_backend(tmp_path):
+  # A notebook's inline backend must survive dpjax-train writing its plots
+  # (pyplot's global backend switched to Agg hid every later plt.show()).
+  code = (
+      'import matplotlib; matplotlib.use("svg")\n'
+      'from dpjax import plots\n'
+      'plots.plot_training({"step": [1, 2], "test_accuracy": [0.1, 0.2],'
+      ' "epsilon": [0.5, 1.0]}, %r)\n'
+      'print(matplotlib.get_backend())\n' % str(tmp_path / 'training.png'))
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, check=True, env=dict(
+                           os.environ, PYTHONPATH=ROOT))
+  assert out.stdout.strip() == 'svg'
+  _image(str(tmp_path / 'training.png'))
