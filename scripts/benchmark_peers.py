@@ -136,10 +136,12 @@ def _make_private_step(model, sgd, images, labels):
         {'image': images, 'label': labels}, index)
     # A fresh step number per call: value_and_grad refuses a second release
     # of one step (its noise would be reused).
-    step_number = jax.random.randint(key, (), 0, jnp.iinfo(jnp.int32).max)
+    step_key, noise_root, dropout_key = jax.random.split(key, 3)
+    step_number = jax.random.randint(step_key, (), 0,
+                                     jnp.iinfo(jnp.int32).max)
     batch = private_lib.PrivateBatch(
         dpjax.Batch(examples, mask), step_number,
-        dpjax.GaussianNoiseState(key, step_number), key)
+        dpjax.GaussianNoiseState(noise_root, step_number), dropout_key)
     _, grads = private.value_and_grad(p, batch)
     updates, opt_state = sgd.update(grads, opt_state, p)
     return optax.apply_updates(p, updates), opt_state
