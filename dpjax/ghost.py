@@ -62,33 +62,42 @@ _U = 2.0 ** -24
 _TINY = 2.0 ** -126
 
 
+# The parameter whose per-example gradient is never built on the ghost route
+# (its norm from Gram matrices, its clipped sum book-kept), by layer kind.
+_MATRIX = {'dense': 'kernel', 'conv': 'kernel', 'embed': 'embedding'}
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
-  """A Dense or Conv call whose norms and clipped sum this module computes.
+  """A supported layer call whose norms and clipped sum this module computes.
 
   Attributes:
     path: the Flax module path.
     module: an unbound copy of the module (applied to captured inputs).
-    call: index of this call among the model's Dense/Conv calls.
-    kernel: index of the kernel among ``jax.tree.leaves(params)``.
-    bias: index of the bias, or None.
+    call: index of this call among the model's supported-layer calls.
+    kind: 'dense' (``nn.Dense``, ``nn.DenseGeneral``), 'conv', 'embed' or
+      'norm' (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``).
+    params: (name, index among ``jax.tree.leaves(params)``, shape) of each of
+      the layer's parameters.
     in_shape: per-example input shape.
     out_shape: per-example output shape.
     tokens: T, rows of the per-example layer gradient product (sequence
       positions times output pixels); 1 for a plain Dense.
-    fan_in: K, kernel rows per output feature (d_in, or kh*kw*c_in/groups).
+    fan_in: K, kernel rows per output feature (d_in, or kh*kw*c_in/groups;
+      the vocabulary size of an embedding).
     features: C, output features.
-    groups: conv feature groups (1 for Dense).
+    groups: conv feature groups (1 otherwise).
     geometry: for a conv, (kernel_size, strides, pads, dilation).
     norm_route: 'ghost' (Gram matrices) or 'direct' (per-example layer
-      gradient).
+      gradient) for the kernel or embedding; a norm layer's scale and bias
+      always take the direct route (they are the size of one feature row).
   """
 
   path: tuple[str, ...]
   module: nn.Module
   call: int
-  kernel: int
-  bias: int | None
+  kind: str
+  params: tuple[tuple[str, int, tuple[int, ...]], ...]
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
   tokens: int
@@ -101,6 +110,18 @@ class Layer:
   @property
   def is_conv(self) -> bool:
     return self.geometry is not None
+
+  @property
+  def matrix(self) -> str | None:
+    """Name of the parameter the ghost route book-keeps, if any."""
+    return _MATRIX.get(self.kind)
+
+  @property
+  def indices(self) -> dict[str, int]:
+    return {name: i for name, i, _ in self.params}
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return {n: s for n, _, s in self.params}[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +285,7 @@ def _out_grads(layer: Layer, g: jax.Array) -> jax.Array:
 def _kernel_blocks(layer: Layer, kernel: jax.Array, blocks: int) -> jax.Array:
   """The kernel as [blocks, c, G, F/G], matching :func:`_layer_taps`."""
   return kernel.reshape(blocks, -1, layer.groups,
-                        kernel.shape[-1] // layer.groups)
+                        layer.features // layer.groups)
 
 
 def _probe(shape: tuple[int, ...], phase: float) -> jax.Array:
@@ -279,18 +300,15 @@ def _geometry_reproduces_output(layer: Layer) -> bool:
   with jax.ensure_compile_time_eval():
     x = _probe((1,) + layer.in_shape, 0.0)
     taps = _layer_taps(layer, x)
-    kshape = tuple(layer.geometry[0]) + (layer.in_shape[-1] // layer.groups,
-                                         layer.features)
-    w = {'kernel': _probe(kshape, 1.0)}
-    if layer.bias is not None:
-      w['bias'] = _probe((layer.features,), 2.0)
+    w = {name: _probe(shape, phase)
+         for phase, (name, _, shape) in enumerate(layer.params)}
     expected = layer.module.apply({'params': w}, x).reshape(
         1, layer.tokens, layer.features)
     k = _kernel_blocks(layer, w['kernel'], len(taps))
     got = sum(jnp.einsum('mtgc,cgo->mtgo', x_o, k[o])
               for o, x_o in enumerate(taps)).reshape(expected.shape)
     if 'bias' in w:
-      got = got + w['bias']
+      got = got + w['bias'].reshape(-1)
     scale = float(jnp.max(jnp.abs(expected))) + 1.0
     return bool(jnp.max(jnp.abs(got - expected)) <= 1e-4 * scale)
 
@@ -304,60 +322,106 @@ def _is_float32(x) -> bool:
   return jnp.result_type(x) == jnp.float32
 
 
+_DENSE = (nn.Dense, nn.DenseGeneral)
+_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+_SUPPORTED = _DENSE + (nn.Conv, nn.Embed) + _NORMS
+
+
+def _layer_params(module, leaf_index) -> list | str:
+  """(name, leaf index, shape) of each parameter, or a reason to skip."""
+  if set(module.variables) - {'params'}:
+    return 'has variables other than params'
+  params = module.variables.get('params', {})
+  found = []
+  for name in sorted(params):
+    index = leaf_index.get(id(params[name]))
+    if index is None:
+      return f'{name} is not a leaf of params (transformed or lifted)'
+    if not _is_float32(params[name]):
+      return 'not float32'
+    found.append((name, index, tuple(params[name].shape)))
+  return found or 'no parameters'
+
+
+def _dense_general_shape(module: nn.DenseGeneral, x, kernel_shape):
+  """(tokens, fan_in) of a DenseGeneral over trailing axes, or a reason."""
+  if module.batch_dims:
+    return 'DenseGeneral with batch_dims'
+  axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+  n = len(axis)
+  # The kernel's rows follow ``axis`` in the order given; reshaping the input
+  # matches them only for the trailing axes in increasing order.
+  if tuple(a % x.ndim for a in axis) != tuple(range(x.ndim - n, x.ndim)):
+    return f'DenseGeneral over axes {axis}, not the trailing ones in order'
+  if tuple(kernel_shape[:n]) != tuple(x.shape[-n:]):
+    return 'kernel does not match the contracted axes'
+  return math.prod(x.shape[:-n]), math.prod(x.shape[-n:])
+
+
 def _inspect_call(module, args, kwargs, out, leaf_index, call):
   """A :class:`Layer` for one intercepted call, or a reason to skip it."""
   if kwargs or len(args) != 1:
     return 'called with extra arguments'
   x = args[0]
-  params = module.variables.get('params', {})
-  kernel = leaf_index.get(id(params.get('kernel')))
-  if kernel is None:
-    return 'kernel is not a leaf of params (transformed or lifted)'
-  bias = None
-  if module.use_bias:
-    bias = leaf_index.get(id(params.get('bias')))
-    if bias is None:
-      return 'bias is not a leaf of params'
-  if not (_is_float32(x) and _is_float32(out)
-          and _is_float32(params['kernel'])
+  params = _layer_params(module, leaf_index)
+  if isinstance(params, str):
+    return params
+  names = {name for name, _, _ in params}
+  embed = isinstance(module, nn.Embed)
+  if not ((jnp.issubdtype(jnp.result_type(x), jnp.integer) if embed
+           else _is_float32(x)) and _is_float32(out)
           and module.dtype in (None, jnp.float32)):
     return 'not float32'
-  unbound = module.clone(parent=None)
   in_shape, out_shape = tuple(x.shape), tuple(out.shape)
-  features = out_shape[-1]
-  if isinstance(module, nn.Conv):
-    if module.mask is not None:
-      return 'masked conv'
-    if module.conv_general_dilated is not None or (
-        module.conv_general_dilated_cls is not None):
-      return 'custom conv_general_dilated'
-    geometry = _conv_geometry(module, in_shape)
-    if isinstance(geometry, str):
-      return geometry
-    kernel_shape = params['kernel'].shape
-    groups = module.feature_group_count
-    fan_in = math.prod(kernel_shape[:-1])
-    tokens = math.prod(out_shape[:-1])
+  features, groups, geometry = out_shape[-1] if out_shape else 0, 1, None
+  if isinstance(module, _NORMS):
+    if module.axis_name is not None:
+      return 'statistics across devices (axis_name)'
+    kind, tokens, fan_in = 'norm', 1, 1
+  elif embed:
+    kind, tokens, fan_in = 'embed', math.prod(in_shape), module.num_embeddings
   else:
-    if module.dot_general is not None or module.dot_general_cls is not None:
-      return 'custom dot_general'
-    if params['kernel'].ndim != 2:
-      return 'kernel is not 2-D'
-    geometry, groups = None, 1
-    fan_in = in_shape[-1]
-    tokens = math.prod(in_shape[:-1])
+    kind = 'conv' if isinstance(module, nn.Conv) else 'dense'
+    if 'kernel' not in names or not names <= {'kernel', 'bias'}:
+      return 'parameters other than kernel and bias'
+    kernel_shape = dict((n, s) for n, _, s in params)['kernel']
+    if kind == 'conv':
+      if module.mask is not None:
+        return 'masked conv'
+      if module.conv_general_dilated is not None or (
+          module.conv_general_dilated_cls is not None):
+        return 'custom conv_general_dilated'
+      geometry = _conv_geometry(module, in_shape)
+      if isinstance(geometry, str):
+        return geometry
+      groups = module.feature_group_count
+      fan_in = math.prod(kernel_shape[:-1])
+      tokens = math.prod(out_shape[:-1])
+    else:
+      if module.dot_general is not None or module.dot_general_cls is not None:
+        return 'custom dot_general'
+      if isinstance(module, nn.Dense):
+        if len(kernel_shape) != 2:
+          return 'kernel is not 2-D'
+        tokens, fan_in = math.prod(in_shape[:-1]), in_shape[-1]
+      else:
+        shape = _dense_general_shape(module, x, kernel_shape)
+        if isinstance(shape, str):
+          return shape
+        tokens, fan_in = shape
+        features = math.prod(kernel_shape) // fan_in
   if features == 0 or fan_in == 0:
     return 'empty layer'
-  return Layer(path=tuple(module.scope.path), module=unbound, call=call,
-               kernel=kernel, bias=bias, in_shape=in_shape,
+  return Layer(path=tuple(module.scope.path), module=module.clone(parent=None),
+               call=call, kind=kind, params=tuple(params), in_shape=in_shape,
                out_shape=out_shape, tokens=tokens, fan_in=fan_in,
                features=features, groups=groups, geometry=geometry,
                norm_route='')
 
 
 def _supported_call(context) -> bool:
-  return context.method_name == '__call__' and type(context.module) in (
-      nn.Dense, nn.Conv)
+  return context.method_name == '__call__' and type(
+      context.module) in _SUPPORTED
 
 
 class _Capture:
@@ -398,10 +462,7 @@ class _Capture:
 
 
 def _layer_weights(layer: Layer, leaves) -> dict[str, jax.Array]:
-  w = {'kernel': leaves[layer.kernel]}
-  if layer.bias is not None:
-    w['bias'] = leaves[layer.bias]
-  return w
+  return {name: leaves[i] for name, i, _ in layer.params}
 
 
 def _used_invars(jaxpr) -> set:
@@ -412,9 +473,15 @@ def _used_invars(jaxpr) -> set:
   return used
 
 
-def _discover_calls(loss_fn, treedef, leaves, example, args) -> list:
-  """(path, Layer or reason to skip) for every Dense/Conv call, in order."""
+def _discover_calls(loss_fn, treedef, leaves, example, args
+                    ) -> tuple[list, set]:
+  """(path, Layer or reason to skip) for every supported call, in order.
+
+  Also returns the paths of embeddings used as an output layer
+  (``nn.Embed.attend``: tied weights).
+  """
   found: list = []
+  tied: set = set()
 
   def discover(leaves, example):
     index = {id(x): i for i, x in enumerate(leaves)}
@@ -422,6 +489,9 @@ def _discover_calls(loss_fn, treedef, leaves, example, args) -> list:
 
     def interceptor(next_fun, call_args, kwargs, context):
       out = next_fun(*call_args, **kwargs)
+      if context.method_name == 'attend' and isinstance(context.module,
+                                                        nn.Embed):
+        tied.add(tuple(context.module.scope.path))
       if _supported_call(context):
         # Under an inner transformation (a vmap over augmented views, a
         # remat, a scan) the captured input would be that trace's value.
@@ -437,7 +507,7 @@ def _discover_calls(loss_fn, treedef, leaves, example, args) -> list:
       return loss_fn(jax.tree.unflatten(treedef, leaves), example, *args)
 
   jax.make_jaxpr(discover)(leaves, example)
-  return found
+  return found, tied
 
 
 def _drop(candidates: list, skipped: dict, bad, reason: str) -> None:
@@ -464,8 +534,7 @@ def _exclusive_layers(loss_fn, treedef, leaves, example, args,
     used = _used_invars(closed.jaxpr)
     invars = closed.jaxpr.invars[:len(leaves)]
     bad = [l for l in candidates
-           if invars[l.kernel] in used
-           or (l.bias is not None and invars[l.bias] in used)]
+           if any(invars[i] in used for _, i, _ in l.params)]
     if not bad:
       return
     _drop(candidates, skipped, bad, 'its parameters are also used elsewhere')
@@ -500,7 +569,7 @@ def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
   leaves, treedef = jax.tree.flatten(params)
   leaves = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
             for x in leaves]
-  found = _discover_calls(loss_fn, treedef, leaves, example, args)
+  found, tied = _discover_calls(loss_fn, treedef, leaves, example, args)
   candidates = [l for _, l in found if isinstance(l, Layer)]
   skipped = {l.call if isinstance(l, Layer) else i: (p, l)
              for i, (p, l) in enumerate(found) if not isinstance(l, Layer)}
@@ -509,19 +578,38 @@ def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
   _drop(candidates, skipped, [l for l in candidates
                               if paths.count(l.path) > 1],
         'called more than once')
-  _drop(candidates, skipped, [l for l in candidates if l.is_conv and not
-                              _geometry_reproduces_output(l)],
+  _drop(candidates, skipped, [l for l in candidates if l.path in tied],
+        'tied weights: the embedding is also the output layer (attend), so'
+        ' its per-example gradient sums two uses; vmap computes it')
+  _drop(candidates, skipped, [
+      l for l in candidates
+      if (l.is_conv or isinstance(l.module, nn.DenseGeneral))
+      and not _geometry_reproduces_output(l)],
         'patch geometry does not match the output')
   _exclusive_layers(loss_fn, treedef, leaves, example, args, candidates,
                     skipped)
-  layers = tuple(
-      dataclasses.replace(l, norm_route=choose_norm_route(
-          l.tokens, l.fan_in, l.features // l.groups, norm_route))
-      for l in candidates)
-  owned = {i for l in layers for i in (l.kernel, l.bias) if i is not None}
+  layers = tuple(dataclasses.replace(l, norm_route=_layer_norm_route(
+      l, norm_route)) for l in candidates)
+  owned = {i for l in layers for _, i, _ in l.params}
   fallback = tuple(i for i in range(len(leaves)) if i not in owned)
   return GhostPlan(layers, fallback, len(found),
                    tuple(skipped[k] for k in sorted(skipped)))
+
+
+def _layer_norm_route(layer: Layer, policy: str) -> str:
+  """The route of one layer's kernel or embedding under ``policy``.
+
+  A norm layer's parameters are one feature row each: always direct. An
+  embedding's per-example gradient is [vocabulary, features], so it takes
+  the sparse Gram route (:func:`embed_sq_norms`) unless forced direct (a
+  parameter mask); its error bound grows with T, not T^2.
+  """
+  if layer.kind == 'norm':
+    return 'direct'
+  if layer.kind == 'embed':
+    return 'direct' if policy == 'direct' else 'ghost'
+  return choose_norm_route(layer.tokens, layer.fan_in,
+                           layer.features // layer.groups, policy)
 
 
 # ----------------------------------------------------------------------------
@@ -540,10 +628,7 @@ def direct_grads(layer: Layer, a: jax.Array, g: jax.Array) -> jax.Array:
   go = _out_grads(layer, g)
   grads = jnp.stack([jnp.einsum('mtgc,mtgo->mcgo', x, go)
                      for x in _layer_taps(layer, a)], axis=1)
-  if not layer.is_conv:
-    return grads.reshape(m, -1, layer.features)
-  return grads.reshape((m,) + tuple(layer.geometry[0]) + (
-      layer.in_shape[-1] // layer.groups, layer.features))
+  return grads.reshape((m,) + layer.shape('kernel'))
 
 
 def ghost_sq_norms(layer: Layer, a: jax.Array,
@@ -633,13 +718,79 @@ def _rows(keep: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
 
 
-def _bookkept_kernel_sum(layer: Layer, kernel, a, g_scaled):
-  """sum_i a_i^T g_scaled_i: the layer's own weight gradient (one VJP)."""
+def embed_sq_norms(layer: Layer, ids: jax.Array,
+                   g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Squared norms of per-example embedding gradients, and their error.
+
+  An example's embedding gradient has one row per distinct token id v, the
+  sum G_v of the output gradients at the positions holding v, so its squared
+  norm is sum_v |G_v|^2 (sparse: no [vocabulary, features] array). With
+  H_t = sum_s [id_s = id_t] g_s (= G_{id_t}, T^2 d flops) and n_t the count
+  of id_t, it is sum_t |H_t|^2 / n_t: a sum of non-negative terms. Each
+  entry of H is off by at most gamma_T sum_s [id_s = id_t] |g_s| (plus T
+  flushed subnormals), so the squares of |H| plus that bound give an upper
+  bound of the exact norm. Positions ``jnp.take`` does not read (ids outside
+  [-V, V)) contribute nothing, as in the layer's own gradient.
+
+  Args:
+    layer: an 'embed' layer.
+    ids: [m, *in_shape] the integer inputs.
+    g: [m, *in_shape, features] gradients of each example's loss w.r.t. its
+      output.
+
+  Returns:
+    ([m] estimates, [m] bounds on |estimate - exact|).
+  """
+  m, t, vocab = ids.shape[0], layer.tokens, layer.fan_in
+  ids = ids.reshape(m, t)
+  if vocab == 1:  # Embed broadcasts its one row whatever the ids.
+    ids = jnp.zeros_like(ids)
+  ids = jnp.where(ids < 0, ids + vocab, ids)
+  valid = (ids >= 0) & (ids < vocab)
+  g, e = _pow2_normalize(jnp.where(valid[..., None], g.reshape(m, t, -1), 0))
+  same = ((ids[:, :, None] == ids[:, None, :]) & valid[:, :, None]
+          & valid[:, None, :]).astype(jnp.float32)
+  h = jnp.einsum('mts,msd->mtd', same, g)
+  h_err = (t * _U / (1 - t * _U)) * jnp.einsum('mts,msd->mtd', same,
+                                                jnp.abs(g)) + t * _TINY
+  count = jnp.maximum(jnp.sum(same, axis=-1), 1.0)[..., None]
+  sq = jnp.sum(jnp.square(h) / count, axis=(1, 2))
+  # The squares, divisions and the sum of t*d non-negative terms round by a
+  # relative gamma_(t*d+4) at most, and each square may flush (_TINY).
+  n = t * h.shape[-1] + 8
+  upper = (jnp.sum(jnp.square(jnp.abs(h) + h_err) / count, axis=(1, 2))
+           * (1 + 2 * n * _U / (1 - n * _U)) + n * _TINY)
+  rescale = lambda x: x * jnp.exp2(e) * jnp.exp2(e)
+  return rescale(sq), rescale(upper - sq) * (1 + 4 * _U)
+
+
+def local_grads(layer: Layer, weights: dict[str, jax.Array], a: jax.Array,
+                g: jax.Array) -> dict[str, jax.Array]:
+  """Per-example gradients of a layer's parameters: [m, *shape] each.
+
+  The layer's own VJP at each example's captured input: for a norm layer's
+  scale and bias, one feature row per example (a tiny fraction of the
+  model's backward); for an embedding forced to the direct route (a
+  parameter mask), [vocabulary, features] per example.
+  """
+  def one(a_i, g_i):
+    _, vjp = jax.vjp(lambda w: layer.module.apply({'params': w}, a_i),
+                     weights)
+    return vjp(g_i)[0]
+
+  return jax.vmap(one)(a, g)
+
+
+def _bookkept_sum(layer: Layer, weights: dict[str, jax.Array], name: str,
+                  a, g_scaled):
+  """sum_i d(layer)/d(name)^T g_scaled_i: the layer's weight gradient (one VJP).
+
+  For a kernel, sum_i a_i^T g_scaled_i; for an embedding, the scaled output
+  gradients scattered into the rows of their ids.
+  """
   def apply(w):
-    return layer.module.apply({'params': {'kernel': w, **(
-        {'bias': jnp.zeros((layer.features,), w.dtype)}
-        if layer.bias is not None else {})}}, a)
-  _, vjp = jax.vjp(apply, kernel)
+    return layer.module.apply({'params': {**weights, name: w}}, a)
+  _, vjp = jax.vjp(apply, weights[name])
   return vjp(g_scaled)[0]
 
 
@@ -686,34 +837,43 @@ def _capture_pass(plan: GhostPlan, loss_fn, has_aux: bool, leaves, treedef,
   return _Pass(losses, aux, inputs, out_grads, list(fb_grads))
 
 
-class _LayerRows(NamedTuple):
-  """One layer's per-example squared norms, and the rows it keeps."""
+class _Rows(NamedTuple):
+  """One parameter's per-example squared norms, and its gradients if built."""
 
-  kernel_sq: jax.Array
-  bias_sq: jax.Array | None
-  direct: jax.Array | None   # per-example kernel gradients ('direct' route)
-  bias: jax.Array | None     # per-example bias gradients
+  sq: jax.Array               # [m]; an upper bound on the ghost route
+  grads: jax.Array | None     # [m, *shape], or None: book-kept from (a, g)
 
 
-def _layer_rows(layer: Layer, a: jax.Array, g: jax.Array, kernel_mask,
-                bias_mask) -> _LayerRows:
+def _layer_rows(layer: Layer, weights: dict[str, jax.Array], a: jax.Array,
+                g: jax.Array, masks: dict[str, Any]) -> dict[str, _Rows]:
   """Norms of one layer's per-example gradients, cut to a parameter mask.
 
-  A masked kernel takes the direct route (the plan sees to it): the Gram
-  identity gives the norm of the whole a_i^T g_i, not of its masked part.
+  A masked kernel or embedding takes the direct route (the plan sees to it):
+  a Gram identity gives the norm of the whole gradient, not of its masked
+  part.
   """
-  bias = bias_sq = None
-  if layer.bias is not None:
-    bias = jnp.sum(g.reshape(g.shape[0], layer.tokens, layer.features), 1)
-    bias = per_example.mask_param_grads(bias, bias_mask)
-    bias_sq = clipping_lib.row_sq_norm(bias)
+  def rows(grads, name):
+    grads = per_example.mask_param_grads(grads, masks[name])
+    return _Rows(clipping_lib.row_sq_norm(grads), grads)
+
+  matrix = layer.matrix
+  if matrix is None or (layer.kind == 'embed'
+                        and layer.norm_route == 'direct'):
+    return {name: rows(x, name)
+            for name, x in local_grads(layer, weights, a, g).items()}
+  out = {}
+  if 'bias' in weights:
+    m = g.shape[0]
+    bias = jnp.sum(g.reshape(m, layer.tokens, layer.features), 1)
+    out['bias'] = rows(bias.reshape((m,) + layer.shape('bias')), 'bias')
   if layer.norm_route == 'direct':
-    direct = per_example.mask_param_grads(direct_grads(layer, a, g),
-                                          kernel_mask)
-    return _LayerRows(clipping_lib.row_sq_norm(direct), bias_sq, direct, bias)
-  estimate, error = ghost_sq_norms(layer, a, g)
+    out[matrix] = rows(direct_grads(layer, a, g), matrix)
+    return out
+  norms = embed_sq_norms if layer.kind == 'embed' else ghost_sq_norms
+  estimate, error = norms(layer, a, g)
   # Clip to an upper bound of the exact norm: never above the bound.
-  return _LayerRows(jnp.maximum(estimate, 0.0) + error, bias_sq, None, bias)
+  out[matrix] = _Rows(jnp.maximum(estimate, 0.0) + error, None)
+  return out
 
 
 def _clipped_chunk(plan: GhostPlan, loss_fn, has_aux: bool,
@@ -726,16 +886,16 @@ def _clipped_chunk(plan: GhostPlan, loss_fn, has_aux: bool,
            else jax.tree.leaves(param_mask))
   fallback = [per_example.mask_param_grads(g, masks[i])
               for i, g in zip(plan.fallback, run.fallback)]
-  rows = [_layer_rows(l, a, g, masks[l.kernel],
-                      None if l.bias is None else masks[l.bias])
-          for l, a, g in zip(plan.layers, run.inputs, run.out_grads)]
+  weights = [_layer_weights(l, leaves) for l in plan.layers]
+  rows = [_layer_rows(l, w, a, g, {n: masks[i] for n, i, _ in l.params})
+          for l, w, a, g in zip(plan.layers, weights, run.inputs,
+                                run.out_grads)]
   sq = [None] * len(leaves)
   for i, g in zip(plan.fallback, fallback):
     sq[i] = clipping_lib.row_sq_norm(g)
   for l, r in zip(plan.layers, rows):
-    sq[l.kernel] = r.kernel_sq
-    if l.bias is not None:
-      sq[l.bias] = r.bias_sq
+    for name, i, _ in l.params:
+      sq[i] = r[name].sq
   scales, clip_state = clipping.scales_from_norms(
       jax.tree.unflatten(treedef, sq), clip_state, mask)
   scale, keep = jax.tree.leaves(scales.scales), scales.keep
@@ -743,16 +903,15 @@ def _clipped_chunk(plan: GhostPlan, loss_fn, has_aux: bool,
   total = [None] * len(leaves)
   for i, g in zip(plan.fallback, fallback):
     total[i] = clipping_lib.scaled_row_sum(g, scale[i], keep)
-  for l, r, a, g in zip(plan.layers, rows, run.inputs, run.out_grads):
-    if l.bias is not None:
-      total[l.bias] = clipping_lib.scaled_row_sum(r.bias, scale[l.bias], keep)
-    if r.direct is not None:
-      total[l.kernel] = clipping_lib.scaled_row_sum(r.direct, scale[l.kernel],
-                                                    keep)
-    else:
-      c = scale[l.kernel].reshape((-1,) + (1,) * (g.ndim - 1))
-      total[l.kernel] = _bookkept_kernel_sum(
-          l, leaves[l.kernel], _rows(keep, a), _rows(keep, g * c))
+  for l, w, r, a, g in zip(plan.layers, weights, rows, run.inputs,
+                           run.out_grads):
+    for name, i, _ in l.params:
+      if r[name].grads is not None:
+        total[i] = clipping_lib.scaled_row_sum(r[name].grads, scale[i], keep)
+      else:
+        c = scale[i].reshape((-1,) + (1,) * (g.ndim - 1))
+        total[i] = _bookkept_sum(l, w, name, _rows(keep, a),
+                                 _rows(keep, g * c))
   out = clipping_lib.ClipOutput(
       jax.tree.unflatten(treedef, total), scales.norms, scales.num_nonfinite,
       scales.num_clipped)

@@ -43,6 +43,14 @@ class SeqNet(nn.Module):
     return nn.Dense(3)(h.mean(axis=-2))
 
 
+class Scale(nn.Module):
+  """A bare parameter: not a layer the fast routes know."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x * self.param('w', nn.initializers.ones, x.shape[-1:])
+
+
 class Mixed(nn.Module):
   """Supported layers next to ones that must fall back to vmap."""
 
@@ -52,9 +60,11 @@ class Mixed(nn.Module):
     x = nn.tanh(nn.Dense(6, name='inp')(x))
     shared = nn.Dense(6, name='shared')
     x = nn.tanh(shared(x))
-    x = nn.LayerNorm()(x)
+    x = nn.LayerNorm(name='ln')(x)
     x = nn.tanh(shared(x))                      # weight used twice
-    x = nn.DenseGeneral(5)(x)                   # unsupported layer type
+    x = Scale()(x)                              # a bare parameter
+    x = x.reshape(x.shape[:-1] + (2, 3))
+    x = nn.DenseGeneral(5, axis=(-1, -2), name='dg')(x)  # axes reversed
     return nn.Dense(3, name='head')(nn.tanh(x))
 
 
@@ -138,8 +148,8 @@ def test_plan_covers_every_conv_and_dense():
 
 @pytest.mark.parametrize('tokens', [1, 3, 40])
 def test_ghost_sq_norms_bound_their_error(tokens):
-  layer = ghost.Layer(path=('l',), module=nn.Dense(8), call=0, kernel=0,
-                      bias=None, in_shape=(tokens, 16),
+  layer = ghost.Layer(path=('l',), module=nn.Dense(8), call=0, kind='dense',
+                      params=(('kernel', 0, (16, 8)),), in_shape=(tokens, 16),
                       out_shape=(tokens, 8), tokens=tokens, fan_in=16,
                       features=8, groups=1, geometry=None, norm_route='ghost')
   rng = np.random.default_rng(tokens)
@@ -202,13 +212,14 @@ def test_unsupported_layers_fall_back_to_vmap(regularize):
   plan = ghost.make_plan(loss_fn, params, example)
   reasons = dict(plan.skipped)
   assert reasons[('shared',)] == 'called more than once'
+  assert reasons[('dg',)].startswith('DenseGeneral over axes (-1, -2)')
   if regularize:
     assert reasons[('head',)] == 'its parameters are also used elsewhere'
-    assert [l.path for l in plan.layers] == [('inp',)]
+    assert [l.path for l in plan.layers] == [('inp',), ('ln',)]
   else:
-    assert [l.path for l in plan.layers] == [('inp',), ('head',)]
-  # shared kernel+bias, LayerNorm scale+bias, DenseGeneral kernel+bias.
-  assert len(plan.fallback) == 6 + 2 * regularize
+    assert [l.path for l in plan.layers] == [('inp',), ('ln',), ('head',)]
+  # shared kernel+bias, the bare parameter, DenseGeneral kernel+bias.
+  assert len(plan.fallback) == 5 + 2 * regularize
   mask = jnp.arange(6) < 5
   out, ref = _both(loss_fn, dpjax.clip_per_example(0.2), params, batch, mask)
   _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4)
@@ -528,3 +539,176 @@ def test_an_explicit_fast_route_it_cannot_take_runs_vmap(caplog):
     assert 'l2_then_linf' in caplog.text
     np.testing.assert_array_equal(fn(jnp.zeros(2), batch, None).grad_sum,
                                   ref.grad_sum)
+
+
+# ----------------------------------------------------------------------------
+# Transformer layers: embeddings, attention projections (DenseGeneral), norms.
+
+
+class TinyTransformer(nn.Module):
+  """Every layer kind of a transformer, with a float side input for NaNs."""
+
+  vocab: int = 11
+  tied: bool = False
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens, x, deterministic=True):
+    t = tokens.shape[-1]
+    tok = nn.Embed(self.vocab, 8, name='tok')
+    h = tok(tokens) + nn.Embed(t, 8, name='pos')(jnp.arange(t)) + x
+    y = nn.LayerNorm(name='ln1')(h)
+    h = h + nn.MultiHeadDotProductAttention(
+        num_heads=2, name='attn', dropout_rate=self.dropout,
+        deterministic=deterministic)(y, mask=nn.make_causal_mask(tokens))
+    y = nn.RMSNorm(name='ln2')(h)
+    y = nn.Dropout(self.dropout, deterministic=deterministic)(
+        nn.gelu(nn.Dense(16, name='mlp_in')(y)))
+    h = nn.GroupNorm(num_groups=2, name='gn')(h + nn.Dense(8, name='mlp_out')(y))
+    logits = tok.attend(h) if self.tied else nn.Dense(self.vocab,
+                                                      name='out')(h)
+    return logits.mean(axis=-2)
+
+
+def _transformer_setup(batch_size=8, t=6, tied=False, dropout=0.0, seed=0):
+  model = TinyTransformer(tied=tied, dropout=dropout)
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 11, size=(batch_size, t)).astype(np.int32)
+  tokens[0] = 3                                   # one id repeated
+  tokens[1, :2] = [-1, -11]                       # ids jnp.take wraps
+  x = rng.normal(size=(batch_size, t, 8)).astype(np.float32)
+  batch = {'tokens': jnp.asarray(tokens), 'x': jnp.asarray(x),
+           'label': jnp.arange(batch_size) % 11}
+  params = model.init(jax.random.key(seed), batch['tokens'][:1],
+                      batch['x'][:1])['params']
+
+  def loss_fn(p, example, *rng):
+    logits = model.apply({'params': p}, example['tokens'][None],
+                         example['x'][None], deterministic=not rng,
+                         rngs={'dropout': rng[0]} if rng else {})[0]
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, example['label'])
+
+  return params, batch, loss_fn
+
+
+@pytest.mark.parametrize('norm_route', ghost.NORM_ROUTES)
+def test_every_transformer_parameter_takes_the_fast_route(norm_route):
+  params, batch, loss_fn = _transformer_setup()
+  example = jax.tree.map(lambda x: x[0], batch)
+  plan = ghost.make_plan(loss_fn, params, example, norm_route=norm_route)
+  assert plan.fallback == () and plan.skipped == (), plan.describe()
+  kinds = {'/'.join(l.path): l.kind for l in plan.layers}
+  assert kinds == {
+      'tok': 'embed', 'pos': 'embed', 'ln1': 'norm', 'attn/query': 'dense',
+      'attn/key': 'dense', 'attn/value': 'dense', 'attn/out': 'dense',
+      'ln2': 'norm', 'mlp_in': 'dense', 'mlp_out': 'dense', 'gn': 'norm',
+      'out': 'dense'}
+  out_proj = [l for l in plan.layers if l.path == ('attn', 'out')][0]
+  assert (out_proj.tokens, out_proj.fan_in, out_proj.features) == (6, 8, 8)
+
+
+@pytest.mark.parametrize('norm_route', ghost.NORM_ROUTES)
+@pytest.mark.parametrize('clip_norm', [0.05, 1e6])
+def test_transformer_matches_vmap_with_padding_nan_inf_and_huge(norm_route,
+                                                                 clip_norm):
+  params, batch, loss_fn = _transformer_setup()
+  x = np.array(batch['x'])
+  x[2] = np.nan
+  x[3, 1] = np.inf
+  x[4] *= 1e15                      # finite, clipped hard
+  x[7] = np.nan                     # padding holding NaN
+  batch = {**batch, 'x': jnp.asarray(x)}
+  mask = np.arange(8) < 7
+  clip = dpjax.clip_per_example(clip_norm)
+  out, ref = _both(loss_fn, clip, params, batch, mask, norm_route=norm_route)
+  assert int(out.stats.num_nonfinite) == int(ref.stats.num_nonfinite) == 2
+  np.testing.assert_allclose(out.stats.norms, ref.stats.norms, rtol=1e-4)
+  assert np.all(np.asarray(out.stats.norms) >= np.asarray(ref.stats.norms)
+                * (1 - 1e-6))
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4, atol=1e-5)
+  sq = sum(np.sum(np.square(g)) for g in jax.tree.leaves(out.grad_sum))
+  assert np.sqrt(sq) <= clip_norm * 5 * (1 + TOL)  # 5 kept finite rows
+
+
+def test_tied_embedding_falls_back_to_vmap_with_a_reason():
+  params, batch, loss_fn = _transformer_setup(tied=True)
+  example = jax.tree.map(lambda x: x[0], batch)
+  plan = ghost.make_plan(loss_fn, params, example)
+  assert dict(plan.skipped)[('tok',)].startswith('tied weights')
+  assert len(plan.fallback) == 1
+  out, ref = _both(loss_fn, dpjax.clip_per_example(0.1), params, batch,
+                   np.ones(8, bool))
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4, atol=1e-6)
+
+
+def test_transformer_param_mask_matches_vmap():
+  params, batch, loss_fn = _transformer_setup()
+  keep = jax.tree.map(lambda p: jnp.asarray(
+      np.random.default_rng(p.size).random(p.shape) < 0.5), params)
+  clip = dpjax.clip_per_example(0.1)
+  mask = np.ones(8, bool)
+  ref = jax.jit(dpjax.clipped_grad(loss_fn, clip))(params, batch, mask,
+                                                   param_mask=keep)
+  out = jax.jit(ghost.clipped_grad(loss_fn, clip))(params, batch, mask,
+                                                   param_mask=keep)
+  np.testing.assert_allclose(out.stats.norms, ref.stats.norms, rtol=1e-5)
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('norm_route', ['speed', 'ghost'])
+def test_per_example_dropout_keys_match_vmap(norm_route):
+  from dpjax import example_keys, keys
+  params, batch, loss_fn = _transformer_setup(dropout=0.3)
+  loss = example_keys.with_example_keys(loss_fn)
+  data = example_keys.with_indices(batch)
+  schedule = dpjax.KeySchedule(seed=0, secret_seed=1)
+  inputs = dpjax.StepInputs(dropout_key=schedule.key(keys.DROPOUT, 0))
+  clip = dpjax.clip_per_example(0.1)
+  mask = np.ones(8, bool)
+  ref = jax.jit(dpjax.clipped_grad(loss, clip))(params, data, mask,
+                                                args=(inputs,))
+  out = jax.jit(ghost.clipped_grad(loss, clip, norm_route=norm_route))(
+      params, data, mask, args=(inputs,))
+  no_dropout = jax.jit(dpjax.clipped_grad(loss_fn, clip))(params, batch, mask)
+  assert not np.allclose(ref.stats.losses, no_dropout.stats.losses)
+  np.testing.assert_allclose(out.stats.losses, ref.stats.losses, rtol=1e-6)
+  np.testing.assert_allclose(out.stats.norms, ref.stats.norms, rtol=1e-4)
+  _assert_tree_close(out.grad_sum, ref.grad_sum, rtol=1e-4, atol=1e-6)
+
+
+def _embed_layer(vocab, t, d=4):
+  return ghost.Layer(path=('e',), module=nn.Embed(vocab, d), call=0,
+                     kind='embed', params=(('embedding', 0, (vocab, d)),),
+                     in_shape=(t,), out_shape=(t, d), tokens=t, fan_in=vocab,
+                     features=d, groups=1, geometry=None, norm_route='ghost')
+
+
+@pytest.mark.parametrize('vocab', [1, 5])
+def test_embed_sq_norms_are_exact_sparse_norms(vocab):
+  rng = np.random.default_rng(vocab)
+  t = 9
+  ids = rng.integers(-2 * vocab, 2 * vocab, size=(5, t)).astype(np.int32)
+  g = rng.normal(size=(5, t, 4)).astype(np.float32)
+  est, err = ghost.embed_sq_norms(_embed_layer(vocab, t), jnp.asarray(ids),
+                                  jnp.asarray(g))
+  emb = jnp.zeros((vocab, 4))
+  exact = [np.sum(np.asarray(jax.grad(lambda e: jnp.sum(
+      nn.Embed(vocab, 4).apply({'params': {'embedding': e}}, ids[i])
+      * g[i]))(emb), np.float64) ** 2) for i in range(5)]
+  np.testing.assert_allclose(est, exact, rtol=1e-5)
+  assert np.all(np.asarray(err) >= 0)
+  assert np.all(np.asarray(est) + np.asarray(err) >= np.array(exact) * (1 - 1e-6))
+
+
+def test_embed_sq_norm_bound_covers_cancellation():
+  t = 64
+  ids = np.zeros((2, t), np.int32)                 # one id everywhere
+  g = np.full((2, t, 4), 1e6, np.float32)
+  g[:, 1::2] = -1e6                                # sums cancel to ~0
+  g[1, 0] += 1.0
+  est, err = ghost.embed_sq_norms(_embed_layer(3, t), jnp.asarray(ids),
+                                  jnp.asarray(g))
+  exact = np.sum(np.sum(g.astype(np.float64), axis=1) ** 2, axis=-1)
+  assert np.all(np.abs(np.asarray(est, np.float64) - exact)
+                <= np.asarray(err, np.float64))
