@@ -376,8 +376,8 @@ def run_variant(variant, model, args):
 def bench_model(model, args, cores):
   rows = {}
   for variant in args.variants:
-    load = os.getloadavg()[0] if args.check else check_idle(
-        cores, f'before {model} / {variant}', own=cores)
+    load = check_idle(cores, f'before {model} / {variant}', own=cores) if (
+        not args.check and args.iters > 0) else os.getloadavg()[0]
     result, reason = run_variant(variant, model, args)
     if result is None:
       print(f'# {model}: skipped {variant}: {reason}', file=sys.stderr,
@@ -487,7 +487,9 @@ def main():
     return
   cores = num_cores()
   try:
-    load = os.getloadavg()[0] if args.check else check_idle(cores, 'at start')
+    # XLA's buffer assignment (--iters 0) does not depend on the load.
+    timed = not args.check and args.iters > 0
+    load = check_idle(cores, 'at start') if timed else os.getloadavg()[0]
     print(f'# {platform.machine()}, {cores} cores, load average {load:.2f},'
           f' python {platform.python_version()}, torch threads'
           f' {args.threads}; variants timed one after another, each'
@@ -499,7 +501,7 @@ def main():
     for model in args.models:
       results[model] = bench_model(model, args, cores)
       report(model, results[model], args.batch_size, args.check)
-    if not args.check:
+    if timed:
       check_idle(cores, 'at the end', own=cores)
   except LoadError as e:
     sys.exit(f'benchmark_peers: refused: {e}')
