@@ -7,13 +7,13 @@ from dpjax.data import markov
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """transformer_tiny (64 wide, 2 blocks, 4 heads) on 'markov', DP, eps 3."""
+  """transformer_tiny (64 wide, 2 blocks, 4 heads, mean-pooled) on 'markov', DP, eps 3."""
   config = default.get_config()
   config.data.name = 'markov'
   config.model.name = 'transformer_tiny'
   config.model.vocab_size = markov.VOCAB_SIZE
   config.model.max_length = markov.LENGTH
-  config.model.pool = 'last'
+  config.model.pool = 'mean'
   config.privacy.clip_norm = 1.0
   config.privacy.target_epsilon = 3.0
   config.privacy.delta = 1e-5
