@@ -53,6 +53,29 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.scale_norm = False
   config.model.width = 1.0
   config.model.affine = True
+  # Transformers (dpjax/transformers.py; None: the model's default): width
+  # dim, blocks, heads, MLP width, ViT patch size, decoder max_length,
+  # vocab_size (token models: required) and pool ('none': a label per token,
+  # 'last', 'mean'), dropout (each example keyed from the secret stream
+  # keys.DROPOUT), an output tied to the token embedding; lora_rank > 0
+  # freezes all but the head and trains LoRA adapters (dpjax/lora.py).
+  placeholder = ml_collections.config_dict.placeholder
+  config.model.dim = placeholder(int)
+  config.model.depth = placeholder(int)
+  config.model.num_heads = placeholder(int)
+  config.model.mlp_dim = placeholder(int)
+  config.model.patch_size = placeholder(int)
+  config.model.max_length = placeholder(int)
+  config.model.vocab_size = placeholder(int)
+  config.model.pool = placeholder(str)
+  config.model.dropout_rate = placeholder(float)
+  config.model.tied_embedding = placeholder(bool)
+  config.model.lora_rank = placeholder(int)
+  config.model.lora_alpha = placeholder(float)
+  # The workdir of a finished run whose parameters initialize this one
+  # (fine-tuning; dpjax.checkpoint.load_params): it must have trained on
+  # PUBLIC data only. A LoRA model takes them as its frozen weights.
+  config.init_from = placeholder(str)
 
   # What DP training does with data-dependent collections such as BatchNorm
   # statistics (dpjax/normalization.py): 'reject' | 'public' | 'frozen' |

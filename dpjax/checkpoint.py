@@ -351,6 +351,29 @@ class Checkpointer:
     self._manager.close()
 
 
+def load_params(workdir: str) -> PyTree:
+  """The parameters of the newest checkpoint of the run in ``workdir``.
+
+  For ``config.init_from``: fine-tuning starts from another run's model.
+  That run must have trained on PUBLIC data only (its weights are released
+  into this run unprotected), e.g. a non-private pretraining config.
+  """
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  steps = sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(
+      directory) else []
+  if not steps:
+    raise ValueError(
+        f'init_from={workdir!r} holds no checkpoint under checkpoints/: run'
+        ' the pretraining config with that workdir first.')
+  manager = ocp.CheckpointManager(directory, item_names=('state', 'meta'))
+  try:
+    state = manager.restore(steps[-1], args=ocp.args.Composite(
+        state=ocp.args.StandardRestore())).state
+  finally:
+    manager.close()
+  return state['params']
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes ``obj`` as JSON to ``path`` all at once (temp file, rename)."""
   tmp = f'{path}.tmp-{os.getpid()}'

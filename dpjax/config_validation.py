@@ -277,8 +277,9 @@ def _check_features(config: ml_collections.ConfigDict) -> None:
 def check_splits(splits: data_lib.DataSplits) -> dict[str, dict[str, int]]:
   """Refuses datasets of the wrong structure; counts out-of-domain records.
 
-  Each split (train, test, public) must have float images [N, H, W, C] and
-  integer labels, one per image; all splits share the image shape. Records
+  Each split (train, test, public) must have float images [N, H, W, C] (or
+  integer tokens [N, T]) and integer labels, one per image (or per token);
+  all splits share the input shape. Records
   with a non-finite or huge (> :data:`MAX_ABS_INPUT`) value or a label
   outside ``[0, num_classes)`` are counted per split and reported as counts
   (a warning on the console); they train per record (module docstring). The
@@ -294,10 +295,11 @@ def check_splits(splits: data_lib.DataSplits) -> dict[str, dict[str, int]]:
   shape = splits.train.images.shape[1:]
   for where, ds in parts:
     data_lib.check_dataset(ds, where)
-    if not np.issubdtype(ds.images.dtype, np.floating):
+    if data_lib.input_field(ds.images) != 'tokens' and not np.issubdtype(
+        ds.images.dtype, np.floating):
       raise ValueError(
           f'{where}: images must be floating point (e.g. float32 scaled to'
-          f' [0, 1]), got {ds.images.dtype}.')
+          f' [0, 1]) or integer token ids [N, T], got {ds.images.dtype}.')
     if not np.issubdtype(ds.labels.dtype, np.integer):
       raise ValueError(
           f'{where}: labels must be integers in [0, {splits.num_classes}),'

@@ -11,7 +11,10 @@ because they keep activations, hence gradient norms, bounded.
 normalization), the Flax NNX CNN of :mod:`dpjax.nnx_models` and the models
 over scattering features of :mod:`dpjax.scatternet` (``scatter_linear``,
 ``scatter_cnn``: Tramer & Boneh 2021's ScatterNet+linear and +CNN; they take
-the feature maps of ``config.data.features='scatternet'``).
+the feature maps of ``config.data.features='scatternet'``), and the
+transformers of :mod:`dpjax.transformers` (``vit_tiny``, ``vit_small``: a
+ViT, Dosovitskiy et al. 2021; ``transformer_tiny``, ``transformer_small``: a
+decoder-only transformer over token sequences, Radford et al. 2019).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax
 from dpjax import nnx_models
 from dpjax import resnets
 from dpjax import scatternet
+from dpjax import transformers
 
 
 class TanhCNN(nn.Module):
@@ -101,7 +105,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # Residual networks with a choice of normalization (dpjax/resnets.py), and a
 # Flax NNX CNN behind flax's Linen bridge (dpjax/nnx_models.py).
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS) + tuple(resnets.RESNETS) + (
-    'nnx_cnn',) + tuple(scatternet.MODELS)
+    'nnx_cnn',) + tuple(scatternet.MODELS) + tuple(transformers.MODELS)
 # The scattering models' defaults: Tramer & Boneh's GroupNorm of the features
 # (27 groups, no scale or bias).
 SCATTER_DEFAULT_NORM, SCATTER_DEFAULT_GROUPS = 'group', 27
@@ -110,13 +114,14 @@ SCATTER_DEFAULT_NORM, SCATTER_DEFAULT_GROUPS = 'group', 27
 def get_model(name: str, num_classes: int, activation: str | None = None, *,
               norm: str | None = None, num_groups: int | None = None,
               scale_norm: bool = False, width: float = 1.0,
-              affine: bool = True) -> nn.Module:
+              affine: bool = True, **transformer_options) -> nn.Module:
   """A Linen model by name (see :data:`MODEL_NAMES`).
 
   Args:
     name: 'tanh_cnn', 'small_cnn', 'cifar_tanh_cnn', 'resnet18', 'resnet20',
-      'resnet8', 'resnet9', 'wrn16_4', 'nnx_cnn', 'scatter_linear' or
-      'scatter_cnn'.
+      'resnet8', 'resnet9', 'wrn16_4', 'nnx_cnn', 'scatter_linear',
+      'scatter_cnn', 'vit_tiny', 'vit_small', 'transformer_tiny' or
+      'transformer_small'.
     num_classes: size of the output layer.
     activation: a key of :data:`ACTIVATIONS`; None: the model's default (tanh
       for the CNNs, relu for the ResNets, mish for ResNet-9).
@@ -131,6 +136,10 @@ def get_model(name: str, num_classes: int, activation: str | None = None, *,
       channel count.
     affine: residual and scattering networks: learned scale and bias in the
       norms.
+    **transformer_options: transformers only, any of
+      :data:`dpjax.transformers.OPTIONS` (depth, dim, num_heads, patch_size,
+      max_length, vocab_size, pool, dropout_rate, lora_rank, ...; None: the
+      model's default).
 
   Returns:
     A ``flax.linen.Module``; the residual networks take ``train``.
@@ -140,6 +149,19 @@ def get_model(name: str, num_classes: int, activation: str | None = None, *,
   if activation is not None and activation not in ACTIVATIONS:
     raise ValueError(
         f'Unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}.')
+  given = sorted(k for k, v in transformer_options.items() if v is not None)
+  if name in transformers.MODELS:
+    if norm not in (None, 'none') or width != 1.0 or not affine:
+      raise ValueError(
+          f'model {name!r} normalizes with LayerNorm and is sized by model.dim;'
+          f' it has no norm, width or affine options (got norm={norm!r},'
+          f' width={width!r}, affine={affine!r}).')
+    return transformers.build(
+        name, num_classes, activation and ACTIVATIONS[activation],
+        scale_norm, **transformer_options)
+  if given:
+    raise ValueError(f'options {given} belong to the transformers'
+                     f' {sorted(transformers.MODELS)}, not to {name!r}.')
   if name in resnets.RESNETS:
     build, default_norm, default_groups, default_activation = (
         resnets.RESNETS[name])

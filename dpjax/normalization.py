@@ -55,6 +55,7 @@ import optax
 from dpjax import _validation
 from dpjax import clipping as clipping_lib
 from dpjax import keys as keys_lib
+from dpjax import lora
 from dpjax import losses
 from dpjax.per_example import StepInputs
 
@@ -474,7 +475,9 @@ def batchnorm_group_loss(
 
 
 def _collections(variables: Mapping[str, PyTree]) -> list[str]:
-  return sorted(c for c in variables if c != 'params')
+  # LoRA's frozen pretrained weights are public constants, not statistics
+  # of the data: no policy applies to them (they stay in model_state).
+  return sorted(c for c in variables if c not in ('params', lora.FROZEN))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity under jit
@@ -547,7 +550,7 @@ class Normalizer:
     public batch at the initial parameters when public data exists, else from
     the layers' initial values (mean 0, variance 1).
     """
-    state = {c: variables[c] for c in _collections(variables)}
+    state = {c: variables[c] for c in variables if c != 'params'}
     from_public = self.needs_public_batch or (
         self.private and self.bn_policy in ('frozen', 'privatized')
         and self.public_images is not None)

@@ -272,3 +272,8 @@ def test_resume_refuses_other_privacy_settings(uninterrupted):
   assert summary['resumed_from_steps'] == [STEPS]
   assert summary['epsilon'] == ref['epsilon']
   assert summary['test_accuracy'] == ref['test_accuracy']
+
+
+def test_load_params_needs_a_finished_run(tmp_path):
+  with pytest.raises(ValueError, match='no checkpoint under checkpoints/'):
+    checkpoint.load_params(str(tmp_path))

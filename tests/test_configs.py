@@ -67,3 +67,14 @@ def test_cifar10_modelmix_reads_the_python_batches(data_root):
       str(data_root), 'cifar10', 'cifar-10-batches-py')
   assert idx_builder.check_manual_dir(
       cifar10.Cifar10, config.data.manual_dir) == config.data.manual_dir
+
+
+def test_vit_mnist_takes_fashion_mnist_and_refuses_others(data_root):
+  from configs import vit_mnist  # pylint: disable=g-import-not-at-top
+  config = vit_mnist.get_config('fashion_mnist')
+  config_validation.validate_config(config)
+  assert idx_builder.check_manual_dir(
+      fashion_mnist.FashionMnist, config.data.manual_dir).startswith(
+          str(data_root))
+  with pytest.raises(ValueError, match='vit_mnist.py takes one of'):
+    vit_mnist.get_config('cifar10')

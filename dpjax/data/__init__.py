@@ -1,5 +1,5 @@
-"""Datasets: the embedded digits, tfds builders over local raw files, and
-your own arrays (a .npz file)."""
+"""Datasets: the embedded digits, generated token sequences (Markov chains),
+tfds builders over local raw files, and your own arrays (a .npz file)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dpjax.data.base import cache_root
 from dpjax.data.base import check_dataset
 from dpjax.data.base import DataSplits
 from dpjax.data.base import eval_subset
+from dpjax.data.base import input_field
 from dpjax.data.base import out_of_domain
 from dpjax.data.base import random_subset
 from dpjax.data.base import split_public
@@ -16,7 +17,7 @@ from dpjax.data.base import subsample_train
 from dpjax.data import features as features_lib
 
 DATASETS: tuple[str, ...] = ('digits', 'mnist', 'fashion_mnist', 'cifar10',
-                             'arrays')
+                             'arrays', 'markov', 'markov_lm', 'markov_public')
 
 
 def _load_one(name: str, manual_dir: str | None, tfds_data_dir: str | None,
@@ -28,6 +29,9 @@ def _load_one(name: str, manual_dir: str | None, tfds_data_dir: str | None,
   if name == 'digits':
     from dpjax.data import digits
     return digits.load()
+  if name.startswith('markov'):
+    from dpjax.data import markov
+    return markov.load(name)
   if name == 'mnist':
     from dpjax.data import mnist
     return mnist.load(manual_dir, tfds_data_dir)

@@ -13,7 +13,12 @@ CACHE_DIR_ENV = 'DPJAX_CACHE_DIR'
 
 
 class ArrayDataset(NamedTuple):
-  """Images [N, H, W, C] float32 and integer labels [N]."""
+  """Inputs and integer labels, one per example.
+
+  ``images``: float images [N, H, W, C], or integer token sequences [N, T]
+  (:func:`input_field` names them ``'tokens'`` in the examples a step
+  sees). ``labels``: [N], or [N, T] for a label per token (next tokens).
+  """
 
   images: np.ndarray
   labels: np.ndarray
@@ -113,13 +118,27 @@ def eval_subset(ds: ArrayDataset, size: int | None,
   return random_subset(ds, size, rng)
 
 
+def input_field(inputs) -> str:
+  """An example's input field: 'tokens' for integer sequences, else 'image'.
+
+  The one place that names it; ``inputs`` is anything with a ``dtype``.
+  """
+  return 'tokens' if np.issubdtype(inputs.dtype, np.integer) else 'image'
+
+
 def check_dataset(ds: ArrayDataset, where: str) -> None:
   """Refuses data of the wrong structure (never describing its values)."""
   if ds.images.shape[0] != ds.labels.shape[0]:
     raise ValueError(
         f'{where}: {ds.images.shape[0]} images but {ds.labels.shape[0]}'
         ' labels; they must match one to one.')
-  if ds.images.ndim != 4:
+  if input_field(ds.images) == 'tokens':
+    if ds.images.ndim != 2 or ds.labels.ndim not in (1, 2) or (
+        ds.labels.ndim == 2 and ds.labels.shape != ds.images.shape):
+      raise ValueError(
+          f'{where}: token data must be tokens [N, T] with labels [N] or'
+          f' [N, T], got {ds.images.shape} and {ds.labels.shape}.')
+  elif ds.images.ndim != 4:
     raise ValueError(
         f'{where}: images must have shape [N, H, W, C], got'
         f' {ds.images.shape}.')
@@ -142,8 +161,8 @@ def out_of_domain(ds: ArrayDataset, num_classes: int, max_abs: float,
     with np.errstate(invalid='ignore'):
       bad_images += int((~np.all(np.isfinite(flat) & (np.abs(flat) <= max_abs),
                                  axis=1)).sum())
-  labels = np.asarray(ds.labels)
-  bad_label = (labels < 0) | (labels >= num_classes)
+  labels = np.asarray(ds.labels).reshape(len(ds.labels), -1)
+  bad_label = ((labels < 0) | (labels >= num_classes)).any(1)
   return {'image': bad_images, 'label': int(bad_label.sum())}
 
 

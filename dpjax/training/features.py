@@ -37,6 +37,7 @@ from dpjax import augmult as augmult_lib
 from dpjax import averaging
 from dpjax import batch_clipping
 from dpjax import engines
+from dpjax import example_keys
 from dpjax import keys as keys_lib
 from dpjax import losses
 from dpjax import modelmix as modelmix_lib
@@ -50,18 +51,34 @@ PyTree = Any
 
 def example_loss(model: nn.Module,
                  model_state: Any = None) -> Callable[..., Any]:
-  """Cross-entropy of ONE example ``{'image': [H, W, C], 'label': []}``.
+  """Cross-entropy of ONE example ``{'image': [H, W, C] | 'tokens': [T],
+  'label': [] | [T]}``.
 
-  ``loss_fn(params, example, inputs=None)``; ``model_state``: fixed
-  non-parameter collections (inference mode). A label outside the model's
-  classes contributes nothing (:mod:`dpjax.losses`).
+  ``loss_fn(params, example, inputs=None)``. A label per token (next-token
+  prediction) gives the mean of the per-token losses, so every example's
+  loss has the same scale. A label outside the model's classes contributes
+  nothing (:mod:`dpjax.losses`).
+
+  The non-parameter collections are ``model_state`` if given, else
+  ``inputs.model_state`` (e.g. LoRA's frozen weights, :class:`FrozenFeature`).
+  With ``inputs.dropout_key`` set (:class:`DropoutFeature`) the model runs
+  with dropout (``deterministic=False``) keyed by the example's own key,
+  ``fold_in(dropout_key, example['index'])`` (:mod:`dpjax.example_keys`):
+  the same in any row, microbatch or device. Otherwise it is deterministic.
   """
 
   def loss_fn(params, example, inputs=None):
-    del inputs
-    logits = model.apply({'params': params, **(model_state or {})},
-                         example['image'][None])[0]
-    return losses.cross_entropy(logits, example['label'])
+    state = model_state
+    if state is None and inputs is not None:
+      state = inputs.model_state
+    kwargs = {}
+    if inputs is not None and inputs.dropout_key is not None:
+      key = example_keys.example_key(inputs.dropout_key, example['index'])
+      kwargs = {'deterministic': False, 'rngs': {'dropout': key}}
+    field = 'tokens' if 'tokens' in example else 'image'
+    logits = model.apply({'params': params, **(state or {})},
+                         example[field][None], **kwargs)[0]
+    return losses.cross_entropy(logits, example['label']).mean()
 
   return loss_fn
 
@@ -123,6 +140,39 @@ class AugMultFeature(Feature):
   def prepare(self, state, public):
     del public
     return state, {'aug_key': self.augmult.step_key(state.step)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DropoutFeature(Feature):
+  """Dropout in the per-example loss, one key per example.
+
+  Each step's key is drawn from the run's secret stream ``keys.DROPOUT``
+  (``root``), so no mask shares bits with the noise or the sampler; each
+  example folds in its dataset index (:func:`example_loss`).
+  """
+
+  root: jax.Array
+  name = 'dropout'
+  needs_index = True
+
+  def prepare(self, state, public):
+    del public
+    return state, {'dropout_key': keys_lib.for_step(self.root, state.step)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrozenFeature(Feature):
+  """Non-trained collections the loss reads (LoRA's frozen weights).
+
+  They reach the loss through ``inputs.model_state``, never as parameters:
+  the engine neither differentiates nor clips nor noises them.
+  """
+
+  name = 'frozen'
+
+  def prepare(self, state, public):
+    del public
+    return state, {'model_state': state.model_state}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

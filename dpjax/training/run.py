@@ -31,6 +31,7 @@ from dpjax import normalization
 from dpjax import plan as plan_lib
 from dpjax import pruning
 from dpjax import sampling
+from dpjax import transformers
 from dpjax.training import features as features_lib
 from dpjax.training import state as state_lib
 from dpjax.training import step as step_lib
@@ -60,9 +61,13 @@ def privacy_config(config: ml_collections.ConfigDict, *,
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The normalization and width options of ``config.model`` for get_model."""
-  return {k: config[k] for k in ('norm', 'num_groups', 'scale_norm', 'width',
-                                 'affine') if k in config}
+  """The normalization, width and transformer options of ``config.model``
+  for get_model (transformer options only where set)."""
+  options = {k: config[k] for k in ('norm', 'num_groups', 'scale_norm',
+                                    'width', 'affine') if k in config}
+  options.update({k: config[k] for k in transformers.OPTIONS
+                  if config.get(k) is not None})
+  return options
 
 
 def data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -206,6 +211,14 @@ def build_features(config, model, plan, keys, normalizer, splits, mesh
   if normalizer.policies:
     items.append(features_lib.NormalizationFeature(
         normalizer, keys.root(keys_lib.STATS)))
+  if getattr(model, 'dropout_rate', 0):
+    if normalizer.policies:
+      raise ValueError(
+          'model.dropout_rate > 0 with a BatchNorm policy is not implemented'
+          ' (the policy\'s loss runs without dropout); set dropout_rate=0.')
+    items.append(features_lib.DropoutFeature(keys.root(keys_lib.DROPOUT)))
+  if getattr(model, 'lora_rank', 0):
+    items.append(features_lib.FrozenFeature())
   augmult = augmult_of(config, keys)
   if augmult is not None:
     items.append(features_lib.AugMultFeature(augmult))
@@ -243,11 +256,15 @@ def alc_feature(plan, model, splits, model_state
 
 def _initial_state(config, run_parts) -> state_lib.TrainState:
   """The state at step 0: parameters, optimizer, clip state, pruning mask."""
-  model, plan, keys, features, normalizer, image_shape = run_parts
+  model, plan, keys, features, normalizer, inputs = run_parts
   optimizer = state_lib.make_optimizer(config.optimizer, plan.num_steps)
   tx = features.optimizer_chain(plan, optimizer)
-  state = state_lib.create_train_state(model, keys.key(keys_lib.INIT),
-                                       image_shape, tx, normalizer)
+  init_from = config.get('init_from')
+  state = state_lib.create_train_state(
+      model, keys.key(keys_lib.INIT), inputs.shape[1:], tx, normalizer,
+      input_dtype=inputs.dtype,
+      pretrained=None if init_from is None else checkpoint.load_params(
+          init_from))
   state = state.replace(clip_state=plan.init_clip_state(state.params))
   prune = features.get('pruning')
   if prune is not None:
@@ -294,9 +311,9 @@ def from_config(config: ml_collections.ConfigDict, workdir: str) -> Run:
                            **model_options(config.model))
   num_devices = config.perf.num_devices or jax.device_count()
   mesh = distributed.make_mesh(num_devices) if num_devices != 1 else None
-  image_shape = splits.train.images.shape[1:]
+  inputs = splits.train.images
   variables = jax.eval_shape(model.init, keys.key(keys_lib.INIT),
-                             jnp.zeros((1,) + image_shape))
+                             jnp.zeros((1,) + inputs.shape[1:], inputs.dtype))
   norm_config = normalization_config(config)
   policy = normalization.resolve_policies(
       variables, norm_config).get(normalization.BATCH_STATS)
@@ -311,7 +328,7 @@ def from_config(config: ml_collections.ConfigDict, workdir: str) -> Run:
   features = build_features(config, model, plan, keys, normalizer, splits,
                             mesh)
   state = _initial_state(config, (model, plan, keys, features, normalizer,
-                                  image_shape))
+                                  inputs))
   alc = alc_feature(plan, model, splits, state.model_state)
   if alc is not None:
     features = features_lib.Features(features.items + (alc,))

@@ -20,6 +20,7 @@ import ml_collections
 import optax
 
 from dpjax import keys as keys_lib
+from dpjax import lora
 from dpjax import normalization
 
 
@@ -78,14 +79,22 @@ def make_optimizer(config: ml_collections.ConfigDict,
 def create_train_state(
     model: nn.Module, key: jax.Array, image_shape,
     tx: optax.GradientTransformation,
-    normalizer: normalization.Normalizer | None = None) -> TrainState:
+    normalizer: normalization.Normalizer | None = None, *,
+    input_dtype=jnp.float32, pretrained: Any = None) -> TrainState:
   """Initial state; the model's collections as ``normalizer`` keeps them.
 
   Without a normalizer, a model with data-dependent collections (BatchNorm
-  statistics) is refused: the default policy is 'reject'.
+  statistics) is refused: the default policy is 'reject'. ``input_dtype``:
+  the inputs' (int32 for token sequences). ``pretrained``: parameters of a
+  pretrained model, put in place by :func:`dpjax.lora.from_pretrained`
+  (into the frozen collection of a LoRA model, which ``model_state``
+  carries; into every parameter of the same path and shape).
   """
   # One compilation instead of one per initializer op.
-  variables = jax.jit(model.init)(key, jnp.zeros((1,) + tuple(image_shape)))
+  variables = jax.jit(model.init)(key, jnp.zeros((1,) + tuple(image_shape),
+                                                 input_dtype))
+  if pretrained is not None:
+    variables = lora.from_pretrained(variables, pretrained)
   if normalizer is None:
     normalizer = normalization.make_normalizer(model, variables)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],

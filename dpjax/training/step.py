@@ -36,7 +36,8 @@ PyTree = Any
 
 def _gather(data, indices, mask, with_index: bool) -> sampling.Batch:
   images, labels = data
-  examples = {'image': images[indices], 'label': labels[indices]}
+  examples = {data_lib.input_field(images): images[indices],
+              'label': labels[indices]}
   if with_index:
     examples['index'] = indices
   return sampling.Batch(examples, mask)
@@ -198,9 +199,10 @@ def tune_microbatch(model: nn.Module, plan, state, train: data_lib.ArrayDataset,
   features = features or features_lib.Features()
   loss = features.loss_spec(model)
   spec = jax.ShapeDtypeStruct
-  examples = {'image': spec((batch_size,) + train.images.shape[1:],
-                            train.images.dtype),
-              'label': spec((batch_size,), train.labels.dtype)}
+  examples = {data_lib.input_field(train.images): spec(
+      (batch_size,) + train.images.shape[1:], train.images.dtype),
+              'label': spec((batch_size,) + train.labels.shape[1:],
+                            train.labels.dtype)}
   if features.needs_index:
     examples['index'] = spec((batch_size,), jnp.int32)
   _, context = jax.eval_shape(features.prepare, state, None)
@@ -220,20 +222,27 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000,
                  normalizer: normalization.Normalizer | None = None):
   """``evaluate(params, dataset, model_state=None) -> {'accuracy', 'loss'}``.
 
-  Evaluates in fixed chunks; with a normalizer, BatchNorm uses the statistics
-  its policy keeps in ``model_state`` (or each chunk's own, masked).
+  Evaluates in fixed chunks, deterministically (no dropout); with a
+  normalizer, BatchNorm uses the statistics its policy keeps in
+  ``model_state`` (or each chunk's own, masked). Labels per token count
+  per token: accuracy and loss are means over tokens.
   """
   norm = normalizer if normalizer is not None and normalizer.policies else None
 
   @jax.jit
   def eval_chunk(params, images, labels, mask, model_state):
     if norm is None:
-      logits = model.apply({'params': params}, images)
+      logits = model.apply({'params': params, **model_state}, images)
     else:
       logits = norm.eval_apply({'params': params, **model_state}, images, mask)
-    loss = losses.cross_entropy(logits, labels)
-    correct = jnp.argmax(logits, -1) == labels
-    return jnp.sum(correct & mask), jnp.sum(jnp.where(mask, loss, 0))
+
+    def per_example(x):  # the mean over an example's tokens
+      return x.reshape(x.shape[0], -1).mean(-1)
+
+    loss = per_example(losses.cross_entropy(logits, labels))
+    correct = per_example(jnp.argmax(logits, -1) == labels)
+    return (jnp.sum(jnp.where(mask, correct, 0)),
+            jnp.sum(jnp.where(mask, loss, 0)))
 
   def evaluate(params, dataset: data_lib.ArrayDataset,
                model_state=None) -> dict[str, float]:
@@ -247,7 +256,8 @@ def make_eval_fn(model: nn.Module, batch_size: int = 1000,
       if real < size:
         images = np.concatenate([images, np.zeros(
             (size - real,) + images.shape[1:], images.dtype)])
-        labels = np.concatenate([labels, np.zeros(size - real, labels.dtype)])
+        labels = np.concatenate([labels, np.zeros(
+            (size - real,) + labels.shape[1:], labels.dtype)])
       c, l = eval_chunk(params, images, labels, np.arange(size) < real,
                         model_state or {})
       correct += float(c)
