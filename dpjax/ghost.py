@@ -350,18 +350,21 @@ _SUPPORTED = _DENSE + (nn.Conv, nn.Embed) + _NORMS
 
 def _layer_params(module, leaf_index) -> list | str:
   """(name, leaf index, shape) of each parameter, or a reason to skip."""
+  params = module.variables.get('params', {})
+  found = [(name, leaf_index.get(id(params[name])), tuple(params[name].shape))
+           for name in sorted(params)]
+  if not found:
+    return 'no parameters'
+  if all(i is None for _, i, _ in found):
+    # Constants of the loss (frozen weights), or lifted copies.
+    return 'its weights are not leaves of params (frozen, transformed or lifted)'
+  if any(i is None for _, i, _ in found):
+    return 'some weights are not leaves of params (transformed or lifted)'
   if set(module.variables) - {'params'}:
     return 'has variables other than params'
-  params = module.variables.get('params', {})
-  found = []
-  for name in sorted(params):
-    index = leaf_index.get(id(params[name]))
-    if index is None:
-      return f'{name} is not a leaf of params (transformed or lifted)'
-    if not _is_float32(params[name]):
-      return 'not float32'
-    found.append((name, index, tuple(params[name].shape)))
-  return found or 'no parameters'
+  if not all(_is_float32(params[name]) for name in params):
+    return 'not float32'
+  return found
 
 
 def _dense_general_shape(module: nn.DenseGeneral, x, kernel_shape):

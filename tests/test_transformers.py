@@ -3,7 +3,10 @@
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+
+import dpjax
 
 from dpjax import ghost
 from dpjax import models
@@ -89,13 +92,56 @@ def test_patch_size_must_divide_the_image():
     model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
 
 
-def test_ghost_plan_finds_the_dense_and_conv_layers():
-  """Today's fast route owns the Dense/Conv layers (the lead's change adds
-  the rest); here only that the plan traces the model."""
-  model = models.get_model('vit_tiny', 10, **TINY)
-  x = jnp.ones((8, 8, 1))
-  params = model.init(jax.random.key(0), x[None])['params']
-  plan = ghost.make_plan(features.example_loss(model), params,
-                         {'image': x, 'label': jnp.int32(0)})
-  text = plan.describe()
-  assert 'head' in text and 'patch_embed' in text
+def _model_and_example(name, lora_rank=0):
+  if name == 'vit':
+    model = models.get_model('vit_tiny', 10, lora_rank=lora_rank, **TINY)
+    example = {'image': jnp.ones((8, 8, 1)), 'label': jnp.int32(0)}
+  else:
+    model = models.get_model('transformer_tiny', 7, vocab_size=7,
+                             max_length=12, lora_rank=lora_rank,
+                             pool='none' if name == 'lm' else 'mean', **TINY)
+    example = {'tokens': jnp.arange(12) % 7,
+               'label': jnp.arange(12) % 7 if name == 'lm' else jnp.int32(1)}
+  field = 'image' if name == 'vit' else 'tokens'
+  variables = model.init(jax.random.key(0), example[field][None])
+  state = {k: v for k, v in variables.items() if k != 'params'}
+  return model, variables['params'], state, example
+
+
+@pytest.mark.parametrize('lora_rank', [0, 2])
+@pytest.mark.parametrize('name', ['vit', 'classifier', 'lm'])
+@pytest.mark.parametrize('norm_route', ['speed', 'memory'])
+def test_every_parameter_takes_the_fast_route(name, lora_rank, norm_route):
+  model, params, state, example = _model_and_example(name, lora_rank)
+  loss_fn = features.example_loss(model, state)
+  plan = ghost.make_plan(loss_fn, params, example, norm_route=norm_route)
+  assert plan.fallback == (), plan.describe()
+  owned = {i for l in plan.layers for _, i, _ in l.params}
+  assert owned == set(range(len(jax.tree.leaves(params))))
+  # What is skipped is frozen (LoRA's base weights): not parameters at all.
+  assert all(why.startswith('its weights are not leaves of params')
+             for _, why in plan.skipped) and bool(plan.skipped) == bool(
+                 lora_rank)
+
+
+@pytest.mark.parametrize('name', ['vit', 'lm'])
+@pytest.mark.parametrize('norm_route', ['speed', 'memory'])
+def test_fast_route_equals_vmap_on_the_zoo(name, norm_route):
+  model, params, state, example = _model_and_example(name, lora_rank=2)
+  # Adapters' B starts at zero: move every parameter off its init.
+  params = jax.tree.map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape),
+      params)
+  loss_fn = features.example_loss(model, state)
+  batch = jax.tree.map(lambda x: jnp.stack([x] * 4), example)
+  field = 'image' if name == 'vit' else 'tokens'
+  batch[field] = (batch[field] + jnp.arange(4).reshape(
+      (4,) + (1,) * (batch[field].ndim - 1))) % (7 if name == 'lm' else 9)
+  clip = dpjax.clip_per_example(0.01)
+  mask = jnp.array([True, True, True, False])
+  ref = jax.jit(dpjax.clipped_grad(loss_fn, clip))(params, batch, mask)
+  out = jax.jit(ghost.clipped_grad(loss_fn, clip, norm_route=norm_route))(
+      params, batch, mask)
+  np.testing.assert_allclose(out.stats.norms, ref.stats.norms, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(out.grad_sum), jax.tree.leaves(ref.grad_sum)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
