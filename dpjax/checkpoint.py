@@ -351,13 +351,30 @@ class Checkpointer:
     self._manager.close()
 
 
-def load_params(workdir: str) -> PyTree:
+def load_params(workdir: str, dataset: str) -> PyTree:
   """The parameters of the newest checkpoint of the run in ``workdir``.
 
-  For ``config.init_from``: fine-tuning starts from another run's model.
-  That run must have trained on PUBLIC data only (its weights are released
-  into this run unprotected), e.g. a non-private pretraining config.
+  For ``config.init_from``: fine-tuning on ``dataset`` starts from another
+  run's model, whose weights enter this run unprotected. So that run must
+  have finished (its summary.json says what it trained on) and must not
+  have trained non-privately on ``dataset`` itself: that would publish the
+  private data through the starting point (privacy invariant 7: an error,
+  not a default). A private run on it composes (its epsilon adds).
   """
+  summary_path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(summary_path):
+    raise ValueError(
+        f'init_from={workdir!r} has no summary.json, so what its weights were'
+        ' trained on is unknown: finish that run first.')
+  with open(summary_path) as f:
+    source = json.load(f)
+  names = {source.get('dataset'),
+           source.get('config', {}).get('data', {}).get('name')}
+  if not source.get('private', False) and dataset in names:
+    raise ValueError(
+        f'init_from={workdir!r} trained non-privately on {dataset!r}, the'
+        ' private data of this run: its weights would publish that data.'
+        ' Pretrain on public data (e.g. a *_public dataset) instead.')
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   steps = sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(
       directory) else []

@@ -6,8 +6,11 @@ Differentially Private Learners"), its per-layer mix with per-example layer
 gradients (Bu et al. 2022, "Scalable and Efficient Training of Large
 Convolutional Neural Networks with Differential Privacy", mixed ghost
 clipping) and book-keeping (Bu et al. 2023, "Differentially Private
-Optimization on Large Model at Small Cost"), in JAX for Flax ``nn.Dense`` and
-``nn.Conv`` layers.
+Optimization on Large Model at Small Cost"), in JAX for the Flax layers of
+CNNs and transformers: ``nn.Dense``, ``nn.DenseGeneral`` (the projections of
+``nn.MultiHeadDotProductAttention``), ``nn.Conv``, ``nn.Embed`` (sparse norms
+from the token ids), and ``nn.LayerNorm`` / ``nn.RMSNorm`` / ``nn.GroupNorm``
+(one-row per-example gradients by the layer's own VJP).
 
 One batched forward and backward captures, for every supported layer, its
 input ``a`` and the gradient ``g`` of the example's loss with respect to its
@@ -132,8 +135,8 @@ class GhostPlan:
     layers: the layers handled by ghost norms / book-keeping.
     fallback: indices (in ``jax.tree.leaves(params)``) of the parameters
       whose per-example gradients come from ``vmap``.
-    num_calls: number of Dense/Conv calls seen (supported or not).
-    skipped: (path, reason) for each Dense/Conv call left to ``vmap``.
+    num_calls: number of supported-layer calls seen (owned or not).
+    skipped: (path, reason) for each supported-layer call left to ``vmap``.
   """
 
   layers: tuple[Layer, ...]
@@ -335,7 +338,7 @@ def _geometry_reproduces_output(layer: Layer) -> bool:
 
 
 # ----------------------------------------------------------------------------
-# Finding the layers: one trace records every Dense/Conv call, a second checks
+# Finding the layers: one trace records every supported call, a second checks
 # that each candidate's parameters reach the loss through that call only.
 
 
@@ -571,13 +574,15 @@ def _exclusive_layers(loss_fn, treedef, leaves, example, args,
 def make_plan(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
               args: Sequence[Any] = (), *, has_aux: bool = False,
               norm_route: str = 'speed') -> GhostPlan:
-  """Finds the Dense/Conv layers whose norms can be computed by ghost norms.
+  """Finds the layers whose norms the fast routes compute without vmap.
 
   Traces ``loss_fn(params, example, *args)`` (no computation) and keeps the
-  ``nn.Dense`` and ``nn.Conv`` calls that are float32, take their kernel and
-  bias straight from ``params`` and are the only users of those leaves (a
-  weight shared with another layer or used by a regularizer in the loss goes
-  to the vmap fallback, since its per-example gradient has other terms).
+  calls of supported layers (module docstring) that are float32, take every
+  weight straight from ``params`` and are the only users of those leaves (a
+  weight shared with another layer, a tied embedding or a weight used by a
+  regularizer in the loss goes to the vmap fallback, since its per-example
+  gradient has other terms). Layers whose weights are not leaves of
+  ``params`` at all (frozen: constants of the loss) run unchanged.
 
   Args:
     loss_fn: ``loss_fn(params, example, *args)`` for ONE example, as for
@@ -1153,11 +1158,14 @@ def clipped_grad(
   Same arguments, function ``fn(params, batch, mask, *, clip_state=None,
   args=(), param_mask=None)`` and result (equal within float32 tolerance)
   for every clipping that clips from norms (:func:`route_refusal`), but
-  Dense and Conv kernels never get per-example gradients from ``vmap``:
-  their per-example norms come from the layer's inputs and output
-  gradients, captured in one batched forward and backward, and their
-  clipped sum is book-kept from the same tensors. Other parameters
-  (:func:`make_plan`) take the vmap route in the same pass.
+  supported layers never get per-example gradients from ``vmap``: their
+  per-example norms come from the layer's inputs and output gradients. On
+  'speed' (and 'ghost' / 'direct') these are captured in one batched
+  forward and backward and the clipped sum is book-kept from the same
+  tensors; on 'memory' the norms are computed inside one backward and the
+  clipped sum is one weighted backward (:func:`_memory_chunk`), so nothing
+  per example is kept but the norms. Other parameters (:func:`make_plan`)
+  take the vmap route in the same pass.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -1182,7 +1190,8 @@ def clipped_grad(
       Performance only.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     norm_route: per-layer norm computation (:func:`choose_norm_route`):
-      'speed' (the faster route per layer), 'memory' (the smaller), or
+      'speed' (the faster route per layer), 'memory' (the smaller per
+      layer, and two passes that keep only the norms per example), or
       'ghost' / 'direct' for every layer.
 
   Returns:

@@ -275,5 +275,22 @@ def test_resume_refuses_other_privacy_settings(uninterrupted):
 
 
 def test_load_params_needs_a_finished_run(tmp_path):
+  with pytest.raises(ValueError, match='has no summary.json'):
+    checkpoint.load_params(str(tmp_path), 'markov')
+  checkpoint.write_json_atomic(str(tmp_path / 'summary.json'), {
+      'private': False, 'dataset': 'markov_public'})
   with pytest.raises(ValueError, match='no checkpoint under checkpoints/'):
-    checkpoint.load_params(str(tmp_path))
+    checkpoint.load_params(str(tmp_path), 'markov')
+
+
+@pytest.mark.parametrize('summary', [
+    {'private': False, 'dataset': 'markov'},
+    {'private': False, 'dataset': 'dpjax_mnist',
+     'config': {'data': {'name': 'mnist'}}},
+])
+def test_load_params_refuses_a_non_private_run_on_the_private_data(
+    tmp_path, summary):
+  checkpoint.write_json_atomic(str(tmp_path / 'summary.json'), summary)
+  with pytest.raises(ValueError, match='would publish that data'):
+    checkpoint.load_params(str(tmp_path), summary.get('config', {}).get(
+        'data', {}).get('name', summary['dataset']))

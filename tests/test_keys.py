@@ -119,6 +119,7 @@ def test_no_module_makes_its_own_key():
       'keys.py': None,  # the schedule itself
       'noise.py': 'return jax.random.key(key)',  # as_key: the CALLER's seed
       'digits.py': 'default_rng(split_seed)',  # the dataset's fixed split
+      'markov.py': 'default_rng(seed)',  # a generated dataset's fixed seed
   }
   pattern = re.compile(
       r'jax\.random\.(key|PRNGKey)\(|default_rng\(|SeedSequence\(|'

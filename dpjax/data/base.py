@@ -136,8 +136,9 @@ def check_dataset(ds: ArrayDataset, where: str) -> None:
     if ds.images.ndim != 2 or ds.labels.ndim not in (1, 2) or (
         ds.labels.ndim == 2 and ds.labels.shape != ds.images.shape):
       raise ValueError(
-          f'{where}: token data must be tokens [N, T] with labels [N] or'
-          f' [N, T], got {ds.images.shape} and {ds.labels.shape}.')
+          f'{where}: integer data must be tokens [N, T] with labels [N] or'
+          f' [N, T] (images must be floating [N, H, W, C]), got'
+          f' {ds.images.shape} and {ds.labels.shape}.')
   elif ds.images.ndim != 4:
     raise ValueError(
         f'{where}: images must have shape [N, H, W, C], got'

@@ -264,7 +264,7 @@ def _initial_state(config, run_parts) -> state_lib.TrainState:
       model, keys.key(keys_lib.INIT), inputs.shape[1:], tx, normalizer,
       input_dtype=inputs.dtype,
       pretrained=None if init_from is None else checkpoint.load_params(
-          init_from))
+          init_from, config.data.name))
   state = state.replace(clip_state=plan.init_clip_state(state.params))
   prune = features.get('pruning')
   if prune is not None:
