@@ -1049,7 +1049,7 @@ def _norm_probe(layer: Layer) -> Callable[..., jax.Array]:
 
 def _norms_pass(plan: GhostPlan, loss_fn, has_aux: bool, leaves, treedef,
                 masks, chunk, mask, args):
-  """(losses, aux, per-leaf [m] squared norms, fallback gradients)."""
+  """(losses, aux, per-leaf [m] squared norms)."""
   layers = plan.layers
   weights = [_layer_weights(l, leaves) for l in layers]
   layer_masks = [{n: masks[i] for n, i, _ in l.params} for l in layers]
@@ -1081,7 +1081,7 @@ def _norms_pass(plan: GhostPlan, loss_fn, has_aux: bool, leaves, treedef,
   for l, s in zip(layers, layer_sq):
     for k, (_, i, _) in enumerate(l.params):
       sq[i] = s[:, k]
-  return losses, aux, sq, fallback
+  return losses, aux, sq
 
 
 def _weighted_grad(loss_fn, has_aux: bool, leaves, treedef, chunk, keep,
@@ -1119,7 +1119,7 @@ def _memory_chunk(plan: GhostPlan, loss_fn, has_aux: bool,
   """
   masks = ([None] * len(leaves) if param_mask is None
            else jax.tree.leaves(param_mask))
-  losses, aux, sq, _ = _norms_pass(plan, loss_fn, has_aux, leaves, treedef,
+  losses, aux, sq = _norms_pass(plan, loss_fn, has_aux, leaves, treedef,
                                    masks, chunk, mask, args)
   scales, clip_state = clipping.scales_from_norms(
       jax.tree.unflatten(treedef, sq), clip_state, mask)

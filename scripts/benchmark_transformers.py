@@ -24,19 +24,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import dpjax
-from dpjax import ghost
-from dpjax import models
-from dpjax.training import features
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dpjax  # pylint: disable=g-import-not-at-top
+from dpjax import ghost  # pylint: disable=g-import-not-at-top
+from dpjax import models  # pylint: disable=g-import-not-at-top
+from dpjax.training import features  # pylint: disable=g-import-not-at-top
+from scripts.benchmark_step import time_step  # pylint: disable=g-import-not-at-top
 
 ROUTES = ('vmap', 'ghost', 'bookkeeping')
 VOCAB, LENGTH = 256, 64
@@ -103,19 +104,6 @@ def initial(model, example, noise):
   params = model.init(jax.random.key(0), example[field][None])['params']
   opt_state = optax.sgd(0.1, momentum=0.9).init(params)
   return params, opt_state, (opt_state, noise.init(params))
-
-
-def time_step(step, params, state, batch, mask, warmup: int, iters: int):
-  for _ in range(warmup):
-    params, state = step(params, state, batch, mask)
-  jax.block_until_ready(params)
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    params, state = step(params, state, batch, mask)
-    jax.block_until_ready(params)
-    times.append(1e3 * (time.perf_counter() - start))
-  return statistics.median(times)
 
 
 def peak_mb(step, *args) -> float:
