@@ -120,6 +120,8 @@ def benchmark(name: str, args) -> None:
   print(f'\n### {name} ({size:,} parameters)\n')
   if args.iters:
     _time_routes(name, steps, params, opt_state, dp_state, args)
+  if args.cost:
+    _cost(steps, params, opt_state, dp_state, example, args.batch_size)
   for b in args.memory_batch_size:
     steps_b, _ = build_steps(model, example, b)
     batch_b, mask_b = make_batch(example, b), jnp.ones(b, bool)
@@ -128,6 +130,24 @@ def benchmark(name: str, args) -> None:
     print(f'\nXLA peak MB at B={b}: ' + ', '.join(
         f'{v} {m:.1f} ({m / mb["nonprivate"]:.2f}x)' for v, m in mb.items()),
           flush=True)
+
+
+def _cost(steps, params, opt_state, dp_state, example, batch_size) -> None:
+  """XLA's flop and byte counts of each compiled step (load-independent)."""
+  batch, mask = make_batch(example, batch_size), jnp.ones(batch_size, bool)
+  cost = {}
+  for variant, step in steps.items():
+    state = opt_state if variant == 'nonprivate' else dp_state
+    analysis = step.lower(params, state, batch, mask).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    cost[variant] = (analysis.get('flops', 0.0),
+                     analysis.get('bytes accessed', 0.0))
+  flops0, bytes0 = cost['nonprivate']
+  print(f'\nXLA cost at B={batch_size}: ' + ', '.join(
+      f'{v} {f / 1e9:.1f} GFLOP ({f / flops0:.2f}x), {b / 1e9:.2f} GB'
+      f' accessed ({b / bytes0:.2f}x)' for v, (f, b) in cost.items())
+        + ". XLA counts a loop's body once: 'ghost' (its pass 1 runs in a"
+        ' loop over slices) is undercounted.', flush=True)
 
 
 def _time_routes(name, steps, params, opt_state, dp_state, args) -> None:
@@ -172,6 +192,8 @@ def main():
                       default=[1024])
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--iters', type=int, default=10)
+  parser.add_argument('--cost', action='store_true',
+                      help="also XLA's flop and byte counts at --batch-size")
   parser.add_argument('--check', action='store_true',
                       help='tiny sizes at any load: not a measurement')
   args = parser.parse_args()
