@@ -713,3 +713,31 @@ def test_embed_sq_norm_bound_covers_cancellation():
   exact = np.sum(np.sum(g.astype(np.float64), axis=1) ** 2, axis=-1)
   assert np.all(np.abs(np.asarray(est, np.float64) - exact)
                 <= np.asarray(err, np.float64))
+
+
+class PoolCNN(nn.Module):
+  """Convs and max-pooling: the layers whose norms cost most memory."""
+
+  @nn.compact
+  def __call__(self, x):
+    for features in (8, 16):
+      x = nn.tanh(nn.Conv(features, (3, 3), padding=1)(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return nn.Dense(3)(x.reshape(x.shape[:-3] + (-1,)))
+
+
+def test_memory_policy_peaks_no_higher_than_the_non_private_step():
+  # Pass 1 over the whole batch at once compiled to 1.9x here (and 2.5x on
+  # the CIFAR CNN at B = 1024); in slices it stays under the weighted pass.
+  params, batch, loss_fn = _setup(PoolCNN(), (16, 16, 3), batch_size=64)
+
+  def temp_bytes(fn):
+    compiled = jax.jit(fn).lower(params, batch).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  nonprivate = temp_bytes(lambda p, b: jax.grad(
+      lambda p: jnp.sum(jax.vmap(loss_fn, (None, 0))(p, b)))(p))
+  grad_fn = ghost.clipped_grad(loss_fn, dpjax.clip_per_example(1.0),
+                               norm_route='memory')
+  private = temp_bytes(lambda p, b: grad_fn(p, b, None).grad_sum)
+  assert private <= 1.3 * nonprivate, (private, nonprivate)

@@ -447,3 +447,38 @@ def test_scatternet_features_and_eval_size(tmp_path, monkeypatch):
   counts = [a * 100 for a in accuracies[:-1]] + [accuracies[-1] * 359]
   assert all(abs(c - round(c)) < 1e-6 for c in counts)
   assert os.listdir(tmp_path / 'cache' / 'dpjax_features')
+
+
+def test_batch_clipping_with_per_example_dropout(tmp_path):
+  """Groups of examples clipped together, each member with its own dropout
+  key (from its dataset index), on the transformer: the masks are applied,
+  and are the same on the vmap and book-keeping routes."""
+  from configs import transformer_markov  # pylint: disable=g-import-not-at-top
+
+  def run(grad_route, dropout_rate):
+    config = transformer_markov.get_config()
+    config.progress_bar = False
+    config.model.dim, config.model.depth, config.model.mlp_dim = 16, 1, 16
+    config.model.dropout_rate = dropout_rate
+    config.privacy.steps = 2
+    config.privacy.noise_multiplier = 1.0
+    config.privacy.noise_seed = 0
+    config.privacy.target_epsilon = None
+    config.privacy.expected_batch_size = 32
+    config.privacy.accountant = 'gdp'
+    config.privacy.clipping.mode = 'batch'
+    config.privacy.clipping.group_size = 4
+    config.perf.grad_route = grad_route
+    config.eval_size = 256
+    workdir = tmp_path / f'{grad_route}_{dropout_rate}'
+    return train.train_and_evaluate(config, str(workdir))
+
+  summary = run('bookkeeping', 0.2)
+  assert summary['clipping_mode'] == 'batch'
+  assert summary['groups_per_batch'] == 8
+  assert summary['sampler'] == 'shuffle'
+  assert summary['epsilon'] > 0
+  assert summary['test_loss'] == pytest.approx(run('vmap', 0.2)['test_loss'],
+                                               rel=1e-4)
+  assert summary['test_loss'] != pytest.approx(
+      run('bookkeeping', 0.0)['test_loss'], rel=1e-4)
