@@ -5,7 +5,7 @@ skips): ``configs/scatternet_{mnist,fashion_mnist,cifar10}.py`` call
 :func:`scatternet_config`. Features: the scattering transform (J = 2, L = 8,
 order 2) of each image, computed once and cached with the prepared data
 (``config.data.features``, :mod:`dpjax.data.features`). Models:
-``scatter_linear`` and ``scatter_cnn``, the features normalized by GroupNorm
+``scatter_linear``, ``scatter_cnn`` and ``scatter_cnn_tb``, the features normalized by GroupNorm
 with 27 groups and no scale or bias (the paper's data-independent
 normalization). Privacy: epsilon 3 at delta 1e-5,
 Poisson sampling, RDP; the paper's clip norm 0.1 and SGD with momentum 0.9.
@@ -15,7 +15,8 @@ import os
 
 from configs import default
 
-MODELS = {'linear': 'scatter_linear', 'cnn': 'scatter_cnn'}
+MODELS = {'linear': 'scatter_linear', 'cnn': 'scatter_cnn',
+          'cnn_tb': 'scatter_cnn_tb'}
 
 
 def data_dir(*parts: str) -> str:
@@ -24,13 +25,18 @@ def data_dir(*parts: str) -> str:
       *parts)
 
 
-def scatternet_config(dataset: str, manual_dir: str, model: str, *,
-                      batch_size: int, learning_rate: float, epochs: float):
-  """The ScatterNet config of ``dataset`` for ``model`` ('linear' | 'cnn')."""
-  if model not in MODELS:
+def scatternet_config(dataset: str, manual_dir: str, model: str,
+                      recipes: dict[str, dict[str, float]]):
+  """The ScatterNet config of ``dataset`` for ``model``, a key of ``recipes``
+  (each the batch_size, learning_rate and epochs of one model of MODELS)."""
+  if model not in recipes:
     raise ValueError(
-        f'the ScatterNet configs take a model argument, one of {sorted(MODELS)}'
-        f' (e.g. --config configs/scatternet_mnist.py:linear); got {model!r}.')
+        f'this ScatterNet config takes a model argument, one of'
+        f' {sorted(recipes)} (e.g. --config configs/scatternet_{dataset}.py:'
+        f'linear); got {model!r}.')
+  batch_size, learning_rate, epochs = (
+      recipes[model]['batch_size'], recipes[model]['learning_rate'],
+      recipes[model]['epochs'])
   config = default.get_config()
   config.data.name = dataset
   config.data.manual_dir = manual_dir

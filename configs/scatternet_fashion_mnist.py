@@ -25,4 +25,4 @@ RECIPES = {
 def get_config(model: str = 'cnn'):
   return _scatternet.scatternet_config(
       'fashion_mnist', _scatternet.data_dir('fashion_mnist'), model,
-      **RECIPES.get(model, {}))
+      RECIPES)

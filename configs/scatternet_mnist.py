@@ -24,4 +24,4 @@ RECIPES = {
 def get_config(model: str = 'cnn'):
   return _scatternet.scatternet_config(
       'mnist', _scatternet.data_dir('mnist'), model,
-      **RECIPES.get(model, {}))
+      RECIPES)

@@ -10,7 +10,8 @@ because they keep activations, hence gradient norms, bounded.
 (ResNet-18, ResNet-20, ResNet-8, ResNet-9, WRN-16-4, each with a choice of
 normalization), the Flax NNX CNN of :mod:`dpjax.nnx_models` and the models
 over scattering features of :mod:`dpjax.scatternet` (``scatter_linear``,
-``scatter_cnn``: Tramer & Boneh 2021's ScatterNet+linear and +CNN; they take
+``scatter_cnn_tb``: Tramer & Boneh 2021's ScatterNet+linear and +CNN, and
+``scatter_cnn``, dpjax's variant of the CNN for normalization studies; they take
 the feature maps of ``config.data.features='scatternet'``), and the
 transformers of :mod:`dpjax.transformers` (``vit_tiny``, ``vit_small``: a
 ViT, Dosovitskiy et al. 2021; ``transformer_tiny``, ``transformer_small``: a
@@ -120,7 +121,7 @@ def get_model(name: str, num_classes: int, activation: str | None = None, *,
   Args:
     name: 'tanh_cnn', 'small_cnn', 'cifar_tanh_cnn', 'resnet18', 'resnet20',
       'resnet8', 'resnet9', 'wrn16_4', 'nnx_cnn', 'scatter_linear',
-      'scatter_cnn', 'vit_tiny', 'vit_small', 'transformer_tiny' or
+      'scatter_cnn', 'scatter_cnn_tb', 'vit_tiny', 'vit_small', 'transformer_tiny' or
       'transformer_small'.
     num_classes: size of the output layer.
     activation: a key of :data:`ACTIVATIONS`; None: the model's default (tanh
@@ -203,7 +204,8 @@ def _scatter_model(name: str, num_classes: int, activation: str | None, *,
                    activation=ACTIVATIONS[activation or 'tanh'])
   elif scale_norm or width != 1.0 or activation is not None:
     raise ValueError(
-        f'model {name!r} is one Dense layer over normalized features: it has'
+        f'model {name!r} is fixed beyond its feature normalization: it has'
         f' no scale_norm, width or activation (got scale_norm={scale_norm!r},'
-        f" width={width!r}, activation={activation!r}); use 'scatter_cnn'.")
+        f" width={width!r}, activation={activation!r}); 'scatter_cnn' has"
+        ' them.')
   return build(**options)

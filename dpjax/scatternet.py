@@ -18,9 +18,10 @@ pixels (nothing about the private set leaves through the features).
 Tramer & Boneh 2021 ("Differentially Private Learning Needs Better Features
 (or Much More Data)", ICLR) showed that DP-SGD on these features, normalized
 (GroupNorm, or privately estimated statistics), beats end-to-end CNNs at
-epsilon = 3: :class:`ScatterLinear` and :class:`ScatterCNN` are their linear
-model and small CNN (the CNN here with a residual connection around its
-second convolution, so that ScaleNorm has its place; see the class).
+epsilon = 3: :class:`ScatterLinear` and :class:`TramerBonehCNN` are their
+linear model and small CNN; :class:`ScatterCNN` is dpjax's variant of the CNN
+(a norm after each convolution and a residual connection around the second,
+so that the normalization comparison and ScaleNorm have their places).
 
 Filters follow the conventions of Kymatio (Andreux et al. 2020, "Kymatio:
 Scattering Transforms in Python", JMLR), so features agree with its
@@ -379,8 +380,36 @@ class ScatterCNN(nn.Module):
         x.reshape(x.shape[:-3] + (-1,)))
 
 
+class TramerBonehCNN(nn.Module):
+  """Tramer & Boneh 2021's CIFAR-10 ScatterNet+CNN as they built it.
+
+  ``norm(features) - conv(64) - tanh - max-pool/2 - conv(64) - tanh -
+  Dense``: 3x3 convolutions with biases, only the features normalized (their
+  ``CIFAR10_CNN`` for scattering inputs). :class:`ScatterCNN` is dpjax's
+  variant, which normalizes after every convolution for the normalization
+  comparison.
+  """
+
+  num_classes: int = 10
+  norm: str = 'group'
+  num_groups: int = 27
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = jnp.asarray(x, jnp.float32)
+    x = _norm(self.norm, x.shape[-1], self.num_groups, train, self.affine,
+              'feature_norm')(x)
+    x = jnp.tanh(nn.Conv(64, (3, 3), padding=1, name='conv1')(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+    x = jnp.tanh(nn.Conv(64, (3, 3), padding=1, name='conv2')(x))
+    return nn.Dense(self.num_classes, name='head')(
+        x.reshape(x.shape[:-3] + (-1,)))
+
+
 # name -> (constructor, takes width / scale_norm / activation)
 MODELS: dict[str, tuple[type[nn.Module], bool]] = {
     'scatter_linear': (ScatterLinear, False),
     'scatter_cnn': (ScatterCNN, True),
+    'scatter_cnn_tb': (TramerBonehCNN, False),
 }

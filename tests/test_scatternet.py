@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import _scatternet
 from dpjax import config_validation
 from dpjax import models
 from dpjax import scatternet
@@ -134,6 +133,8 @@ def test_bad_settings_and_inputs_are_clear_errors():
     ('scatter_linear', (7, 7, 81), 39700),
     ('scatter_cnn', (8, 8, 243), 139968 + 36864 + 10250),
     ('scatter_cnn', (7, 7, 81), 46656 + 36864 + 10250),
+    # Their CIFAR10_CNN: convs with biases, Dense(64 * 4 * 4, 10).
+    ('scatter_cnn_tb', (8, 8, 243), 139968 + 64 + 36864 + 64 + 10250),
 ])
 def test_model_shapes_and_sizes(name, shape, params):
   model = models.get_model(name, 10, affine=False)  # GroupNorm, no affine
@@ -161,6 +162,8 @@ def test_cnn_normalization_options(norm, scale_norm):
 def test_scatter_model_options_are_checked():
   with pytest.raises(ValueError, match='no scale_norm, width or activation'):
     models.get_model('scatter_linear', 10, width=2.0)
+  with pytest.raises(ValueError, match='fixed beyond its feature norm'):
+    models.get_model('scatter_cnn_tb', 10, activation='relu')
   with pytest.raises(ValueError, match='scale_norm needs'):
     model = models.get_model('scatter_cnn', 10, norm='none', scale_norm=True)
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 7, 7, 81)))
@@ -168,8 +171,9 @@ def test_scatter_model_options_are_checked():
     models.get_model('scatter_cnn', 10, norm='layer')
 
 
-@pytest.mark.parametrize('dataset', ['mnist', 'fashion_mnist', 'cifar10'])
-@pytest.mark.parametrize('model', ['linear', 'cnn'])
+@pytest.mark.parametrize('dataset,model', [
+    (d, m) for d in ('mnist', 'fashion_mnist', 'cifar10')
+    for m in ('linear', 'cnn')] + [('cifar10', 'cnn_tb')])
 def test_scatternet_configs(dataset, model):
   """Every ScatterNet config: features, GroupNorm, epsilon 3, the paper's
   clip norm, and a valid config for dpjax-train."""
@@ -181,6 +185,6 @@ def test_scatternet_configs(dataset, model):
   assert (config.privacy.target_epsilon, config.privacy.delta,
           config.privacy.clip_norm) == (3.0, 1e-5, 0.1)
   config_validation.validate_config(config)
-  with pytest.raises(ValueError, match='model argument'):
-    _scatternet.scatternet_config('mnist', '.', 'resnet', batch_size=1,
-                                      learning_rate=1.0, epochs=1.0)
+  with pytest.raises(ValueError, match="model argument.*got 'resnet'"):
+    importlib.import_module(f'configs.scatternet_{dataset}').get_config(
+        'resnet')
