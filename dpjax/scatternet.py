@@ -381,13 +381,18 @@ class ScatterCNN(nn.Module):
 
 
 class TramerBonehCNN(nn.Module):
-  """Tramer & Boneh 2021's CIFAR-10 ScatterNet+CNN as they built it.
+  """Tramer & Boneh 2021's ScatterNet+CNN as they built it, per dataset.
 
-  ``norm(features) - conv(64) - tanh - max-pool/2 - conv(64) - tanh -
-  Dense``: 3x3 convolutions with biases, only the features normalized (their
-  ``CIFAR10_CNN`` for scattering inputs). :class:`ScatterCNN` is dpjax's
-  variant, which normalizes after every convolution for the normalization
-  comparison.
+  Only the features are normalized, then 3x3 convolutions with biases and
+  tanh (their ``CIFAR10_CNN`` and ``MNIST_CNN`` for scattering inputs):
+
+  - CIFAR-10 features (8 x 8 x 243): ``conv(64) - max-pool/2 - conv(64) -
+    Dense(classes)``;
+  - MNIST-sized features (7 x 7 x 81): ``conv(16, stride 2) - conv(32) -
+    Dense(32) - tanh - Dense(classes)``.
+
+  :class:`ScatterCNN` is dpjax's variant, which normalizes after every
+  convolution for the normalization comparison.
   """
 
   num_classes: int = 10
@@ -400,11 +405,16 @@ class TramerBonehCNN(nn.Module):
     x = jnp.asarray(x, jnp.float32)
     x = _norm(self.norm, x.shape[-1], self.num_groups, train, self.affine,
               'feature_norm')(x)
-    x = jnp.tanh(nn.Conv(64, (3, 3), padding=1, name='conv1')(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
-    x = jnp.tanh(nn.Conv(64, (3, 3), padding=1, name='conv2')(x))
-    return nn.Dense(self.num_classes, name='head')(
-        x.reshape(x.shape[:-3] + (-1,)))
+    if x.shape[-3] >= 8:  # CIFAR-10's 32 x 32 images
+      x = jnp.tanh(nn.Conv(64, (3, 3), padding=1, name='conv1')(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+      x = jnp.tanh(nn.Conv(64, (3, 3), padding=1, name='conv2')(x))
+      return nn.Dense(self.num_classes, name='head')(
+          x.reshape(x.shape[:-3] + (-1,)))
+    x = jnp.tanh(nn.Conv(16, (3, 3), strides=2, padding=1, name='conv1')(x))
+    x = jnp.tanh(nn.Conv(32, (3, 3), padding=1, name='conv2')(x))
+    x = jnp.tanh(nn.Dense(32, name='hidden')(x.reshape(x.shape[:-3] + (-1,))))
+    return nn.Dense(self.num_classes, name='head')(x)
 
 
 # name -> (constructor, takes width / scale_norm / activation)

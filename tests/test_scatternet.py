@@ -135,6 +135,8 @@ def test_bad_settings_and_inputs_are_clear_errors():
     ('scatter_cnn', (7, 7, 81), 46656 + 36864 + 10250),
     # Their CIFAR10_CNN: convs with biases, Dense(64 * 4 * 4, 10).
     ('scatter_cnn_tb', (8, 8, 243), 139968 + 64 + 36864 + 64 + 10250),
+    # Their MNIST_CNN: conv(16, stride 2), conv(32), Dense(32 * 4 * 4, 32).
+    ('scatter_cnn_tb', (7, 7, 81), 11664 + 16 + 4608 + 32 + 16416 + 330),
 ])
 def test_model_shapes_and_sizes(name, shape, params):
   model = models.get_model(name, 10, affine=False)  # GroupNorm, no affine
@@ -173,7 +175,8 @@ def test_scatter_model_options_are_checked():
 
 @pytest.mark.parametrize('dataset,model', [
     (d, m) for d in ('mnist', 'fashion_mnist', 'cifar10')
-    for m in ('linear', 'cnn')] + [('cifar10', 'cnn_tb')])
+    for m in ('linear', 'cnn')] + [('cifar10', 'cnn_tb'),
+                                   ('fashion_mnist', 'cnn_tb')])
 def test_scatternet_configs(dataset, model):
   """Every ScatterNet config: features, GroupNorm, epsilon 3, the paper's
   clip norm, and a valid config for dpjax-train."""
