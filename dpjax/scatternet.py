@@ -310,6 +310,14 @@ def _norm(kind: str, features: int, num_groups: int, train: bool,
                                affine, name)
 
 
+def _normalized_features(x: jax.Array, kind: str, num_groups: int,
+                         train: bool, affine: bool) -> jax.Array:
+  """The features in float32 through the 'feature_norm' layer."""
+  x = jnp.asarray(x, jnp.float32)
+  return _norm(kind, x.shape[-1], num_groups, train, affine,
+               'feature_norm')(x)
+
+
 class ScatterLinear(nn.Module):
   """Normalized scattering features, then one Dense layer (logistic
   regression): Tramer & Boneh 2021's ScatterNet+linear.
@@ -327,9 +335,8 @@ class ScatterLinear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = jnp.asarray(x, jnp.float32)
-    x = _norm(self.norm, x.shape[-1], self.num_groups, train, self.affine,
-              'feature_norm')(x)
+    x = _normalized_features(x, self.norm, self.num_groups, train,
+                             self.affine)
     return nn.Dense(self.num_classes, name='head')(
         x.reshape(x.shape[:-3] + (-1,)))
 
@@ -366,8 +373,8 @@ class ScatterCNN(nn.Module):
                    name)
 
     bias = self.norm == 'none'
-    x = jnp.asarray(x, jnp.float32)
-    x = norm(x.shape[-1], 'feature_norm')(x)
+    x = _normalized_features(x, self.norm, self.num_groups, train,
+                             self.affine)
     x = nn.Conv(f, (3, 3), padding=1, use_bias=bias, name='conv1')(x)
     x = self.activation(norm(f, 'norm1')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
@@ -402,9 +409,8 @@ class TramerBonehCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = jnp.asarray(x, jnp.float32)
-    x = _norm(self.norm, x.shape[-1], self.num_groups, train, self.affine,
-              'feature_norm')(x)
+    x = _normalized_features(x, self.norm, self.num_groups, train,
+                             self.affine)
     if x.shape[-3] >= 8:  # CIFAR-10's 32 x 32 images
       x = jnp.tanh(nn.Conv(64, (3, 3), padding=1, name='conv1')(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
