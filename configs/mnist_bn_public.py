@@ -17,7 +17,7 @@ depend on the parameters and the public images only, so each example's
 gradient still depends on that example alone). Without it the network trains
 as if each channel's scale were a constant: 77.3% against GroupNorm's 93.4%
 at this recipe; with it, 95.5% (docs/EXPERIMENTS_scatternet.md). The price:
-the fast gradient routes cannot take it, so the step runs vmap (about 25
+the fast gradient routes cannot take it, so the step runs vmap (about 24
 minutes on 2 CPU cores, against under 4 without the gradient).
 
     dpjax-train --config configs/mnist_bn_public.py --workdir runs/mnist_bn

@@ -20,7 +20,7 @@ from configs import _scatternet
 
 RECIPES = {
     # Measured: 63.63% and 63.99% (two runs; batch 8192 and 60 epochs gave
-    # 63.39% at 20 times the steps' work). docs/EXPERIMENTS_scatternet.md.
+    # 63.39% for 4 times the work). docs/EXPERIMENTS_scatternet.md.
     'linear': dict(batch_size=4096, learning_rate=4.0, epochs=15.0),
     # Measured: docs/EXPERIMENTS_scatternet.md.
     'cnn': dict(batch_size=4096, learning_rate=4.0, epochs=30.0),
