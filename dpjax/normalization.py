@@ -637,16 +637,25 @@ class Normalizer:
     once), noised once with std ``once_noise_multiplier * stats_clip_norm``,
     divided by ``len(images)`` (the expected count of a pass at sampling
     rate 1: public as the dataset size every sampling rate is built from).
-    With one BatchNorm on the inputs (ScatterNet features) these are the
-    input statistics of Tramer & Boneh's private data normalization.
+    Each variance is floored at the noise std of its mean square
+    (``once_noise_std / len(images)``, public): below it the estimate is
+    noise, and a variance clamped at 0 would scale the channel by
+    ``1 / sqrt(BatchNorm.epsilon)``. With one BatchNorm on the inputs
+    (ScatterNet features) these are the input statistics of Tramer &
+    Boneh's private data normalization.
     """
     total = self.once_moment_sum(params, model_state, images, progress)
+    n = float(len(images))
     estimate = noised_moments(
-        total, jax.tree.map(jnp.zeros_like, total), self.once_noise_std,
-        float(len(images)), key)
+        total, jax.tree.map(jnp.zeros_like, total), self.once_noise_std, n,
+        key)
+    flat = traverse_util.flatten_dict(moments_to_stats(estimate))
+    floor = self.once_noise_std / n
+    stats = traverse_util.unflatten_dict({
+        path: jnp.maximum(v, floor) if path[-1] == 'var' else v
+        for path, v in flat.items()})
     return {**model_state, BATCH_STATS: _check_structure(
-        moments_to_stats(estimate), model_state[BATCH_STATS],
-        'privatized_once')}
+        stats, model_state[BATCH_STATS], 'privatized_once')}
 
   def public_batch(self, step: int) -> np.ndarray | None:
     """Step ``step``'s public batch (its own stream, by step), or None."""

@@ -836,3 +836,16 @@ def test_privatized_once_run_from_config_fields(monkeypatch, tmp_path):
   assert summary['epsilon'] <= 3.0
   again = train.train_and_evaluate(config, str(tmp_path))
   assert again['epsilon'] == pytest.approx(summary['epsilon'])
+
+
+def test_privatized_once_floors_each_variance_at_its_noise(tiny):
+  model, variables = tiny
+  _, norm = _once(tiny, sigma=8.0, clip=2.0)
+  state = norm.init_state(variables)
+  images = np.asarray(_images(50, seed=3))
+  out = norm.release_once(variables['params'], state, images,
+                          jax.random.key(0))
+  var = np.concatenate([np.ravel(v['var'])
+                        for v in out['batch_stats'].values()])
+  assert var.min() >= 16.0 / 50 * (1 - 1e-6)
+  assert (var == np.float32(16.0 / 50)).any()  # some were noise only
