@@ -103,8 +103,9 @@ class NormalizationConfig:
     momentum: ``privatized`` only: decay of the running estimate that the
       noised statistics are averaged into.
     stats_clip_norm: ``privatized`` and ``privatized_once``: L2 bound on each
-      example's moment vector (deviations from the current statistics, all
-      layers together).
+      example's moment vector, all layers together (``privatized``: its
+      deviation from the current statistics; ``privatized_once``: the raw
+      moments).
     stats_budget: ``privatized``: the share of each step's privacy spent on
       the statistics, in (0, 1): with the step's effective noise multiplier
       sigma, the gradient gets sigma / sqrt(1 - share) and the statistics

@@ -207,6 +207,9 @@ def _modelmix_report(config, plan) -> modelmix_lib.ModelMixReport:
   if plan.stats_noise_multiplier is not None:
     failures.append('the noisy gradient is the only release: privatized'
                     ' BatchNorm statistics are released beside it')
+  if plan.config.initial_noise_multiplier is not None:
+    failures.append('the noisy gradients are the only releases: BatchNorm'
+                    ' statistics are released once before training')
   accountant = modelmix_lib.ModelMixAccountant(plan,
                                                config.modelmix.tau_over_lr)
   return modelmix_lib.ModelMixReport(accountant, tau, failures)
