@@ -79,7 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # What DP training does with data-dependent collections such as BatchNorm
   # statistics (dpjax/normalization.py): 'reject' | 'public' | 'frozen' |
-  # 'privatized' | 'batch', or per collection 'batch_stats:public,...'.
+  # 'privatized' | 'privatized_once' | 'batch', or per collection
+  # 'batch_stats:public,...'.
   config.normalization = ml_collections.ConfigDict()
   config.normalization.policy = 'reject'
   config.normalization.public_batch_size = 32
@@ -88,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.normalization.stats_clip_norm = 10.0
   config.normalization.stats_budget = 0.1
   config.normalization.eval_statistics = 'public'
+  config.normalization.once_noise_multiplier = 8.0  # 'privatized_once'
 
   # Everything that changes the privacy guarantee, and nothing else. A set
   # `steps` replaces `epochs`. Exactly one of `target_epsilon` (calibrates the

@@ -177,6 +177,16 @@ def epsilon(
     return float(acc.get_epsilon(delta))
 
 
+def with_initial(initial: dp_accounting.DpEvent | None,
+                 event: dp_accounting.DpEvent | None
+                 ) -> dp_accounting.DpEvent | None:
+  """``initial`` (a release before training) composed with ``event``."""
+  events = [e for e in (initial, event) if e is not None]
+  if len(events) < 2:
+    return events[0] if events else None
+  return dp_accounting.ComposedDpEvent(events)
+
+
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,
@@ -185,18 +195,29 @@ def calibrate_noise_multiplier(
     accountant: Accountant = 'rdp',
     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
     tol: float = 1e-4,
+    initial_event: dp_accounting.DpEvent | None = None,
 ) -> float:
   """Smallest noise multiplier (up to ``tol``) whose epsilon <= target.
 
   The result is on the safe side: epsilon at the returned sigma never exceeds
-  ``target_epsilon``.
+  ``target_epsilon``. ``initial_event``: a release made once before training
+  (e.g. privately estimated normalization statistics), composed with the
+  steps, so that the whole run meets the target.
   """
   target_epsilon = _validation.positive('target_epsilon', target_epsilon)
   check_delta(delta)
   check_accountant(accountant)
+  if initial_event is not None:
+    alone = epsilon(initial_event, delta, accountant,
+                    pld_discretization=pld_discretization)
+    if not alone < target_epsilon:
+      raise ValueError(
+          f'the release before training alone costs epsilon {alone:.4g} >='
+          f' target_epsilon {target_epsilon}: raise its noise multiplier'
+          ' (e.g. normalization.once_noise_multiplier).')
 
   def make_event(sigma):
-    return dpsgd_event(sigma, sampling_rate, steps)
+    return with_initial(initial_event, dpsgd_event(sigma, sampling_rate, steps))
 
   with _quiet_dp_accounting():
     # RDP is cheap at any sigma; a PLD at tiny sigma is huge. So RDP finds the

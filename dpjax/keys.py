@@ -73,10 +73,12 @@ PRUNE = Stream('prune', 16, secret=True)  # pruning masks
 AUGMENT = Stream('augment', 17, secret=True)  # augmentation multiplicity
 DROPOUT = Stream('dropout', 18, secret=True)  # per-example dropout
 CANARY = Stream('canary', 19, secret=True)  # audit canaries
+# the one-time release of privatized_once BatchNorm statistics
+STATS_ONCE = Stream('stats_once', 20, secret=True)
 
 STREAMS: tuple[Stream, ...] = (
     INIT, DATA, PUBLIC_BATCH, EVAL, SAMPLER, NOISE, CLIP_COUNT, STATS, MIX,
-    PRUNE, AUGMENT, DROPOUT, CANARY)
+    PRUNE, AUGMENT, DROPOUT, CANARY, STATS_ONCE)
 
 if len({s.tag for s in STREAMS}) != len(STREAMS) or len(
     {s.name for s in STREAMS}) != len(STREAMS):

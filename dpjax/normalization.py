@@ -21,6 +21,11 @@ dpjax makes the choice explicit, per collection (``config.normalization.policy``
   feature moments (after Tramer & Boneh 2021, "Differentially Private Learning
   Needs Better Features"), released on the same Poisson batch as the gradient
   and accounted with it as one Gaussian mechanism.
+* ``privatized_once``: statistics estimated once, before training, from the
+  whole private training set at the initial parameters (a noised sum of
+  clipped per-example moments: Tramer & Boneh 2021's private data
+  normalization of ScatterNet features), then frozen; the release is one
+  Gaussian mechanism, composed with the steps in the accountant.
 * ``batch``: training-mode BatchNorm over a batch-clipping group only (Nguyen
   et al. 2023, "Batch Clipping and Adaptive Layerwise Clipping for
   Differential Private Stochastic Gradient Descent"), where the whole group's
@@ -51,6 +56,7 @@ from jax import flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 
 from dpjax import _validation
 from dpjax import clipping as clipping_lib
@@ -62,9 +68,12 @@ from dpjax.per_example import StepInputs
 PyTree = Any
 BATCH_STATS = 'batch_stats'
 POLICIES: tuple[str, ...] = ('reject', 'public', 'frozen', 'privatized',
-                             'batch')
+                             'privatized_once', 'batch')
 # Policies that only make sense for BatchNorm statistics.
-BATCHNORM_POLICIES: tuple[str, ...] = ('public', 'privatized', 'batch')
+BATCHNORM_POLICIES: tuple[str, ...] = ('public', 'privatized',
+                                       'privatized_once', 'batch')
+# Rows per forward pass of the privatized_once release (memory only).
+ONCE_CHUNK = 512
 EVAL_STATISTICS: tuple[str, ...] = ('public', 'batch')
 
 ALTERNATIVES = (
@@ -72,7 +81,9 @@ ALTERNATIVES = (
     ' batch; needs config.data.public_fraction > 0 or config.data.'
     "public_dataset), 'frozen' (statistics fixed, from public data or the"
     " initial values), 'privatized' (noised statistics, charged to the"
-    " accountant) or 'batch' (training-mode BatchNorm inside batch-clipping"
+    " accountant), 'privatized_once' (noised once over the private set"
+    " before training, charged to the accountant) or 'batch' (training-mode"
+    " BatchNorm inside batch-clipping"
     " groups); or use a model without them (config.model.norm='group').")
 
 
@@ -91,8 +102,10 @@ class NormalizationConfig:
       statistics (they depend on the parameters, never on private data).
     momentum: ``privatized`` only: decay of the running estimate that the
       noised statistics are averaged into.
-    stats_clip_norm: ``privatized``: L2 bound on each example's moment vector
-      (deviations from the current statistics, all layers together).
+    stats_clip_norm: ``privatized`` and ``privatized_once``: L2 bound on each
+      example's moment vector, all layers together (``privatized``: its
+      deviation from the current statistics; ``privatized_once``: the raw
+      moments).
     stats_budget: ``privatized``: the share of each step's privacy spent on
       the statistics, in (0, 1): with the step's effective noise multiplier
       sigma, the gradient gets sigma / sqrt(1 - share) and the statistics
@@ -101,6 +114,9 @@ class NormalizationConfig:
     eval_statistics: ``batch`` only: 'public' (statistics of a fixed public
       batch at the evaluated parameters) or 'batch' (each evaluation batch's
       own statistics).
+    once_noise_multiplier: ``privatized_once``: sigma of the one release
+      (noise std ``sigma * stats_clip_norm`` on the clipped sum); Tramer &
+      Boneh used 6-8 for each of their two moments.
   """
 
   policy: str = 'reject'
@@ -110,6 +126,7 @@ class NormalizationConfig:
   stats_clip_norm: float = 10.0
   stats_budget: float = 0.1
   eval_statistics: str = 'public'
+  once_noise_multiplier: float = 8.0
 
 
 def parse_policy(policy: str, collections: list[str] | tuple[str, ...]
@@ -506,6 +523,8 @@ class Normalizer:
   expected_batch_size: float = 1.0
   gradient_noise_multiplier: float | None = None
   stats_noise_multiplier: float | None = None
+  # 'privatized_once' only, from the run's plan.
+  once_noise_std: float = 0.0
 
   @property
   def bn_policy(self) -> str | None:
@@ -546,19 +565,98 @@ class Normalizer:
   def init_state(self, variables: Mapping[str, PyTree]) -> dict[str, PyTree]:
     """The collections a run starts from (public statistics where available).
 
-    ``public``, ``frozen`` and ``privatized`` start from the statistics of one
-    public batch at the initial parameters when public data exists, else from
-    the layers' initial values (mean 0, variance 1).
+    ``public``, ``frozen``, ``privatized`` and ``privatized_once`` start
+    from the statistics of one public batch at the initial parameters when
+    public data exists, else from the layers' initial values (mean 0,
+    variance 1); ``privatized_once`` then replaces them with
+    :meth:`release_once`.
     """
     state = {c: variables[c] for c in variables if c != 'params'}
     from_public = self.needs_public_batch or (
-        self.private and self.bn_policy in ('frozen', 'privatized')
+        self.private
+        and self.bn_policy in ('frozen', 'privatized', 'privatized_once')
         and self.public_images is not None)
     if from_public:
       state[BATCH_STATS] = jax.jit(batch_statistics, static_argnums=0)(
           self.model, {'params': variables['params'], **state},
           jnp.asarray(self._public_slice(None)))
     return state
+
+  @property
+  def releases_once(self) -> bool:
+    """Whether :meth:`release_once` runs before training."""
+    return self.private and self.bn_policy == 'privatized_once'
+
+  def once_moment_sum(self, params: PyTree, model_state: PyTree,
+                      images: np.ndarray, progress: bool = False) -> PyTree:
+    """``privatized_once``: ``sum_i clip(m_i)`` over ``images``.
+
+    ``m_i``: every BatchNorm input's moments (mean and mean square per
+    channel) for example i at ``params``, each layer normalizing with
+    ``model_state``'s (public) statistics; each row is clipped to
+    ``stats_clip_norm`` over all layers together, as Tramer & Boneh clip the
+    raw moments (deviations from the initial variance 1 would spend the
+    bound on features whose scale is far from 1, e.g. ScatterNet's ~0.03);
+    non-finite rows contribute zero. The sum that :meth:`release_once`
+    noises; its sensitivity is ``stats_clip_norm``.
+    """
+    center = jax.tree.map(jnp.zeros_like,
+                          stats_to_moments(model_state[BATCH_STATS]))
+    variables = {'params': params, **model_state}
+    model, kwargs = self.model, self._apply_kwargs(False)
+
+    def one(image):
+      record = {}
+      with batchnorm_interceptor(record):
+        model.apply(variables, image[None], **kwargs)
+      return _as_tree(record)
+
+    @jax.jit
+    def chunk_sum(rows, mask):
+      return clipped_moment_sum(jax.vmap(one)(rows), mask, center,
+                                self.config.stats_clip_norm)
+
+    chunk = ONCE_CHUNK
+    total = jax.tree.map(jnp.zeros_like, center)
+    for start in tqdm.trange(0, len(images), chunk, disable=not progress,
+                             desc='private statistics'):
+      rows = np.asarray(images[start:start + chunk])
+      real = len(rows)
+      if real < chunk:  # one compiled shape: pad, mask the padding out
+        rows = np.concatenate(
+            [rows, np.zeros((chunk - real,) + rows.shape[1:], rows.dtype)])
+      total = jax.tree.map(jnp.add, total, chunk_sum(
+          jnp.asarray(rows), jnp.arange(chunk) < real))
+    return total
+
+  def release_once(self, params: PyTree, model_state: PyTree,
+                   images: np.ndarray, key: jax.Array,
+                   progress: bool = False) -> PyTree:
+    """``privatized_once``: the state with statistics from the private set.
+
+    :meth:`once_moment_sum` over ``images`` (every private training example,
+    once), noised once with std ``once_noise_multiplier * stats_clip_norm``,
+    divided by ``len(images)`` (the expected count of a pass at sampling
+    rate 1: public as the dataset size every sampling rate is built from).
+    Each variance is floored at the noise std of its mean square
+    (``once_noise_std / len(images)``, public): below it the estimate is
+    noise, and a variance clamped at 0 would scale the channel by
+    ``1 / sqrt(BatchNorm.epsilon)``. With one BatchNorm on the inputs
+    (ScatterNet features) these are the input statistics of Tramer &
+    Boneh's private data normalization.
+    """
+    total = self.once_moment_sum(params, model_state, images, progress)
+    n = float(len(images))
+    estimate = noised_moments(
+        total, jax.tree.map(jnp.zeros_like, total), self.once_noise_std, n,
+        key)
+    flat = traverse_util.flatten_dict(moments_to_stats(estimate))
+    floor = self.once_noise_std / n
+    stats = traverse_util.unflatten_dict({
+        path: jnp.maximum(v, floor) if path[-1] == 'var' else v
+        for path, v in flat.items()})
+    return {**model_state, BATCH_STATS: _check_structure(
+        stats, model_state[BATCH_STATS], 'privatized_once')}
 
   def public_batch(self, step: int) -> np.ndarray | None:
     """Step ``step``'s public batch (its own stream, by step), or None."""
@@ -673,7 +771,8 @@ class Normalizer:
     settings (with ``privatized``, both noise multipliers and how they are
     accounted; the gradient's noise std is in the plan's summary)."""
     out: dict[str, Any] = {'policies': dict(self.policies)}
-    if self.bn_policy in ('public', 'frozen', 'privatized', 'batch'):
+    if self.bn_policy in ('public', 'frozen', 'privatized', 'privatized_once',
+                          'batch'):
       out['public_batch_size'] = (
           0 if self.public_images is None
           else min(self.config.public_batch_size, len(self.public_images)))
@@ -681,6 +780,15 @@ class Normalizer:
       out['stats_gradient'] = self.config.stats_gradient
     if self.bn_policy == 'batch':
       out['eval_statistics'] = self.config.eval_statistics
+    if self.bn_policy == 'privatized_once':
+      out.update({
+          'stats_clip_norm': self.config.stats_clip_norm,
+          'once_noise_multiplier': self.config.once_noise_multiplier,
+          'once_noise_std_on_sum': self.once_noise_std,
+          'accounting': (
+              'statistics released once before training over the whole'
+              ' private set: one Gaussian mechanism composed with the steps'),
+      })
     entries: dict[str, Any] = {'normalization': out}
     if self.gradient_noise_multiplier is not None:
       joint = (self.gradient_noise_multiplier ** -2
@@ -790,6 +898,30 @@ def make_normalizer(model: nn.Module, variables: Mapping[str, PyTree],
           gradient_noise_multiplier=sigma_g, stats_noise_multiplier=sigma_s,
           stats_noise_std=sigma_s * clip.sensitivity(plan.relation),
           expected_batch_size=float(plan.config.expected_batch_size))
+    if policies.get(BATCH_STATS) == 'privatized_once':
+      extra = _once_settings(config, plan, batch_clipping)
   return Normalizer(model=model, policies=policies, config=config,
                     public_images=public_images, private=private,
                     public_key=public_key, **extra)
+
+
+def _once_settings(config: NormalizationConfig, plan,
+                   batch_clipping: bool) -> dict[str, float]:
+  """``privatized_once``'s noise std, checked against the plan's release."""
+  if batch_clipping:
+    raise ValueError(
+        "policy 'privatized_once' releases per-example moments under the"
+        " add/remove relation, which batch clipping (clipping.mode='batch')"
+        " does not account; use 'public' or 'frozen' with batch clipping.")
+  sigma = _validation.positive('normalization.once_noise_multiplier',
+                               config.once_noise_multiplier)
+  if plan is None or plan.config.initial_noise_multiplier != sigma:
+    raise ValueError(
+        "policy 'privatized_once' releases statistics before training: build"
+        ' the plan with PrivacyConfig(initial_noise_multiplier='
+        'normalization.once_noise_multiplier) so that the release is'
+        ' accounted.')
+  clip = clipping_lib.clip_per_example(
+      _validation.positive('normalization.stats_clip_norm',
+                           config.stats_clip_norm))
+  return dict(once_noise_std=sigma * clip.sensitivity(plan.relation))

@@ -134,6 +134,12 @@ class PrivacyConfig:
       of the same batch (privatized BatchNorm statistics, :mod:`dpjax.
       normalization`); the two together cost one step at the accounted
       noise multiplier. None: the gradient is the only release.
+    initial_noise_multiplier: sigma of a release made once, before training,
+      over the whole private set (the Gaussian mechanism on a sum of
+      per-example vectors clipped to norm 1, e.g. ``privatized_once``
+      BatchNorm statistics, :mod:`dpjax.normalization`). It is composed with
+      the steps, and ``target_epsilon`` calibrates the steps' sigma for the
+      whole. None: nothing is released before training.
   """
 
   clip_norm: float = 1.0
@@ -148,6 +154,7 @@ class PrivacyConfig:
   secure_noise: bool = False
   linf_p: float | None = None
   stats_share: float | None = None
+  initial_noise_multiplier: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,18 +284,36 @@ class DPPlan:
     del step
     ledger.record(self.step_event())
 
+  def initial_event(self) -> dp_accounting.DpEvent | None:
+    """The release made once before training (one Gaussian mechanism over
+    the whole private set, no subsampling), or None."""
+    sigma = self.config.initial_noise_multiplier
+    return None if sigma is None else dp_accounting.GaussianDpEvent(sigma)
+
+  def record_start(self, ledger: accounting.PrivacyLedger) -> None:
+    """Records in a run's fresh ``ledger`` what is released before step 0."""
+    if ledger.entries:
+      raise ValueError('record_start takes a fresh ledger; this one already'
+                       f' holds {len(ledger.entries)} entries.')
+    event = self.initial_event()
+    if event is not None:
+      ledger.record(event)
+
   def num_events(self, steps: int) -> int:
     return steps
 
   def epsilon(self, steps: int | None = None) -> float:
-    """Epsilon after ``steps`` steps (default: the whole run)."""
+    """Epsilon after ``steps`` steps (default: the whole run), the release
+    before training included."""
     steps = self.num_steps if steps is None else steps
-    if steps == 0:
-      return 0.0
-    return accounting.epsilon(
+    event = accounting.with_initial(
+        self.initial_event(),
         accounting.dpsgd_event(self.noise_multiplier, self.sampling_rate,
-                               steps),
-        self.config.delta, self.config.accountant, self.relation)
+                               steps) if steps else None)
+    if event is None:
+      return 0.0
+    return accounting.epsilon(event, self.config.delta,
+                              self.config.accountant, self.relation)
 
   def _mode_summary(self) -> dict[str, Any]:
     return {}
@@ -348,6 +373,11 @@ class DPPlan:
     out.update(self._mode_summary())
     if self.stats_noise_multiplier is not None:
       out['stats_noise_multiplier'] = self.stats_noise_multiplier
+    if self.config.initial_noise_multiplier is not None:
+      out['initial_noise_multiplier'] = self.config.initial_noise_multiplier
+      out['initial_release_epsilon'] = accounting.epsilon(
+          self.initial_event(), self.config.delta, self.config.accountant,
+          self.relation)
     if c.layers != 'none' and self.mode != 'automatic':
       out.update({'layers': c.layers, 'layer_groups': c.layer_groups,
                   'layer_noise': c.layer_noise})
@@ -681,16 +711,20 @@ def make_plan(
   """
   n = _validation.positive_int('dataset_size', dataset_size)
   _check_clipping_config(config.clipping)
+  if config.initial_noise_multiplier is not None:
+    _validation.positive('initial_noise_multiplier',
+                         config.initial_noise_multiplier)
   delta = accounting.check_delta(config.delta, n)
   if keys is None:
     keys = keys_lib.KeySchedule.create(seed=0)
   if config.clipping.mode == 'batch':
-    if config.stats_share is not None or config.linf_p is not None:
+    if (config.stats_share is not None or config.linf_p is not None
+        or config.initial_noise_multiplier is not None):
       raise ValueError(
           "clipping.mode='batch' releases one group-clipped sum: a"
-          ' stats_share (privatized per-example statistics) or linf_p'
-          " (ModelMix's per-coordinate clamp) has no meaning there; use a"
-          ' per-example mode.')
+          ' stats_share or initial_noise_multiplier (privatized per-example'
+          " statistics) or linf_p (ModelMix's per-coordinate clamp) has no"
+          ' meaning there; use a per-example mode.')
     return _make_batch_plan(config, n, delta, keys)
   if config.accountant == 'gdp':
     raise ValueError(
@@ -711,8 +745,11 @@ def make_plan(
         'noise_multiplier', config.noise_multiplier,
         ' Use a positive value for a private run.')
   else:
+    initial = config.initial_noise_multiplier
     sigma = accounting.calibrate_noise_multiplier(
-        config.target_epsilon, delta, q, steps, config.accountant)
+        config.target_epsilon, delta, q, steps, config.accountant,
+        initial_event=None if initial is None else dp_accounting.
+        GaussianDpEvent(initial))
   if not math.isfinite(sigma):
     raise ValueError(f'noise multiplier is not finite: {sigma!r}.')
 

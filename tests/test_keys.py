@@ -92,7 +92,7 @@ class TestSchedule:
   def test_the_noise_and_the_sampler_are_secret_streams(self):
     secret = {s.name for s in keys.STREAMS if s.secret}
     assert {'noise', 'sampler', 'mix', 'clip_count', 'stats', 'augment',
-            'dropout', 'canary', 'prune'} <= secret
+            'dropout', 'canary', 'prune', 'stats_once'} <= secret
     with pytest.raises(ValueError, match='secret'):
       keys.public_root(0, keys.NOISE)
 

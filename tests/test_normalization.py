@@ -693,3 +693,159 @@ def test_policy_losses_on_the_ghost_routes_match_vmap(tiny, policy,
   assert len(owned) == (0 if through else 3)
   assert (ghost.route_refusal(clip, stats_through_public=through) is None) == (
       not through)
+
+
+# ---------------------------------------------------------------------------
+# privatized_once: statistics released once over the private set.
+
+
+def _once(tiny, sigma=8.0, clip=2.0, steps=10, target_epsilon=None):
+  plan = dpjax.make_plan(dpjax.PrivacyConfig(
+      clip_norm=1.0, noise_multiplier=None if target_epsilon else 1.0,
+      target_epsilon=target_epsilon, expected_batch_size=16, steps=steps,
+      initial_noise_multiplier=sigma), 1000, keys=TEST_KEYS)
+  return plan, _normalizer(tiny, 'privatized_once', plan=plan,
+                           once_noise_multiplier=sigma, stats_clip_norm=clip)
+
+
+def _flat_stats(state):
+  moments = normalization.stats_to_moments(state['batch_stats'])
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(moments)])
+
+
+def test_privatized_once_one_example_moves_the_sum_by_at_most_c(tiny):
+  """Neighbouring private sets (one adversarial example added): the sums
+  the release noises differ by at most the clip norm."""
+  model, variables = tiny
+  _, norm = _once(tiny, clip=2.0)
+  state = norm.init_state(variables)
+  base = np.asarray(_images(20, seed=1))
+
+  def flat_sum(images):
+    total = norm.once_moment_sum(variables['params'], state, images)
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(total)])
+
+  without = flat_sum(base)
+  for bad in (np.nan, np.inf, -np.inf, 1e30, 1e6, 0.0, 0.5):
+    extra = np.full((1,) + SHAPE, bad, np.float32)
+    moved = np.linalg.norm(flat_sum(np.concatenate([base, extra])) - without)
+    assert moved <= 2.0 * (1 + 1e-5), (bad, moved)
+  assert np.linalg.norm(flat_sum(np.concatenate(
+      [base, np.full((1,) + SHAPE, 1e6, np.float32)])) - without) > 1.9
+
+
+def test_privatized_once_chunks_and_padding_change_nothing(tiny, monkeypatch):
+  model, variables = tiny
+  _, norm = _once(tiny)
+  state = norm.init_state(variables)
+  images = np.asarray(_images(21, seed=2))
+  whole = _flat_stats(norm.release_once(variables['params'], state, images,
+                                        jax.random.key(1)))
+  monkeypatch.setattr(normalization, 'ONCE_CHUNK', 8)  # 8 + 8 + 5 padded
+  chunked = _flat_stats(norm.release_once(variables['params'], state, images,
+                                          jax.random.key(1)))
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def _means(state):
+  return np.concatenate([np.ravel(v['mean'])
+                         for v in state['batch_stats'].values()])
+
+
+def test_privatized_once_noise_std(tiny):
+  """KS test: the released means are the clipped means plus
+  N(0, (sigma C / n)^2)."""
+  model, variables = tiny
+  _, norm = _once(tiny, sigma=8.0, clip=2.0)
+  assert norm.once_noise_std == pytest.approx(16.0)
+  state = norm.init_state(variables)
+  images = np.asarray(_images(50, seed=3))
+  total = norm.once_moment_sum(variables['params'], state, images)
+  exact = np.concatenate(
+      [np.ravel(v['mean']) for v in total.values()]) / 50
+  draws = np.concatenate([
+      _means(norm.release_once(variables['params'], state, images,
+                               jax.random.key(i))) - exact
+      for i in range(100)])
+  std = 16.0 / 50
+  assert scipy_stats.kstest(draws, 'norm', args=(0, std)).pvalue > 1e-3
+  for wrong in (2 / 3, 3 / 2):
+    assert scipy_stats.kstest(draws, 'norm',
+                              args=(0, wrong * std)).pvalue < 1e-6
+
+
+def test_privatized_once_is_composed_into_epsilon_and_calibration(tiny):
+  plan, _ = _once(tiny, sigma=4.0, steps=50)
+  initial = dp_accounting.GaussianDpEvent(4.0)
+  steps = accounting.dpsgd_event(1.0, plan.sampling_rate, 50)
+  assert plan.epsilon() == pytest.approx(accounting.epsilon(
+      dp_accounting.ComposedDpEvent([initial, steps]), plan.config.delta))
+  assert plan.epsilon(0) == pytest.approx(
+      accounting.epsilon(initial, plan.config.delta))
+  assert plan.epsilon() > accounting.epsilon(steps, plan.config.delta)
+  ledger = accounting.PrivacyLedger()
+  plan.record_start(ledger)
+  for t in range(50):
+    plan.record_step(ledger, t)
+  assert ledger.epsilon(plan.config.delta) == pytest.approx(plan.epsilon())
+  with pytest.raises(ValueError, match='fresh ledger'):
+    plan.record_start(ledger)
+  # calibration spends the rest of the budget on the steps
+  calibrated, _ = _once(tiny, sigma=4.0, steps=50, target_epsilon=2.0)
+  alone = dpjax.make_plan(dpjax.PrivacyConfig(
+      clip_norm=1.0, target_epsilon=2.0, expected_batch_size=16, steps=50),
+      1000, keys=TEST_KEYS)
+  assert calibrated.epsilon() == pytest.approx(2.0, abs=2e-3)
+  assert calibrated.epsilon() <= 2.0
+  assert calibrated.noise_multiplier > alone.noise_multiplier
+  with pytest.raises(ValueError, match='alone costs epsilon'):
+    _once(tiny, sigma=0.5, steps=50, target_epsilon=1.0)
+
+
+def test_privatized_once_needs_its_release_in_the_plan(tiny):
+  plan = dpjax.make_plan(dpjax.PrivacyConfig(
+      clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=16, steps=5),
+      1000, keys=TEST_KEYS)
+  with pytest.raises(ValueError, match='initial_noise_multiplier'):
+    _normalizer(tiny, 'privatized_once', plan=plan)
+  with pytest.raises(ValueError, match="mode='batch'"):
+    dpjax.make_plan(dpjax.PrivacyConfig(
+        clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=8, steps=1,
+        accountant='gdp', initial_noise_multiplier=8.0,
+        clipping=dpjax.ClippingConfig(mode='batch', group_size=4)), 64,
+        keys=TEST_KEYS)
+
+
+def test_privatized_once_run_from_config_fields(monkeypatch, tmp_path):
+  """dpjax-train with privatized_once: the statistics move away from the
+  initial values once, stay fixed, and epsilon counts their release once,
+  also after a resume."""
+  monkeypatch.setattr(models, 'get_model', lambda *a, **k: TinyBN())
+  config = default.get_config()
+  config.progress_bar = False
+  config.normalization.policy = 'privatized_once'
+  config.normalization.once_noise_multiplier = 4.0
+  config.privacy.steps = 3
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  norm = summary['normalization']
+  assert norm['policies'] == {'batch_stats': 'privatized_once'}
+  assert norm['once_noise_std_on_sum'] == pytest.approx(
+      4.0 * norm['stats_clip_norm'])
+  assert summary['initial_noise_multiplier'] == 4.0
+  assert summary['epsilon'] == pytest.approx(3.0, abs=1e-3)
+  assert summary['epsilon'] <= 3.0
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert again['epsilon'] == pytest.approx(summary['epsilon'])
+
+
+def test_privatized_once_floors_each_variance_at_its_noise(tiny):
+  model, variables = tiny
+  _, norm = _once(tiny, sigma=8.0, clip=2.0)
+  state = norm.init_state(variables)
+  images = np.asarray(_images(50, seed=3))
+  out = norm.release_once(variables['params'], state, images,
+                          jax.random.key(0))
+  var = np.concatenate([np.ravel(v['var'])
+                        for v in out['batch_stats'].values()])
+  assert var.min() >= 16.0 / 50 * (1 - 1e-6)
+  assert (var == np.float32(16.0 / 50)).any()  # some were noise only

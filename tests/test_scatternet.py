@@ -177,13 +177,16 @@ def test_scatter_model_options_are_checked():
     (d, m) for d in ('mnist', 'fashion_mnist', 'cifar10')
     for m in ('linear', 'cnn', 'cnn_tb')])
 def test_scatternet_configs(dataset, model):
-  """Every ScatterNet config: features, GroupNorm, epsilon 3, the paper's
-  clip norm, and a valid config for dpjax-train."""
+  """Every ScatterNet config: features, GroupNorm or statistics released
+  once under DP, epsilon 3, the paper's clip norm, and a valid config for
+  dpjax-train."""
   config = importlib.import_module(f'configs.scatternet_{dataset}').get_config(
       model)
   assert config.data.features == 'scatternet'
   assert config.model.name == f'scatter_{model}'
-  assert (config.model.norm, config.model.num_groups) == ('group', 27)
+  assert (config.model.norm, config.normalization.policy) in (
+      ('group', 'reject'), ('batch', 'privatized_once'))
+  assert config.model.num_groups == 27 and not config.model.affine
   assert (config.privacy.target_epsilon, config.privacy.delta,
           config.privacy.clip_norm) == (3.0, 1e-5, 0.1)
   config_validation.validate_config(config)

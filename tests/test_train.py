@@ -482,3 +482,26 @@ def test_batch_clipping_with_per_example_dropout(tmp_path):
                                                rel=1e-4)
   assert summary['test_loss'] != pytest.approx(
       run('bookkeeping', 0.0)['test_loss'], rel=1e-4)
+
+
+def test_scatternet_features_normalized_by_privatized_once_statistics(
+    tmp_path, monkeypatch):
+  """ScatterNet+linear with the features' statistics released once over the
+  private digits: the release is in the summary and in epsilon, which the
+  calibration keeps at the target, and the model learns."""
+  monkeypatch.setenv('DPJAX_CACHE_DIR', str(tmp_path / 'cache'))
+  config = default.get_config()
+  config.progress_bar = False
+  config.data.features = 'scatternet'
+  config.model.name = 'scatter_linear'
+  config.model.norm = 'batch'
+  config.model.affine = False
+  config.normalization.policy = 'privatized_once'
+  config.normalization.stats_clip_norm = 1.0
+  config.privacy.steps = 30
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['normalization']['policies'] == {
+      'batch_stats': 'privatized_once'}
+  assert 0 < summary['initial_release_epsilon'] < summary['epsilon']
+  assert summary['epsilon'] == pytest.approx(3.0, abs=1e-3)
+  assert summary['test_accuracy'] >= 0.7

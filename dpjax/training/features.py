@@ -435,6 +435,13 @@ REFUSALS: tuple[Refusal, ...] = (
             " batch clipping's shuffling accountant (replace-one, per epoch)"
             " does not cover that release: use 'batch', 'public' or 'frozen'"
             ' with batch clipping.', privacy=True),
+    Refusal(lambda s: s.normalization == 'privatized_once'
+            and s.mode == 'batch',
+            "normalization.policy='privatized_once' releases per-example"
+            ' moments once under the add/remove relation; batch clipping\'s'
+            ' shuffling accountant (replace-one) does not compose that'
+            " release: use 'public' or 'frozen' with batch clipping.",
+            privacy=True),
 )
 
 

@@ -161,6 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state, images, labels = _place(run)
   restored = run.checkpointer.restore(state)
   log = RunLog(ledger=checkpoint.ledger_from_json([]))
+  if run.plan.private:
+    run.plan.record_start(log.ledger)
   if restored is not None:
     state, meta = restored
     log = RunLog.from_meta(meta)

@@ -39,11 +39,14 @@ from dpjax.training import step as step_lib
 
 def privacy_config(config: ml_collections.ConfigDict, *,
                    stats_share: float | None = None,
-                   linf_p: float | None = None) -> plan_lib.PrivacyConfig:
+                   linf_p: float | None = None,
+                   initial_noise_multiplier: float | None = None
+                   ) -> plan_lib.PrivacyConfig:
   """The privacy settings of ``config.privacy`` as a :class:`PrivacyConfig`.
 
-  ``stats_share`` and ``linf_p`` declare the releases other features add
-  (privatized statistics, ModelMix's clamp). Exactly one of
+  ``stats_share``, ``linf_p`` and ``initial_noise_multiplier`` declare the
+  releases other features add (privatized statistics, per step or once
+  before training; ModelMix's clamp). Exactly one of
   ``noise_multiplier`` and ``target_epsilon`` is set (config_validation
   refuses both); a set ``steps`` replaces ``epochs``.
   """
@@ -57,7 +60,8 @@ def privacy_config(config: ml_collections.ConfigDict, *,
       epochs=None if p.steps is not None else p.epochs, steps=p.steps,
       accountant=p.accountant, clipping=clipping,
       secure_noise=p.get('secure_noise', False), linf_p=linf_p,
-      stats_share=stats_share)
+      stats_share=stats_share,
+      initial_noise_multiplier=initial_noise_multiplier)
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -157,11 +161,15 @@ def make_plan(config, n: int, keys, params_shape, pad: int | None,
         p.expected_batch_size, n, steps=p.steps,
         epochs=None if p.steps is not None else p.epochs,
         pad_to_multiple_of=pad, keys=keys)
-  stats_share = (config.normalization.stats_budget
-                 if normalizer_policy == 'privatized' else None)
+  norm = normalization_config(config)
+  stats_share = (norm.stats_budget if normalizer_policy == 'privatized'
+                 else None)
+  initial = (norm.once_noise_multiplier
+             if normalizer_policy == 'privatized_once' else None)
   linf_p = config.modelmix.p if modelmix_enabled(config) else None
   return plan_lib.make_plan(
-      privacy_config(config, stats_share=stats_share, linf_p=linf_p), n,
+      privacy_config(config, stats_share=stats_share, linf_p=linf_p,
+                     initial_noise_multiplier=initial), n,
       pad_to_multiple_of=pad, keys=keys, params=params_shape)
 
 
@@ -199,6 +207,9 @@ def _modelmix_report(config, plan) -> modelmix_lib.ModelMixReport:
   if plan.stats_noise_multiplier is not None:
     failures.append('the noisy gradient is the only release: privatized'
                     ' BatchNorm statistics are released beside it')
+  if plan.config.initial_noise_multiplier is not None:
+    failures.append('the noisy gradients are the only releases: BatchNorm'
+                    ' statistics are released once before training')
   accountant = modelmix_lib.ModelMixAccountant(plan,
                                                config.modelmix.tau_over_lr)
   return modelmix_lib.ModelMixReport(accountant, tau, failures)
@@ -255,7 +266,9 @@ def alc_feature(plan, model, splits, model_state
 
 
 def _initial_state(config, run_parts) -> state_lib.TrainState:
-  """The state at step 0: parameters, optimizer, clip state, pruning mask."""
+  """The state at step 0: parameters, optimizer, clip state, pruning mask,
+  and the statistics a ``privatized_once`` policy releases before training
+  (recorded in the ledger by the loop, through the plan)."""
   model, plan, keys, features, normalizer, inputs = run_parts
   optimizer = state_lib.make_optimizer(config.optimizer, plan.num_steps)
   tx = features.optimizer_chain(plan, optimizer)
@@ -266,6 +279,10 @@ def _initial_state(config, run_parts) -> state_lib.TrainState:
       pretrained=None if init_from is None else checkpoint.load_params(
           init_from, config.data.name))
   state = state.replace(clip_state=plan.init_clip_state(state.params))
+  if normalizer.releases_once:
+    state = state.replace(model_state=normalizer.release_once(
+        state.params, state.model_state, inputs,
+        keys.root(keys_lib.STATS_ONCE), progress=config.progress_bar))
   prune = features.get('pruning')
   if prune is not None:
     # The mask is data-independent or public: it costs no privacy.
