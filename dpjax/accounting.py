@@ -208,8 +208,8 @@ def calibrate_noise_multiplier(
   check_delta(delta)
   check_accountant(accountant)
   if initial_event is not None:
-    alone = epsilon(initial_event, delta, accountant,
-                    pld_discretization=pld_discretization)
+    # RDP, also for 'pld': the search below brackets sigma with RDP first.
+    alone = epsilon(initial_event, delta, 'rdp')
     if not alone < target_epsilon:
       raise ValueError(
           f'the release before training alone costs epsilon {alone:.4g} >='

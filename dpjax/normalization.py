@@ -598,7 +598,11 @@ class Normalizer:
     raw moments (deviations from the initial variance 1 would spend the
     bound on features whose scale is far from 1, e.g. ScatterNet's ~0.03);
     non-finite rows contribute zero. The sum that :meth:`release_once`
-    noises; its sensitivity is ``stats_clip_norm``.
+    noises (not a release: it is un-noised); its sensitivity is
+    ``stats_clip_norm``. With several BatchNorm layers, deeper layers'
+    moments are of inputs normalized upstream by ``model_state``, not by
+    the released statistics: the policy is meant for one BatchNorm on the
+    inputs.
     """
     center = jax.tree.map(jnp.zeros_like,
                           stats_to_moments(model_state[BATCH_STATS]))
@@ -643,8 +647,14 @@ class Normalizer:
     noise, and a variance clamped at 0 would scale the channel by
     ``1 / sqrt(BatchNorm.epsilon)``. With one BatchNorm on the inputs
     (ScatterNet features) these are the input statistics of Tramer &
-    Boneh's private data normalization.
+    Boneh's private data normalization. ``key`` must be fresh (two releases
+    with one key would cancel their noise in a difference).
     """
+    if not (self.releases_once and self.once_noise_std > 0):
+      raise ValueError(
+          'release_once needs a privatized_once Normalizer built by'
+          f' make_normalizer (noise std {self.once_noise_std!r}): it never'
+          ' releases un-noised statistics.')
     total = self.once_moment_sum(params, model_state, images, progress)
     n = float(len(images))
     estimate = noised_moments(

@@ -285,10 +285,8 @@ class DPPlan:
     ledger.record(self.step_event())
 
   def initial_event(self) -> dp_accounting.DpEvent | None:
-    """The release made once before training (one Gaussian mechanism over
-    the whole private set, no subsampling), or None."""
-    sigma = self.config.initial_noise_multiplier
-    return None if sigma is None else dp_accounting.GaussianDpEvent(sigma)
+    """The release made once before training, or None."""
+    return _initial_event(self.config)
 
   def record_start(self, ledger: accounting.PrivacyLedger) -> None:
     """Records in a run's fresh ``ledger`` what is released before step 0."""
@@ -745,11 +743,9 @@ def make_plan(
         'noise_multiplier', config.noise_multiplier,
         ' Use a positive value for a private run.')
   else:
-    initial = config.initial_noise_multiplier
     sigma = accounting.calibrate_noise_multiplier(
         config.target_epsilon, delta, q, steps, config.accountant,
-        initial_event=None if initial is None else dp_accounting.
-        GaussianDpEvent(initial))
+        initial_event=_initial_event(config))
   if not math.isfinite(sigma):
     raise ValueError(f'noise multiplier is not finite: {sigma!r}.')
 
@@ -780,6 +776,13 @@ def make_plan(
       noise_multiplier=sigma, clipping=clipping, sampler=sampler, keys=keys,
       gradient_noise_multiplier=gradient_sigma, count_noise_std=count_std,
       num_counts=num_counts, stats_noise_multiplier=stats_sigma)
+
+
+def _initial_event(config: PrivacyConfig) -> dp_accounting.DpEvent | None:
+  """The release before training: one Gaussian mechanism over the whole
+  private set (no subsampling), or None."""
+  sigma = config.initial_noise_multiplier
+  return None if sigma is None else dp_accounting.GaussianDpEvent(sigma)
 
 
 def _num_counts(clipping, params: Any, c: ClippingConfig) -> int:

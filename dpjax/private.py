@@ -481,7 +481,6 @@ def make_private(
   else:
     num_passes = -(-plan.num_steps // plan.steps_per_epoch)
   ledger = accounting.PrivacyLedger()
-  plan.record_start(ledger)
   batches = PrivateBatches(plan, example_keys.with_indices(arrays), ledger,
                            min(num_passes, plan.num_steps))
 

@@ -849,3 +849,21 @@ def test_privatized_once_floors_each_variance_at_its_noise(tiny):
                         for v in out['batch_stats'].values()])
   assert var.min() >= 16.0 / 50 * (1 - 1e-6)
   assert (var == np.float32(16.0 / 50)).any()  # some were noise only
+
+
+def test_privatized_once_never_releases_without_noise(tiny):
+  model, variables = tiny
+  _, norm = _once(tiny)
+  silent = normalization.Normalizer(model=model, policies=norm.policies,
+                                    config=norm.config)
+  with pytest.raises(ValueError, match='un-noised'):
+    silent.release_once(variables['params'], silent.init_state(variables),
+                        np.asarray(_images(4)), jax.random.key(0))
+
+
+def test_privatized_once_pld_calibration_names_the_release(tiny):
+  with pytest.raises(ValueError, match='alone costs epsilon'):
+    dpjax.make_plan(dpjax.PrivacyConfig(
+        clip_norm=1.0, target_epsilon=0.45, expected_batch_size=50,
+        steps=100, accountant='pld', initial_noise_multiplier=8.0), 1000,
+        keys=TEST_KEYS)

@@ -282,7 +282,7 @@ def _initial_state(config, run_parts) -> state_lib.TrainState:
   if normalizer.releases_once:
     state = state.replace(model_state=normalizer.release_once(
         state.params, state.model_state, inputs,
-        keys.root(keys_lib.STATS_ONCE), progress=config.progress_bar))
+        keys.key(keys_lib.STATS_ONCE), progress=config.progress_bar))
   prune = features.get('pruning')
   if prune is not None:
     # The mask is data-independent or public: it costs no privacy.
