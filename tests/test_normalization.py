@@ -502,14 +502,20 @@ def test_mnist_bn_public_config_runs(tmp_path, fast_compile):
       summary['noise_multiplier'] * summary['sensitivity'])
 
 
-def test_privatized_run_from_config_fields(monkeypatch, tmp_path):
-  """dpjax-train with BatchNorm-privatized: summary states the true noise."""
+def _tinybn_config(monkeypatch, policy):
+  """The default config, 3 steps of TinyBN under ``policy``."""
   monkeypatch.setattr(models, 'get_model', lambda *a, **k: TinyBN())
   config = default.get_config()
   config.progress_bar = False
-  config.normalization.policy = 'privatized'
-  config.data.public_fraction = 0.05
+  config.normalization.policy = policy
   config.privacy.steps = 3
+  return config
+
+
+def test_privatized_run_from_config_fields(monkeypatch, tmp_path):
+  """dpjax-train with BatchNorm-privatized: summary states the true noise."""
+  config = _tinybn_config(monkeypatch, 'privatized')
+  config.data.public_fraction = 0.05
   summary = train.train_and_evaluate(config, str(tmp_path))
   norm = summary['normalization']
   assert norm['policies'] == {'batch_stats': 'privatized'}
@@ -817,15 +823,10 @@ def test_privatized_once_needs_its_release_in_the_plan(tiny):
 
 
 def test_privatized_once_run_from_config_fields(monkeypatch, tmp_path):
-  """dpjax-train with privatized_once: the statistics move away from the
-  initial values once, stay fixed, and epsilon counts their release once,
-  also after a resume."""
-  monkeypatch.setattr(models, 'get_model', lambda *a, **k: TinyBN())
-  config = default.get_config()
-  config.progress_bar = False
-  config.normalization.policy = 'privatized_once'
+  """dpjax-train with privatized_once: the summary states the release's
+  noise, and epsilon counts the release once, also after a resume."""
+  config = _tinybn_config(monkeypatch, 'privatized_once')
   config.normalization.once_noise_multiplier = 4.0
-  config.privacy.steps = 3
   summary = train.train_and_evaluate(config, str(tmp_path))
   norm = summary['normalization']
   assert norm['policies'] == {'batch_stats': 'privatized_once'}
