@@ -193,9 +193,9 @@ def clipped_grad(
   The returned function computes, for a batch of B examples,
   ``sum_b clip(grad loss_fn(params, batch[b], *args))`` over rows with
   ``mask[b]`` True, together with per-example losses and norms. With
-  ``microbatch_size=m`` it scans over ceil(B / m) microbatches of m rows
-  (padding the last one with masked rows, so B need not be divisible by m);
-  peak memory then grows with m, not B. The result does not depend on m.
+  ``microbatch_size=m`` it scans over ceil(B / m) equal microbatches of at
+  most m rows (padded with fewer masked rows than microbatches, so B need not
+  be divisible by m); peak memory then grows with m, not B. The result does not depend on m.
   With ``param_mask`` (a pruning mask, :mod:`dpjax.pruning`), each
   per-example gradient is cut to it before clipping
   (:func:`mask_param_grads`), as with ``pruning.masked_loss(loss_fn)``.
@@ -266,6 +266,21 @@ def check_microbatch_size(microbatch_size: int | None) -> None:
     )
 
 
+def chunking(size: int, microbatch_size: int | None) -> tuple[int, int]:
+  """``(num_chunks, rows per chunk)`` covering ``size`` rows.
+
+  As few chunks as ``microbatch_size`` allows, of equal size (a scan needs
+  that), with the rows spread evenly over them: fewer than ``num_chunks``
+  padding rows, never more than ``microbatch_size`` rows per chunk. Filling
+  chunks of exactly ``microbatch_size`` instead would compute a Poisson batch
+  padded to 8232 rows as 3 x 4096 = 12288 rows; here it is 3 x 2744.
+  """
+  if microbatch_size is None or microbatch_size >= size:
+    return 1, size
+  num_chunks = -(-size // microbatch_size)
+  return num_chunks, -(-size // num_chunks)
+
+
 def microbatched(
     chunk_fn: Callable[..., Any],
     params: PyTree,
@@ -287,8 +302,7 @@ def microbatched(
   mask = clipping_lib.as_mask(mask, size)
   if clip_state is None:
     clip_state = clipping.init(params)
-  m = size if microbatch_size is None else min(microbatch_size, size)
-  num_chunks = -(-size // m)
+  num_chunks, m = chunking(size, microbatch_size)
 
   if num_chunks == 1:
     out, clip_state, losses, aux = chunk_fn(

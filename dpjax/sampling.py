@@ -99,8 +99,9 @@ class PoissonSampler:
     dataset_size: N, the number of (private) training examples.
     expected_batch_size: q * N, the public expected batch size.
     pad_to_multiple_of: padded batch sizes are multiples of this; default ~2
-      standard deviations of the batch size (a handful of compiled shapes), or
-      set it to a multiple of the microbatch size. Performance only.
+      standard deviations of the batch size (a handful of compiled shapes).
+      Microbatches split each padded size evenly, so it need not be a
+      multiple of the microbatch size. Performance only.
     overflow_probability: per-step probability that a batch exceeds the
       largest padded size (which then raises :class:`BatchOverflowError`).
     key: the sampler's stream root (``KeySchedule.root(keys.SAMPLER)``);

@@ -166,6 +166,28 @@ def test_rejects_mismatched_leading_sizes():
     fn(jnp.ones(2), {'x': jnp.ones((3, 2)), 'y': jnp.ones(4)}, None)
 
 
+@pytest.mark.parametrize('size,microbatch_size', [
+    (8232, 4096), (8192, 4096), (7, 2), (7, 100), (1, 1), (4097, 4096),
+    (100, 33)])
+def test_chunks_cover_the_batch_with_less_than_one_row_each_of_padding(
+    size, microbatch_size):
+  from dpjax import per_example  # pylint: disable=g-import-not-at-top
+  num_chunks, rows = per_example.chunking(size, microbatch_size)
+  assert rows <= microbatch_size
+  assert num_chunks == -(-size // microbatch_size)
+  assert size <= num_chunks * rows < size + num_chunks
+
+
+def test_a_poisson_batch_is_not_padded_up_to_a_whole_microbatch():
+  """8232 rows in microbatches of at most 4096: 3 x 2744, not 3 x 4096."""
+  fn = dpjax.clipped_grad(lambda w, ex: jnp.sum(ex['x'] * w),
+                          dpjax.clip_per_example(1.0), microbatch_size=4096)
+  jaxpr = str(jax.make_jaxpr(fn)(jnp.ones(2), {'x': jnp.ones((8232, 2))},
+                                 None))
+  assert 'f32[3,2744,2]' in jaxpr
+  assert 'f32[3,4096,2]' not in jaxpr
+
+
 @pytest.mark.parametrize('bad', [0, -2, 1.5, True])
 def test_rejects_bad_microbatch_size(bad):
   with pytest.raises(ValueError, match='microbatch_size'):
