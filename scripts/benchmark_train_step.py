@@ -34,10 +34,12 @@ from dpjax import train
 MODELS = {
     'mnist_cnn': ('tanh_cnn', (28, 28, 1)),
     'cifar_cnn': ('cifar_tanh_cnn', (32, 32, 3)),
+    # Tramer & Boneh's CNN on CIFAR-10's ScatterNet features (8x8x243).
+    'scatter_cnn_tb': ('scatter_cnn_tb', (8, 8, 243)),
 }
 
 
-def _steps(model, shape, batch_size, route):
+def _steps(model, shape, batch_size, route, microbatch_size=None):
   """{'nonprivate': (step, state), 'dp': (step, state)}."""
   n = 4 * batch_size
   plan = dpjax.make_plan(
@@ -50,7 +52,8 @@ def _steps(model, shape, batch_size, route):
       ('nonprivate', None, optimizer),
       ('dp', plan, optax.chain(plan.noise(), optimizer))):
     state = train.create_train_state(model, jax.random.key(0), shape, tx)
-    step = train.make_train_step(model, step_plan, grad_route=route)
+    step = train.make_train_step(model, step_plan, grad_route=route,
+                                 microbatch_size=microbatch_size)
     out[name] = (step, state)
   return out
 
@@ -68,7 +71,7 @@ def _time(step, state, data, warmup, iters):
   return 1e3 * statistics.median(times)
 
 
-def benchmark(name, batch_size, route, warmup, iters):
+def benchmark(name, batch_size, route, warmup, iters, microbatch_size=None):
   model_name, shape = MODELS[name]
   model = models.get_model(model_name, 10)
   rng = np.random.default_rng(0)
@@ -78,9 +81,10 @@ def benchmark(name, batch_size, route, warmup, iters):
   indices = jnp.arange(batch_size, dtype=jnp.int32)
   mask = jnp.ones(batch_size, bool)
   data = (images, labels, indices, mask)
-  result = {'model': name, 'batch_size': batch_size, 'route': route}
-  for label, (step, state) in _steps(model, shape, batch_size,
-                                     route).items():
+  result = {'model': name, 'batch_size': batch_size, 'route': route,
+            'microbatch_size': microbatch_size}
+  for label, (step, state) in _steps(model, shape, batch_size, route,
+                                     microbatch_size).items():
     result[f'{label}_ms'] = _time(step, state, data, warmup, iters)
   result['ratio'] = result['dp_ms'] / result['nonprivate_ms']
   return result
@@ -93,6 +97,8 @@ def main():
   parser.add_argument('--batch-size', type=int, default=256)
   parser.add_argument('--route', default='vmap',
                       help="perf.grad_route ('vmap', 'bookkeeping', ...)")
+  parser.add_argument('--microbatch-size', type=int, default=None,
+                      help='perf.microbatch_size (default: the whole batch)')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--json', help='also write the results to this file')
@@ -102,9 +108,11 @@ def main():
         f' devices {jax.devices()}', flush=True)
   results = []
   for name in args.models:
-    r = benchmark(name, args.batch_size, args.route, args.warmup, args.iters)
+    r = benchmark(name, args.batch_size, args.route, args.warmup, args.iters,
+                  args.microbatch_size)
     results.append(r)
-    print(f"{name} B={r['batch_size']} route={r['route']}: non-private"
+    print(f"{name} B={r['batch_size']} microbatch={r['microbatch_size']}"
+          f" route={r['route']}: non-private"
           f" {r['nonprivate_ms']:.1f} ms, DP {r['dp_ms']:.1f} ms,"
           f" DP / non-private {r['ratio']:.2f}x", flush=True)
   if args.json:

@@ -10,10 +10,12 @@ import optax
 import pytest
 
 import dpjax
+from configs import default
 from dpjax import data as data_lib
 from dpjax import autotune
 from dpjax import engines
 from dpjax import train
+from dpjax.training import run as run_lib
 
 _W = jax.ShapeDtypeStruct((128, 128), jnp.float32)
 _BATCH = {'x': jax.ShapeDtypeStruct((32, 128), jnp.float32)}
@@ -133,3 +135,18 @@ def test_grad_route_is_checked():
   with pytest.raises(ValueError, match='grad_route'):
     engines.select(plan, engines.LossSpec(train.example_loss(_Tiny())),
                    route='fast')
+
+
+@pytest.mark.parametrize('microbatch,warns', [(4, True), (None, False),
+                                              (64, False)])
+def test_microbatching_a_cpu_step_warns_of_the_slow_scan(
+    caplog, microbatch, warns):
+  """XLA:CPU's slow convolution gradients in a scan: said, not silent."""
+  plan, *_ = _dp_setup('auto')
+  config = default.get_config()
+  config.perf.microbatch_size = microbatch
+  config.perf.physical_batch_size = 64
+  with caplog.at_level('WARNING'):
+    got = run_lib._microbatch(config, None, plan, None, None, None, None)  # pylint: disable=protected-access
+  assert got == microbatch
+  assert (run_lib.CPU_SCAN_WARNING in caplog.text) == warns

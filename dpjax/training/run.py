@@ -10,6 +10,7 @@ refusal table), the engine and the initial state.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -293,22 +294,36 @@ def _initial_state(config, run_parts) -> state_lib.TrainState:
   return state
 
 
+# XLA:CPU leaves a convolution's kernel gradient uncanonicalized inside a
+# while loop (the microbatch scan) and runs it on a slow generic path: 40x a
+# whole-batch call for a 3x3 conv on 243 channels (docs/BENCHMARKS.md).
+CPU_SCAN_WARNING = (
+    'perf.microbatch_size on a CPU: XLA:CPU runs convolution gradients inside'
+    ' the microbatch scan many times slower (docs/BENCHMARKS.md, "Microbatches'
+    ' on a CPU"); for a convolutional model bound memory with'
+    ' perf.physical_batch_size instead.')
+
+
 def _microbatch(config, model, plan, state, features, splits, mesh) -> int | None:
   """perf.microbatch_size, or the largest within perf.memory_budget_mb."""
   microbatch = config.perf.microbatch_size
   budget_mb = config.perf.get('memory_budget_mb')
-  if not (plan.private and budget_mb):
-    return microbatch
-  if microbatch is not None or mesh is not None:
-    raise ValueError(
-        'perf.memory_budget_mb picks perf.microbatch_size on one device: set'
-        ' one of the two, and perf.num_devices=1 (got microbatch_size='
-        f'{microbatch}, num_devices={1 if mesh is None else mesh.size}).')
-  return step_lib.tune_microbatch(
-      model, plan, state, splits.train,
-      config.perf.physical_batch_size or plan.sampler.max_batch_size,
-      budget_mb=budget_mb, grad_route=config.perf.get('grad_route', 'auto'),
-      features=features)
+  if plan.private and budget_mb:
+    if microbatch is not None or mesh is not None:
+      raise ValueError(
+          'perf.memory_budget_mb picks perf.microbatch_size on one device: set'
+          ' one of the two, and perf.num_devices=1 (got microbatch_size='
+          f'{microbatch}, num_devices={1 if mesh is None else mesh.size}).')
+    microbatch = step_lib.tune_microbatch(
+        model, plan, state, splits.train,
+        config.perf.physical_batch_size or plan.sampler.max_batch_size,
+        budget_mb=budget_mb, grad_route=config.perf.get('grad_route', 'auto'),
+        features=features)
+  rows = config.perf.physical_batch_size or plan.sampler.max_batch_size
+  if (microbatch is not None and microbatch < rows
+      and jax.default_backend() == 'cpu'):
+    logging.warning(CPU_SCAN_WARNING)
+  return microbatch
 
 
 def from_config(config: ml_collections.ConfigDict, workdir: str) -> Run:
