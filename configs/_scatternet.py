@@ -11,7 +11,9 @@ normalization), or, where a recipe sets ``stats_clip_norm``, by BatchNorm on
 statistics released once over the private set (policy ``privatized_once``,
 noise multiplier 8: the paper's private data normalization, its cost composed
 into epsilon). Privacy: epsilon 3 at delta 1e-5,
-Poisson sampling, RDP; the paper's clip norm 0.1 and SGD with momentum 0.9.
+Poisson sampling, RDP unless a recipe names its ``accountant`` (PLD is
+tighter: the same epsilon with about 7% less noise); the paper's clip norm 0.1
+and SGD with momentum 0.9.
 """
 
 import os
@@ -29,10 +31,11 @@ def data_dir(*parts: str) -> str:
 
 
 def scatternet_config(dataset: str, manual_dir: str, model: str,
-                      recipes: dict[str, dict[str, float]]):
+                      recipes: dict[str, dict[str, float | str]]):
   """The ScatterNet config of ``dataset`` for ``model``, a key of ``recipes``
   (each the batch_size, learning_rate and epochs of one model of MODELS,
-  and optionally the stats_clip_norm of privatized_once statistics)."""
+  and optionally the stats_clip_norm of privatized_once statistics and the
+  accountant)."""
   if model not in recipes:
     raise ValueError(
         f'this ScatterNet config takes a model argument, one of'
@@ -59,7 +62,7 @@ def scatternet_config(dataset: str, manual_dir: str, model: str,
   config.privacy.delta = 1e-5
   config.privacy.expected_batch_size = batch_size
   config.privacy.epochs = epochs
-  config.privacy.accountant = 'rdp'
+  config.privacy.accountant = recipes[model].get('accountant', 'rdp')
   config.optimizer.name = 'sgd'
   config.optimizer.learning_rate = learning_rate
   config.optimizer.momentum = 0.9

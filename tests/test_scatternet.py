@@ -189,6 +189,8 @@ def test_scatternet_configs(dataset, model):
   assert config.model.num_groups == 27 and not config.model.affine
   assert (config.privacy.target_epsilon, config.privacy.delta,
           config.privacy.clip_norm) == (3.0, 1e-5, 0.1)
+  assert config.privacy.accountant == (
+      'pld' if (dataset, model) == ('cifar10', 'cnn_tb') else 'rdp')
   config_validation.validate_config(config)
   with pytest.raises(ValueError, match="model argument.*got 'resnet'"):
     importlib.import_module(f'configs.scatternet_{dataset}').get_config(
