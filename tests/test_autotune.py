@@ -137,15 +137,15 @@ def test_grad_route_is_checked():
                    route='fast')
 
 
-@pytest.mark.parametrize('microbatch,warns', [(4, True), (None, False),
-                                              (64, False)])
+@pytest.mark.parametrize('microbatch,physical,warns', [
+    (4, 64, True), (4, None, True), (None, 64, False), (64, 64, False)])
 def test_microbatching_a_cpu_step_warns_of_the_slow_scan(
-    caplog, microbatch, warns):
+    caplog, microbatch, physical, warns):
   """XLA:CPU's slow convolution gradients in a scan: said, not silent."""
   plan, *_ = _dp_setup('auto')
   config = default.get_config()
   config.perf.microbatch_size = microbatch
-  config.perf.physical_batch_size = 64
+  config.perf.physical_batch_size = physical
   with caplog.at_level('WARNING'):
     got = run_lib._microbatch(config, None, plan, None, None, None, None)  # pylint: disable=protected-access
   assert got == microbatch

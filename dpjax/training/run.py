@@ -319,9 +319,9 @@ def _microbatch(config, model, plan, state, features, splits, mesh) -> int | Non
         config.perf.physical_batch_size or plan.sampler.max_batch_size,
         budget_mb=budget_mb, grad_route=config.perf.get('grad_route', 'auto'),
         features=features)
-  rows = config.perf.physical_batch_size or plan.sampler.max_batch_size
-  if (microbatch is not None and microbatch < rows
-      and jax.default_backend() == 'cpu'):
+  if (microbatch is not None and jax.default_backend() == 'cpu'
+      and microbatch < (config.perf.physical_batch_size
+                        or max(plan.sampler.padded_sizes))):
     logging.warning(CPU_SCAN_WARNING)
   return microbatch
 
