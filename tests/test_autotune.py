@@ -14,6 +14,7 @@ from configs import default
 from dpjax import data as data_lib
 from dpjax import autotune
 from dpjax import engines
+from dpjax import plan as plan_lib
 from dpjax import train
 from dpjax.training import run as run_lib
 
@@ -150,3 +151,13 @@ def test_microbatching_a_cpu_step_warns_of_the_slow_scan(
     got = run_lib._microbatch(config, None, plan, None, None, None, None)  # pylint: disable=protected-access
   assert got == microbatch
   assert (run_lib.CPU_SCAN_WARNING in caplog.text) == warns
+
+
+def test_a_non_private_step_does_not_microbatch_so_does_not_warn(caplog):
+  config = default.get_config()
+  config.perf.microbatch_size = 4
+  with caplog.at_level('WARNING'):
+    got = run_lib._microbatch(config, None, plan_lib.NonPrivatePlan(), None,  # pylint: disable=protected-access
+                              None, None, None)
+  assert got == 4
+  assert run_lib.CPU_SCAN_WARNING not in caplog.text

@@ -9,6 +9,7 @@ import pytest
 
 import dpjax
 from dpjax import models
+from dpjax import per_example
 
 
 class MLP(nn.Module):
@@ -171,7 +172,6 @@ def test_rejects_mismatched_leading_sizes():
     (100, 33)])
 def test_chunks_cover_the_batch_with_less_than_one_row_each_of_padding(
     size, microbatch_size):
-  from dpjax import per_example  # pylint: disable=g-import-not-at-top
   num_chunks, rows = per_example.chunking(size, microbatch_size)
   assert rows <= microbatch_size
   assert num_chunks == -(-size // microbatch_size)

@@ -295,8 +295,9 @@ def _initial_state(config, run_parts) -> state_lib.TrainState:
 
 
 # XLA:CPU leaves a convolution's kernel gradient uncanonicalized inside a
-# while loop (the microbatch scan) and runs it on a slow generic path: 40x a
-# whole-batch call for a 3x3 conv on 243 channels (docs/BENCHMARKS.md).
+# while loop (the microbatch scan) and runs it on a slow generic path: 91x a
+# whole-batch call for a 3x3 conv on 243 channels (docs/BENCHMARKS.md). The
+# summed (non-private) engine does not microbatch.
 CPU_SCAN_WARNING = (
     'perf.microbatch_size on a CPU: XLA:CPU runs convolution gradients inside'
     ' the microbatch scan many times slower (docs/BENCHMARKS.md, "Microbatches'
@@ -319,7 +320,8 @@ def _microbatch(config, model, plan, state, features, splits, mesh) -> int | Non
         config.perf.physical_batch_size or plan.sampler.max_batch_size,
         budget_mb=budget_mb, grad_route=config.perf.get('grad_route', 'auto'),
         features=features)
-  if (microbatch is not None and jax.default_backend() == 'cpu'
+  if (plan.private and microbatch is not None
+      and jax.default_backend() == 'cpu'
       and microbatch < (config.perf.physical_batch_size
                         or max(plan.sampler.padded_sizes))):
     logging.warning(CPU_SCAN_WARNING)
